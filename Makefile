@@ -1,0 +1,39 @@
+# Two commands that work on a fresh machine: `make test` and `make demo`. Both set up .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := out/demo
+
+.PHONY: venv test lint unit demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch is pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build).
+	$(BIN)/pip install --quiet 'torch==2.13.0'
+	$(BIN)/pip install --quiet -e '.[packager,dev]'
+	touch $(STAMP)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q
+
+unit: venv
+	$(BIN)/pytest -q tests/unit
+
+demo: venv
+	$(BIN)/python -m examples.digits.train --out $(DEMO)
+	$(BIN)/packager build $(DEMO)/digits.pt2 --calib $(DEMO)/calib.npz --eval $(DEMO)/eval.npz --out $(DEMO)/bundles
+	$(BIN)/packager inspect $$(ls -t $(DEMO)/bundles/*.bundle | head -1)
+
+bench: venv
+	$(BIN)/python benchmarks/packager_bench.py --out benchmarks/results/packager.json
+
+clean:
+	rm -rf out .pytest_cache .mypy_cache .ruff_cache

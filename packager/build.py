@@ -1,0 +1,497 @@
+"""`packager build`: model in, measured int8 bundle out (or a refusal that says which artifact lost how much).
+
+Everything is built in a private temporary directory; the output directory only ever receives the finished
+bundle and its report, each by atomic rename, so a failure at any step leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.bundle import Artifact, Manifest, bundle_filename, valid_name, write_bundle
+from agent.runtime import ModelSession, TensorSpec, open_session
+from packager import __version__ as packager_version
+from packager import metrics
+from packager.data import Dataset, fit_to_specs, load_npz
+from packager.errors import AccuracyGateError, ConversionError, InputError, PackagerError
+from packager.report import report_html, report_json
+from packager.torch_model import SourceModel, default_name, example_args, load_source, prune_global_l1, run_torch
+from packager.tuning import Trial, TuningResult, tune
+
+log = logging.getLogger(__name__)
+
+GOLDEN_ROWS = 64
+MIN_GOLDEN_ROWS = 32
+CALIB_ROWS_TFLITE = 256
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    model: str
+    calib: Path
+    eval: Path
+    out_dir: Path
+    name: str | None = None
+    version: int | None = None
+    formats: tuple[str, ...] | None = None  # None: every format the model kind allows
+    prune: float = 0.0
+    max_drop: float | None = None  # None: the task's default
+    task: str = "classification"
+    weights: Path | None = None
+    latency_budget_ms: float | None = None
+    threads: int = 1
+    latency_runs: int = 200
+
+
+class Progress:
+    """Numbered step lines on stderr; the build's only user-facing output besides the result."""
+
+    def __init__(self, total: int, stream: Any = None, enabled: bool = True) -> None:
+        self.total, self.current, self.enabled = total, 0, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self._t0 = time.monotonic()
+
+    def step(self, message: str) -> None:
+        self.current += 1
+        self._write(f"[{self.current}/{self.total}] {message}")
+
+    def detail(self, message: str) -> None:
+        self._write(f"      {message}")
+
+    def _write(self, line: str) -> None:
+        if self.enabled:
+            print(f"{line}  ({time.monotonic() - self._t0:.1f}s)", file=self.stream, flush=True)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    bundle: Path
+    report: dict[str, Any]
+    manifest: Manifest
+
+
+def _formats_for(source: SourceModel, asked: tuple[str, ...] | None) -> tuple[str, ...]:
+    possible = ("onnx", "tflite") if source.exportable else ("onnx",)
+    if asked is None:
+        return possible
+    for fmt in asked:
+        if fmt not in ("onnx", "tflite"):
+            raise InputError(f"--format: unknown format {fmt!r} (choose from onnx, tflite)")
+        if fmt not in possible:
+            why = "an ONNX model" if source.kind == "onnx" else "a TorchScript model (torch.export cannot trace it)"
+            raise InputError(f"--format tflite needs a .pt2 or package.module:factory model, not {why}")
+    return asked
+
+
+def _next_version(out_dir: Path, name: str) -> int:
+    pattern = re.compile(rf"^{re.escape(name)}-(\d+)\.bundle$")
+    versions = [int(m.group(1)) for p in out_dir.glob(f"{name}-*.bundle") if (m := pattern.match(p.name))]
+    return max(versions, default=0) + 1
+
+
+def _host() -> dict[str, Any]:
+    flags: set[str] = set()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+            elif key in ("model name", "Model") and cpu == (platform.processor() or platform.machine()):
+                cpu = value.strip()
+    except OSError:
+        pass
+    int8 = sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"})
+    return {"machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(), "int8_isa": int8,
+            "python": platform.python_version()}
+
+
+def _time_session(session: ModelSession, feeds: dict[str, np.ndarray], runs: int) -> metrics.Latency:
+    one = {k: v[:1] for k, v in feeds.items()}
+    for _ in range(min(10, runs)):
+        session.run(one)
+    seconds: list[float] = []
+    deadline = time.monotonic() + 5.0  # a slow model still finishes in bounded time, with >= 20 samples
+    while len(seconds) < runs and (len(seconds) < 20 or time.monotonic() < deadline):
+        t0 = time.perf_counter()
+        session.run(one)
+        seconds.append(time.perf_counter() - t0)
+    return metrics.latency_summary(seconds)
+
+
+def _zstd_bytes(path: Path) -> int:
+    import zstandard
+
+    return len(zstandard.ZstdCompressor(level=10).compress(path.read_bytes()))
+
+
+def _check_output_fits(task: str, output: np.ndarray, labels: np.ndarray | None, where: str) -> None:
+    if labels is None:
+        return
+    if task == "classification":
+        classes = output.reshape(len(output), -1).shape[1]
+        if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= classes:
+            raise InputError(f"{where}: labels 'y' must be integer classes in [0, {classes}) for this model")
+    elif task == "regression" and output.size != labels.size:
+        raise InputError(f"{where}: labels 'y' have {labels.size // len(labels)} values per sample, "
+                         f"the model outputs {output.size // len(output)}")
+
+
+@contextmanager
+def _workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="edgeship-build-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _as_float_feeds(source: SourceModel, ds: Dataset) -> dict[str, np.ndarray]:
+    # Before the ONNX graph tells us the exact dtypes, torch wants float32 / int64 like any exported model.
+    out = {}
+    for k in source.input_names:
+        a = ds.inputs[k]
+        out[k] = a.astype(np.float32) if a.dtype.kind == "f" else a.astype(np.int64) if a.dtype.kind in "iub" else a
+    return out
+
+
+class _Evaluator:
+    """Scores one artifact on EVAL against the fp32 reference outputs."""
+
+    def __init__(self, opts: BuildOptions, eval_ds: Dataset, fp32_out: np.ndarray, fp32_value: float,
+                 input_names: Sequence[str], output_names: Sequence[str]) -> None:
+        self.opts, self.eval_ds, self.fp32_out, self.fp32_value = opts, eval_ds, fp32_out, fp32_value
+        self.input_names, self.output_names = list(input_names), list(output_names)
+
+    def open(self, path: Path, fmt: str) -> ModelSession:
+        return open_session(path, fmt, threads=self.opts.threads, input_names=self.input_names,
+                            output_names=self.output_names)
+
+    def score(self, path: Path, fmt: str) -> tuple[float, float, np.ndarray]:
+        out = self.open(path, fmt).run(self.eval_ds.inputs)[0]
+        value = metrics.metric_value(self.opts.task, out, self.eval_ds.labels, self.fp32_out)
+        drop = metrics.metric_drop(self.opts.task, self.fp32_value, value, self.eval_ds.labels)
+        return value, drop, out
+
+    def trial(self, recipe: dict[str, Any], path: Path, fmt: str, make: Callable[[], None]) -> Trial:
+        try:
+            make()
+            value, drop, _ = self.score(path, fmt)
+        except ConversionError as e:
+            return Trial(recipe, None, 0, math.nan, math.inf, str(e))
+        return Trial(recipe, path, path.stat().st_size, value, drop)
+
+
+def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
+    task = opts.task
+    if task not in metrics.METRIC_BY_TASK:
+        raise InputError(f"--task must be one of {', '.join(metrics.METRIC_BY_TASK)}")
+    max_drop = opts.max_drop if opts.max_drop is not None else metrics.DEFAULT_MAX_DROP[task]
+    if not 0.0 <= opts.prune < 1.0:
+        raise InputError("--prune must be a fraction in [0, 1)")
+    if opts.out_dir.exists() and not opts.out_dir.is_dir():
+        raise InputError(f"--out {opts.out_dir}: exists and is not a directory")
+
+    source = load_source(opts.model, opts.weights)
+    formats = _formats_for(source, opts.formats)
+    name = opts.name or default_name(opts.model)
+    if not valid_name(name):
+        raise InputError(f"--name {name!r}: use lowercase letters, digits, '.', '_' and '-' (at most 64)")
+    progress = progress or Progress(0)
+    progress.total = 4 + len(formats) + (1 if opts.prune else 0)
+    progress.step(f"loaded {source.kind} model {source.description}")
+
+    calib = load_npz(opts.calib, source.input_names, "calibration", need_labels=False)
+    eval_ds = load_npz(opts.eval, source.input_names, "evaluation", need_labels=task != "embedding")
+    if eval_ds.n < MIN_GOLDEN_ROWS:
+        raise InputError(f"evaluation data {opts.eval}: {eval_ds.n} samples; at least {MIN_GOLDEN_ROWS} needed")
+
+    with _workdir() as work:
+        fp32_path = work / "model.fp32.onnx"
+        pruning: dict[str, Any] | None = None
+        if source.is_torch:
+            torch_eval = _as_float_feeds(source, eval_ds)
+            run_torch(source, _as_float_feeds(source, calib.head(1)))  # fail early on data that does not fit
+            if opts.prune:
+                before_out = run_torch(source, torch_eval)[0]
+                pr = prune_global_l1(source, opts.prune)
+                after_out = run_torch(source, torch_eval)[0]
+                pruning = {
+                    "amount": pr.amount, "sparsity": pr.sparsity, "tensors": pr.tensors,
+                    "parameters": pr.parameters_pruned,
+                    "value_before": metrics.metric_value(task, before_out, eval_ds.labels, before_out),
+                    "value_after": metrics.metric_value(task, after_out, eval_ds.labels, before_out),
+                }
+                progress.step(f"pruned {pr.tensors} weight tensors to {100 * pr.sparsity:.1f}% sparsity "
+                              f"(fp32 {metrics.METRIC_BY_TASK[task]} {pruning['value_before']:.4g} -> "
+                              f"{pruning['value_after']:.4g})")
+            from packager.onnx_export import export_onnx
+
+            export_onnx(source.module, example_args(source, torch_eval), source.input_names, fp32_path)
+            progress.step(f"exported fp32 ONNX ({fp32_path.stat().st_size / 1024:.0f} KiB)")
+        else:
+            from packager.onnx_export import copy_self_contained
+
+            assert source.onnx_path is not None
+            copy_self_contained(source.onnx_path, fp32_path)
+            progress.step(f"read fp32 ONNX ({fp32_path.stat().st_size / 1024:.0f} KiB)")
+
+        fp32_session = open_session(fp32_path, "onnx", threads=opts.threads)
+        calib = fit_to_specs(calib, fp32_session.inputs, "calibration")
+        eval_ds = fit_to_specs(eval_ds, fp32_session.inputs, "evaluation")
+        input_names = [s.name for s in fp32_session.inputs]
+        output_names = [s.name for s in fp32_session.outputs]
+        try:
+            fp32_out = fp32_session.run(eval_ds.inputs)[0]
+        except ValueError as e:
+            raise InputError(f"evaluation data {opts.eval}: {e}") from e
+        _check_output_fits(task, fp32_out, eval_ds.labels, f"evaluation data {opts.eval}")
+        fp32_value = metrics.metric_value(task, fp32_out, eval_ds.labels, fp32_out)
+        fp32_lat = _time_session(fp32_session, eval_ds.inputs, opts.latency_runs)
+        metric_name = metrics.METRIC_BY_TASK[task]
+        progress.step(f"fp32 on {eval_ds.n} evaluation samples: {metric_name} {fp32_value:.4g}, "
+                      f"p50 {fp32_lat.p50_ms:.3f} ms")
+
+        evaluator = _Evaluator(opts, eval_ds, fp32_out, fp32_value, input_names, output_names)
+        results: dict[str, TuningResult] = {}
+        for fmt in formats:
+            if fmt == "onnx":
+                results[fmt] = _tune_onnx(evaluator, fp32_path, calib, work, max_drop, progress)
+            else:
+                results[fmt] = _tune_tflite(evaluator, source, calib, work, max_drop, progress)
+
+        failed = {f: r for f, r in results.items() if r.chosen is None}
+        report = _report_base(opts, name, task, max_drop, source, calib, eval_ds, pruning)
+        report["fp32"] = {"bytes": fp32_path.stat().st_size, "zstd_bytes": _zstd_bytes(fp32_path),
+                          "metric": metric_name, "value": fp32_value, "p50_ms": fp32_lat.p50_ms,
+                          "p95_ms": fp32_lat.p95_ms}
+        if failed:
+            parts = []
+            for fmt, r in failed.items():
+                t = r.best_failing
+                if t is None or t.error is not None:
+                    why = t.error if t is not None else "no recipe ran"
+                    parts.append(f"{fmt}: every recipe failed ({why})")
+                else:
+                    parts.append(f"{fmt} int8 {metric_name} {t.value:.4g} vs fp32 {fp32_value:.4g}: drop "
+                                 f"{t.drop:.4g} > {max_drop:g} (best of {len(r.trials)} recipes)")
+            raise AccuracyGateError("accuracy gate failed, no bundle written: " + "; ".join(parts))
+
+        artifacts: list[Artifact] = []
+        members: dict[str, Path] = {}
+        golden: dict[str, np.ndarray] = {}
+        golden_n = min(GOLDEN_ROWS, eval_ds.n)
+        golden_inputs = eval_ds.rows(0, golden_n)
+        for name_in, arr in golden_inputs.items():
+            golden[f"input.{name_in}"] = arr
+        report["artifacts"] = []
+        for fmt, r in results.items():
+            chosen = r.chosen
+            assert chosen is not None and chosen.path is not None
+            member = f"model.int8.{fmt}"
+            members[member] = chosen.path
+            session = evaluator.open(chosen.path, fmt)
+            lat = _time_session(session, eval_ds.inputs, opts.latency_runs)
+            for i, out in enumerate(session.run(golden_inputs)):
+                golden[f"{fmt}.output.{i}"] = out
+            artifacts.append(Artifact(fmt, member, session.inputs, session.outputs, chosen.recipe, chosen.value,
+                                      chosen.drop, lat.p50_ms, lat.p95_ms))
+            report["artifacts"].append({
+                "format": fmt, "file": member, "bytes": chosen.bytes, "zstd_bytes": _zstd_bytes(chosen.path),
+                "metric": metric_name, "value": chosen.value, "drop": chosen.drop, "p50_ms": lat.p50_ms,
+                "p95_ms": lat.p95_ms, "recipe": chosen.recipe,
+                "trials": [t.to_json(max_drop) for t in r.trials],
+            })
+            progress.detail(f"{fmt} int8: {chosen.bytes / 1024:.0f} KiB "
+                            f"({chosen.bytes / report['fp32']['bytes']:.3f}x fp32), {metric_name} "
+                            f"{chosen.value:.4g} (drop {chosen.drop:.3g}), p50 {lat.p50_ms:.3f} ms")
+
+        version = opts.version
+        opts.out_dir.mkdir(parents=True, exist_ok=True)
+        if version is None:
+            version = _next_version(opts.out_dir, name)
+        out_path = opts.out_dir / bundle_filename(name, version)
+        if out_path.exists():
+            raise InputError(f"{out_path} already exists: bundles are immutable, pick a new --version")
+        report["version"] = version
+        report["verdict"] = f"Every artifact is within the gate (max drop {max_drop:g})."
+        golden_path = work / "golden.npz"
+        np.savez(golden_path, **golden)
+        reference_path = work / "reference.json"
+        reference_path.write_text(report_json(metrics.reference_histograms(task, fp32_out)))
+        (work / "report.json").write_text(report_json(report))
+        (work / "report.html").write_text(report_html(report))
+        members.update({"golden.npz": golden_path, "reference.json": reference_path,
+                        "report.json": work / "report.json", "report.html": work / "report.html"})
+        manifest = _manifest(name, version, task, metric_name, fp32_value, max_drop, opts, source, calib,
+                             eval_ds, fp32_session.inputs, fp32_session.outputs, artifacts,
+                             _parity(task, fp32_out[:golden_n]), report)
+        html_beside = opts.out_dir / f"{name}-{version}.report.html"
+        _write_text_atomic(html_beside, report_html(report))
+        try:
+            written = write_bundle(out_path, manifest, members)
+        except BaseException:
+            html_beside.unlink(missing_ok=True)
+            raise
+        report["bundle"] = str(out_path)
+        progress.step(f"wrote {out_path} ({out_path.stat().st_size / 1024:.0f} KiB) and {html_beside.name}")
+        return BuildResult(out_path, report, written)
+
+
+def _tune_onnx(ev: _Evaluator, fp32_path: Path, calib: Dataset, work: Path, max_drop: float,
+               progress: Progress) -> TuningResult:
+    from packager import onnx_quant
+
+    progress.step("quantizing ONNX to int8 (onnxruntime)")
+    counter = iter(range(1_000_000))
+
+    def attempt(recipe: onnx_quant.OnnxRecipe) -> Trial:
+        out = work / f"onnx-{next(counter)}.int8.onnx"
+        t = ev.trial(recipe.to_json(), out, "onnx", lambda: onnx_quant.quantize(fp32_path, recipe, calib.inputs, out))
+        progress.detail(_trial_line(recipe.name, t, max_drop))
+        return t
+
+    first = onnx_quant.first_recipe(fp32_path)
+
+    def alternatives() -> list[onnx_quant.OnnxRecipe]:
+        progress.detail(f"{first.name} missed the gate: trying alternative recipes")
+        return onnx_quant.alternative_recipes(fp32_path, calib.inputs, first)
+
+    return tune(first, alternatives, attempt, max_drop)
+
+
+def _tune_tflite(ev: _Evaluator, source: SourceModel, calib: Dataset, work: Path, max_drop: float,
+                 progress: Progress) -> TuningResult:
+    import torch
+
+    from packager.tflite_convert import convert_int8_tflite
+
+    progress.step("converting to full-int8 TFLite (litert-torch PT2E)")
+    rows = calib.head(CALIB_ROWS_TFLITE)
+    batches = [tuple(torch.from_numpy(rows.inputs[k][i:i + 1]) for k in source.input_names) for i in range(rows.n)]
+    args = batches[0]
+
+    def attempt(per_channel: bool) -> Trial:
+        recipe = {"name": f"pt2e-static-{'perchannel' if per_channel else 'pertensor'}-s8",
+                  "quantizer": "litert_torch PT2EQuantizer", "symmetric": True, "per_channel": per_channel,
+                  "calibration_rows": rows.n}
+        out = work / f"tflite-{'pc' if per_channel else 'pt'}.int8.tflite"
+        t = ev.trial(recipe, out, "tflite",
+                     lambda: convert_int8_tflite(source.module, args, batches, out, per_channel=per_channel))
+        progress.detail(_trial_line(str(recipe["name"]), t, max_drop))
+        return t
+
+    return tune(True, lambda: [False], attempt, max_drop)
+
+
+def _trial_line(name: str, t: Trial, max_drop: float) -> str:
+    if t.error is not None:
+        return f"{name}: failed ({t.error})"
+    verdict = "pass" if t.passed(max_drop) else "miss"
+    return f"{name}: {t.bytes / 1024:.0f} KiB, metric {t.value:.4g}, drop {t.drop:.3g} [{verdict}]"
+
+
+def _report_base(opts: BuildOptions, name: str, task: str, max_drop: float, source: SourceModel, calib: Dataset,
+                 eval_ds: Dataset, pruning: dict[str, Any] | None) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "name": name, "version": opts.version, "task": task, "metric": metrics.METRIC_BY_TASK[task],
+        "max_drop": max_drop, "source": {"kind": source.kind, "model": source.description,
+                                         "sha256": source.sha256},
+        "calibration": {"path": str(opts.calib), "sha256": calib.sha256, "samples": calib.n},
+        "evaluation": {"path": str(opts.eval), "sha256": eval_ds.sha256, "samples": eval_ds.n},
+        "threads": opts.threads, "host": _host(), "packager_version": packager_version,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    if pruning is not None:
+        report["pruning"] = pruning
+    return report
+
+
+def _parity(task: str, golden_outputs: np.ndarray) -> dict[str, Any]:
+    """How closely the device's run of the golden inputs must match the packager's (same artifact)."""
+    if task == "classification":
+        return {"kind": "top1", "min_agreement": 0.97}
+    if task == "embedding":
+        return {"kind": "cosine", "min": 0.99}
+    scale = float(np.std(golden_outputs)) or 1.0
+    return {"kind": "tolerance", "atol": round(0.05 * scale, 6), "rtol": 0.05}
+
+
+def _runtime_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("onnxruntime", "ai-edge-litert", "onnx", "torch", "litert-torch"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _manifest(name: str, version: int, task: str, metric_name: str, fp32_value: float, max_drop: float,
+              opts: BuildOptions, source: SourceModel, calib: Dataset, eval_ds: Dataset,
+              inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], artifacts: list[Artifact],
+              parity: dict[str, Any], report: dict[str, Any]) -> Manifest:
+    worst_p95 = max(a.host_p95_ms for a in artifacts)
+    # Devices are slower than the workstation: by default allow 10x the host p95 (at least 5 ms).
+    budget = opts.latency_budget_ms if opts.latency_budget_ms is not None else max(5.0, round(10 * worst_p95, 2))
+    biggest = max(r["bytes"] for r in report["artifacts"])
+    versions = _runtime_versions()
+    return Manifest(
+        name=name, version=version, task=task,
+        created=report["created"], inputs=tuple(inputs), outputs=tuple(outputs), artifacts=tuple(artifacts),
+        metric=metric_name, fp32_metric_value=fp32_value, max_drop=max_drop,
+        parity=parity,
+        latency_budget_ms=budget,
+        target={"arch": ["x86_64", "aarch64"],
+                # session + arena + the agent itself; a floor that keeps tiny models honest
+                "min_ram_mb": int(64 + math.ceil(4 * biggest / 2**20)),
+                "runtimes": {"onnxruntime": {"built_with": versions.get("onnxruntime")},
+                             "litert": {"built_with": versions.get("ai-edge-litert")}}},
+        preprocessing={"note": "inputs are fed as in the calibration/evaluation .npz files"},
+        provenance={"source_sha256": source.sha256, "source": source.description, "source_kind": source.kind,
+                    "calibration_sha256": calib.sha256, "evaluation_sha256": eval_ds.sha256,
+                    "packager_version": packager_version, "tools": versions,
+                    "recipes": {a.format: a.recipe for a in artifacts},
+                    "pruning": report.get("pruning")},
+    )
+
+
+def check_build_options(opts: BuildOptions) -> None:
+    """Cheap argument checks before any heavy import, so a typo costs no time."""
+    for label, path in (("--calib", opts.calib), ("--eval", opts.eval)):
+        if not path.is_file():
+            raise InputError(f"{label} {path}: no such file")
+    if opts.threads < 1:
+        raise InputError("--threads must be at least 1")
+
+
+__all__ = ["BuildOptions", "BuildResult", "PackagerError", "Progress", "build", "check_build_options"]

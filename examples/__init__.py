@@ -1,0 +1,1 @@
+"""Small example models and data used by the README, the demo, tests and benchmarks."""

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from agent.errors import BundleRejected
 from agent.runtime import TensorSpec
@@ -293,7 +293,7 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield info
 
 
-def _read_bounded(f: BinaryIO, limit: int) -> bytes:
+def _read_bounded(f: IO[bytes], limit: int) -> bytes:
     data = f.read(limit + 1)
     if len(data) > limit:
         raise BundleRejected(f"manifest larger than {limit} bytes", reason="too_large")

@@ -31,7 +31,15 @@ from packager import metrics
 from packager.data import Dataset, fit_to_specs, load_npz
 from packager.errors import AccuracyGateError, ConversionError, InputError, PackagerError
 from packager.report import report_html, report_json
-from packager.torch_model import SourceModel, default_name, example_args, load_source, prune_global_l1, run_torch
+from packager.torch_model import (
+    SourceModel,
+    declared_input_specs,
+    default_name,
+    example_args,
+    load_source,
+    prune_global_l1,
+    run_torch,
+)
 from packager.tuning import Trial, TuningResult, tune
 
 log = logging.getLogger(__name__)
@@ -236,9 +244,16 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
     with _workdir() as work:
         fp32_path = work / "model.fp32.onnx"
         pruning: dict[str, Any] | None = None
+        declared = declared_input_specs(source)
+        if declared is not None:
+            calib = fit_to_specs(calib, declared, "calibration")
+            eval_ds = fit_to_specs(eval_ds, declared, "evaluation")
         if source.is_torch:
             torch_eval = _as_float_feeds(source, eval_ds)
-            run_torch(source, _as_float_feeds(source, calib.head(1)))  # fail early on data that does not fit
+            torch_calib = _as_float_feeds(source, calib.head(1))
+            # Fail early, before any export, on data that does not fit the model.
+            run_torch(source, torch_calib, role=f"calibration data {opts.calib}")
+            run_torch(source, {k: v[:1] for k, v in torch_eval.items()}, role=f"evaluation data {opts.eval}")
             if opts.prune:
                 before_out = run_torch(source, torch_eval)[0]
                 pr = prune_global_l1(source, opts.prune)
@@ -254,7 +269,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
                               f"{pruning['value_after']:.4g})")
             from packager.onnx_export import export_onnx
 
-            export_onnx(source.module, example_args(source, torch_eval), source.input_names, fp32_path)
+            export_onnx(source.module, example_args(source, torch_calib), source.input_names, fp32_path)
             progress.step(f"exported fp32 ONNX ({fp32_path.stat().st_size / 1024:.0f} KiB)")
         else:
             from packager.onnx_export import copy_self_contained
@@ -343,7 +358,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
         report["version"] = version
         report["verdict"] = f"Every artifact is within the gate (max drop {max_drop:g})."
         golden_path = work / "golden.npz"
-        np.savez(golden_path, **golden)
+        np.savez(golden_path, allow_pickle=False, **golden)
         reference_path = work / "reference.json"
         reference_path.write_text(report_json(metrics.reference_histograms(task, fp32_out)))
         (work / "report.json").write_text(report_json(report))

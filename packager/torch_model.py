@@ -16,7 +16,8 @@ from typing import Any, Literal
 import numpy as np
 
 from agent.bundle import sha256_file
-from packager.errors import ConversionError, InputError
+from agent.runtime import TensorSpec
+from packager.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,8 @@ def _load_factory(spec: str, weights: Path | None) -> SourceModel:
     return SourceModel("module", spec, digest, names, module=module)
 
 
-def run_torch(source: SourceModel, feeds: dict[str, np.ndarray], batch: int = 1) -> list[np.ndarray]:
+def run_torch(source: SourceModel, feeds: dict[str, np.ndarray], batch: int = 1,
+              role: str = "the data") -> list[np.ndarray]:
     """Run the torch model over all rows, `batch` rows at a time; returns one array per output."""
     import torch
 
@@ -160,10 +162,27 @@ def run_torch(source: SourceModel, feeds: dict[str, np.ndarray], batch: int = 1)
             try:
                 out = source.module(*args)
             except Exception as e:
-                raise InputError(f"the data does not fit the model: {_first_line(e)}") from e
+                raise InputError(f"{role} does not fit the model: {_first_line(e)}") from e
             outs = out if isinstance(out, (tuple, list)) else (out,)
             chunks.append([o.detach().numpy() for o in outs])
     return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
+
+
+def declared_input_specs(source: SourceModel) -> list[TensorSpec] | None:
+    """Input dtypes and shapes an exported program declares (symbolic dims as -1); None when unknown."""
+    import torch
+
+    if source.kind != "exported":
+        return None
+    specs = []
+    placeholders = [n for n in source.module.graph.nodes if n.op == "placeholder"]
+    for name, node in zip(source.input_names, placeholders, strict=False):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            return None
+        shape = tuple(d if isinstance(d, int) else -1 for d in val.shape)
+        specs.append(TensorSpec(name, shape, str(val.dtype).removeprefix("torch.")))
+    return specs if len(specs) == len(source.input_names) else None
 
 
 def example_args(source: SourceModel, feeds: dict[str, np.ndarray]) -> tuple[Any, ...]:
@@ -233,7 +252,3 @@ def prune_global_l1(source: SourceModel, amount: float) -> PruneResult:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
-
-
-def conversion_error(what: str, e: BaseException) -> ConversionError:
-    return ConversionError(f"{what} failed: {_first_line(e)}")

@@ -48,7 +48,7 @@ def test_bad_data_files(tmp_path: Path, arrays: dict[str, np.ndarray], message: 
 def test_unreadable_and_pickled_data_refused(tmp_path: Path) -> None:
     text = tmp_path / "t.npz"
     text.write_text("not a zip")
-    with pytest.raises(InputError, match="not a readable .npz"):
+    with pytest.raises(InputError, match=r"not a readable \.npz"):
         load_npz(text, ["x"], "evaluation", need_labels=False)
     pickled = tmp_path / "p.npz"
     np.savez(pickled, x=np.array([{"a": 1}, None], dtype=object))

@@ -84,8 +84,9 @@ def _summary_table(r: dict[str, Any]) -> str:
     rows = [("fp32", fp32["bytes"], 1.0, fp32["value"], 0.0, fp32["p50_ms"], fp32["p95_ms"])]
     rows += [(a["format"] + " int8", a["bytes"], a["bytes"] / fp32["bytes"], a["value"], a["drop"], a["p50_ms"],
               a["p95_ms"]) for a in r["artifacts"]]
-    lines = [f"{'model':<12}{'bytes':>12}{'x fp32':>8}{r['metric']:>10}{'drop':>8}{'p50 ms':>9}{'p95 ms':>9}"]
-    lines += [f"{n:<12}{b:>12}{x:>8.3f}{v:>10.4g}{d:>8.3g}{p50:>9.3f}{p95:>9.3f}" for n, b, x, v, d, p50, p95 in rows]
+    lines = [f"{'model':<12}{'bytes':>12}{'x fp32':>8}{r['metric']:>11}{'drop':>10}{'p50 ms':>9}{'p95 ms':>9}"]
+    lines += [f"{n:<12}{b:>12}{x:>8.3f}{v:>11.5g}{d:>10.3g}{p50:>9.3f}{p95:>9.3f}"
+              for n, b, x, v, d, p50, p95 in rows]
     return "\n".join(lines)
 
 

@@ -7,19 +7,17 @@ import math
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-
-from agent.errors import RuntimeUnavailable  # noqa: E402
-from agent.runtime import open_session  # noqa: E402
-from agent.runtime.onnx_session import OnnxSession  # noqa: E402
-from packager import onnx_quant  # noqa: E402
-from packager.errors import ConversionError, InputError  # noqa: E402
-from packager.onnx_export import OPSET, export_onnx  # noqa: E402
-from packager.onnx_quant import OnnxRecipe  # noqa: E402
+from agent.errors import RuntimeUnavailable
+from agent.runtime import open_session
+from agent.runtime.onnx_session import OnnxSession
+from packager import onnx_quant
+from packager.errors import ConversionError, InputError
+from packager.onnx_export import OPSET, export_onnx
+from packager.onnx_quant import OnnxRecipe
 
 pytestmark = pytest.mark.slow
 

@@ -8,16 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("litert_torch")
-pytest.importorskip("ai_edge_litert")
-
-from agent.errors import RuntimeUnavailable  # noqa: E402
-from agent.runtime import open_session  # noqa: E402
-from agent.runtime.litert_session import LiteRTSession  # noqa: E402
-from packager.errors import ConversionError  # noqa: E402
-from packager.tflite_convert import convert_int8_tflite  # noqa: E402
+from agent.errors import RuntimeUnavailable
+from agent.runtime import open_session
+from agent.runtime.litert_session import LiteRTSession
+from packager.errors import ConversionError
+from packager.tflite_convert import convert_int8_tflite
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,522 @@
+"""Measure `packager build` against the int8 targets on this machine and write one JSON file with every figure.
+
+    python benchmarks/packager_bench.py [--out benchmarks/results/packager.json] [--only digits,midcnn,bert]
+                                        [--runs N] [--rounds R]
+
+Every figure comes from the real pipeline (`packager.build.build()`), so it is what `packager build` users get:
+
+- digits: the examples/digits CNN, trained here; int8 ONNX and TFLite bytes vs fp32 and top-1 drop.
+- midcnn: examples/midcnn.py's MidResNet (>= 1M parameters) trained briefly on digits upscaled to 32x32; sizes,
+  top-1 drop and batch-1 latency. Besides the build's own timing, the fp32 ONNX (exported the way the build
+  exports it), the bundle's int8 ONNX and its int8 TFLite are timed again in interleaved rounds (the models take
+  turns, so load from other tenants of a shared VM hits all three alike), with 1 and 2 runtime threads.
+- bert: examples/bert_encoder.py's tiny BERT (random init, task embedding); int8 bytes vs fp32 and the build's
+  mean output cosine to fp32, plus the minimum per-row cosine computed here from the extracted artifacts.
+
+Everything is trained and built in a temporary directory; nothing needs the network. Progress goes to stderr,
+the tables and one PASS/MISS line per target to stdout. The exit status is 0 even when a target is missed: this is
+a measurement, not a test (2 only for bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `python benchmarks/packager_bench.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+log = logging.getLogger("packager_bench")
+
+MODELS = ("digits", "midcnn", "bert")
+SIZE_RATIO_MAX = 0.27
+TOP1_DROP_MAX = 1.0  # percentage points
+LATENCY_RATIO_MAX = 0.75
+COSINE_MIN = 0.99
+DEFAULT_RUNS = 200
+DEFAULT_ROUNDS = 5
+WARMUP_RUNS = 50
+BERT_SEQ_LEN = 32
+BERT_CALIB_ROWS = 128
+BERT_EVAL_ROWS = 128
+MAX_EXPORT_BATCH = 1024
+# Flags that decide which int8 kernels the runtimes can use (x86: /proc/cpuinfo "flags"; arm: "Features").
+INT8_FLAGS = ("sse4_1", "ssse3", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+              "avx_vnni_int8", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "sve",
+              "sve2", "bf16")
+DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
+# --------------------------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Target:
+    id: str
+    description: str
+    measured: float
+    limit: float
+    op: str  # "<=" or ">="
+    unit: str
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.measured <= self.limit if self.op == "<=" else self.measured >= self.limit
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "description": self.description, "measured": self.measured, "op": self.op,
+                "limit": self.limit, "unit": self.unit, "pass": self.passed, "note": self.note}
+
+    def line(self) -> str:
+        verdict = "PASS" if self.passed else "MISS"
+        note = f"  -- {self.note}" if self.note and not self.passed else ""
+        return (f"{verdict}  {self.id:<34} {self.description}: measured {_fmt(self.measured)} {self.unit}, "
+                f"target {self.op} {_fmt(self.limit)}{note}")
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+
+
+# --------------------------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, the int8-relevant ISA flags and the runtime versions, from /proc/cpuinfo and metadata."""
+    fields: dict[str, str] = {}
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, sep, value = line.partition(":")
+            key = key.strip()
+            if not sep:
+                if fields:  # first processor block is enough
+                    break
+                continue
+            if key in ("flags", "Features") and not flags:
+                flags = value.split()
+            elif key not in fields:
+                fields[key] = value.strip()
+    except OSError:
+        pass
+    present = set(flags)
+    versions: dict[str, str | None] = {}
+    for dist in ("onnxruntime", "ai-edge-litert", "torch", "litert-torch", "onnx", "numpy"):
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            versions[dist] = None
+    dot = [f for f in DOT_PRODUCT_FLAGS if f in present]
+    return {
+        "cpu": fields.get("model name") or fields.get("Model") or platform.processor() or platform.machine(),
+        "vendor": fields.get("vendor_id") or fields.get("CPU implementer"),
+        "cpu_family": fields.get("cpu family"), "cpu_model": fields.get("model") or fields.get("CPU part"),
+        "stepping": fields.get("stepping"), "virtualized": "hypervisor" in present,
+        "machine": platform.machine(), "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "isa_flags": [f for f in INT8_FLAGS if f in present],
+        "int8_dot_product": dot,
+        "int8_summary": (f"int8 dot-product instructions present ({', '.join(dot)})" if dot
+                         else "no int8 dot-product instructions (no VNNI / AMX / asimddp / i8mm)"),
+        "python": platform.python_version(), "os": f"{platform.system()} {platform.release()}",
+        "versions": versions,
+    }
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, allow_pickle=False, **arrays)
+    return path
+
+
+def _export_pt2(model: Any, args: tuple[Any, ...], path: Path) -> Path:
+    """`torch.export.save` the eval-mode model with a dynamic batch axis on every input."""
+    import torch
+
+    model.eval()
+    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+    program = torch.export.export(model, args, dynamic_shapes=tuple({0: batch} for _ in args))
+    torch.export.save(program, str(path))
+    return path
+
+
+def _params(model: Any) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def run_build(name: str, model: Path, calib: Path, eval_: Path, out_dir: Path, task: str,
+              runs: int) -> tuple[dict[str, Any], Path, float]:
+    """`packager build` through its Python API with threads=1; returns the report, the bundle and seconds taken."""
+    from packager.build import BuildOptions, Progress, build
+
+    log.info("[%s] packager build (threads=1)", name)
+    t0 = time.perf_counter()
+    result = build(BuildOptions(model=str(model), calib=calib, eval=eval_, out_dir=out_dir, name=name, version=1,
+                                task=task, threads=1, latency_runs=runs), Progress(0, stream=sys.stderr))
+    return result.report, result.bundle, time.perf_counter() - t0
+
+
+def summarize_build(report: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The figures a user sees in the build report, plus each int8 artifact's size as a fraction of fp32."""
+    fp32 = report["fp32"]
+    out: dict[str, Any] = {
+        "build_seconds": round(seconds, 2), "metric": report["metric"], "max_drop": report["max_drop"],
+        "eval_samples": report["evaluation"]["samples"], "calib_samples": report["calibration"]["samples"],
+        "fp32": {k: fp32[k] for k in ("bytes", "zstd_bytes", "value", "p50_ms", "p95_ms")},
+        "int8": {},
+    }
+    for a in report["artifacts"]:
+        out["int8"][a["format"]] = {
+            "bytes": a["bytes"], "zstd_bytes": a["zstd_bytes"], "size_ratio": a["bytes"] / fp32["bytes"],
+            "value": a["value"], "drop": a["drop"], "p50_ms": a["p50_ms"], "p95_ms": a["p95_ms"],
+            "latency_ratio_p50": a["p50_ms"] / fp32["p50_ms"], "recipe": a["recipe"]["name"],
+            "trials": [{"recipe": t.get("recipe", {}).get("name"), "bytes": t.get("bytes"), "value": t.get("value"),
+                        "drop": t.get("drop"), "passed": t.get("passed"), "error": t.get("error")}
+                       for t in a["trials"]],
+        }
+    return out
+
+
+def extract(bundle: Path, dest: Path) -> tuple[Path, Any]:
+    """Unpack the bundle exactly as a device does; returns the directory and the manifest."""
+    from agent.bundle import verify_bundle
+
+    verified = verify_bundle(bundle, dest=dest)
+    return dest, verified.manifest
+
+
+def export_fp32_like_build(model_path: Path, feeds: dict[str, np.ndarray], out: Path) -> Path:
+    """The fp32 ONNX the build compares against, exported by the build's own code path."""
+    from packager.onnx_export import export_onnx
+    from packager.torch_model import example_args, load_source
+
+    source = load_source(str(model_path), None)
+    export_onnx(source.module, example_args(source, feeds), source.input_names, out)
+    return out
+
+
+def _size_targets(model: str, summary: dict[str, Any], formats: Sequence[str], note: dict[str, str]) -> list[Target]:
+    return [Target(f"{model}.{fmt}.size_ratio", f"{model} int8 {fmt} bytes / fp32 ONNX bytes",
+                   summary["int8"][fmt]["size_ratio"], SIZE_RATIO_MAX, "<=", "x", note.get(fmt, ""))
+            for fmt in formats if fmt in summary["int8"]]
+
+
+def _drop_targets(model: str, summary: dict[str, Any]) -> list[Target]:
+    return [Target(f"{model}.{fmt}.top1_drop", f"{model} int8 {fmt} top-1 drop vs fp32",
+                   a["drop"], TOP1_DROP_MAX, "<=", "points") for fmt, a in summary["int8"].items()]
+
+
+# --------------------------------------------------------------------------------------------- timing
+
+
+def interleaved_latency(sessions: dict[str, Any], feed: dict[str, np.ndarray], rounds: int,
+                        runs: int) -> dict[str, Any]:
+    """Batch-1 latency of several sessions measured in alternating rounds.
+
+    After WARMUP_RUNS per model, each round times `runs` single-row runs of every model in turn (the order
+    rotates each round). Per model: the median of each round, then the median and p95 of those per-round medians,
+    and the p50/p95 over every run. Ratios to the first model are taken per round (same round = same machine
+    load) and summarized by their median.
+    """
+    names = list(sessions)
+    for name in names:
+        for _ in range(WARMUP_RUNS):
+            sessions[name].run(feed)
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            run = sessions[name].run
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                run(feed)
+                times.append(time.perf_counter() - t0)
+            ms = np.asarray(times) * 1e3
+            per_round[name].append(float(np.median(ms)))
+            samples[name].extend(ms.tolist())
+    base = names[0]
+    out: dict[str, Any] = {"rounds": rounds, "runs_per_round": runs, "warmup_runs": WARMUP_RUNS, "models": {}}
+    for name in names:
+        medians = np.asarray(per_round[name])
+        paired = np.asarray(per_round[name]) / np.asarray(per_round[base])
+        out["models"][name] = {
+            "round_medians_ms": [round(x, 4) for x in per_round[name]],
+            "median_of_round_medians_ms": float(np.median(medians)),
+            "p95_of_round_medians_ms": float(np.percentile(medians, 95)),
+            "all_runs_p50_ms": float(np.percentile(samples[name], 50)),
+            "all_runs_p95_ms": float(np.percentile(samples[name], 95)),
+            f"ratio_to_{base}": float(np.median(medians) / np.median(per_round[base])),
+            f"paired_round_ratio_median_to_{base}": float(np.median(paired)),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def bench_digits(work: Path, runs: int, rounds: int) -> tuple[dict[str, Any], list[Target]]:
+    del rounds  # the digits target is about size and accuracy; its latency comes from the build alone
+    from examples.digits.train import train_digits
+
+    log.info("[digits] training examples/digits DigitsCNN")
+    t0 = time.perf_counter()
+    paths = train_digits(work / "digits")
+    train_s = time.perf_counter() - t0
+    report, _bundle, seconds = run_build("digits", paths["exported_program"], paths["calib"], paths["eval"],
+                                         work / "digits" / "bundles", "classification", runs)
+    summary = summarize_build(report, seconds)
+    summary["train_seconds"] = round(train_s, 2)
+    from examples.digits.model import DigitsCNN, count_parameters
+
+    summary["parameters"] = count_parameters(DigitsCNN())
+    targets = _size_targets("digits", summary, ("onnx", "tflite"), {}) + _drop_targets("digits", summary)
+    return summary, targets
+
+
+def bench_midcnn(work: Path, runs: int, rounds: int) -> tuple[dict[str, Any], list[Target]]:
+    import torch
+
+    from agent.runtime import open_session
+    from examples.midcnn import train_midcnn
+
+    d = work / "midcnn"
+    d.mkdir(parents=True)
+    log.info("[midcnn] training examples/midcnn MidResNet on 32x32 digits")
+    t0 = time.perf_counter()
+    model, splits = train_midcnn()
+    train_s = time.perf_counter() - t0
+    x_eval, y_eval = splits["eval"]
+    pt2 = _export_pt2(model, (torch.from_numpy(x_eval[:2]),), d / "midcnn.pt2")
+    calib = _save_npz(d / "calib.npz", x=splits["calib"][0], y=splits["calib"][1])
+    eval_ = _save_npz(d / "eval.npz", x=x_eval, y=y_eval)
+    report, bundle, seconds = run_build("midcnn", pt2, calib, eval_, d / "bundles", "classification", runs)
+    summary = summarize_build(report, seconds)
+    summary["train_seconds"] = round(train_s, 2)
+    summary["parameters"] = _params(model)
+
+    log.info("[midcnn] interleaved latency: fp32 ONNX vs int8 ONNX vs int8 TFLite, %d rounds x %d runs",
+             rounds, runs)
+    files, manifest = extract(bundle, d / "extracted")
+    fp32 = export_fp32_like_build(pt2, {"x": x_eval[:1]}, d / "model.fp32.onnx")
+    names = [s.name for s in manifest.inputs]
+    feed = {"x": np.ascontiguousarray(x_eval[:1])}
+    interleaved: dict[str, Any] = {}
+    for threads in (1, 2):
+        sessions = {
+            "fp32_onnx": open_session(fp32, "onnx", threads=threads),
+            "int8_onnx": open_session(files / "model.int8.onnx", "onnx", threads=threads),
+            "int8_tflite": open_session(files / "model.int8.tflite", "tflite", threads=threads, input_names=names),
+        }
+        interleaved[f"threads_{threads}"] = interleaved_latency(sessions, feed, rounds, runs)
+        m = interleaved[f"threads_{threads}"]["models"]
+        log.info("[midcnn] threads=%d: fp32 %.3f ms, int8 onnx %.3f ms, int8 tflite %.3f ms", threads,
+                 m["fp32_onnx"]["median_of_round_medians_ms"], m["int8_onnx"]["median_of_round_medians_ms"],
+                 m["int8_tflite"]["median_of_round_medians_ms"])
+    summary["interleaved_latency"] = interleaved
+
+    t1 = interleaved["threads_1"]["models"]
+    t2 = interleaved["threads_2"]["models"]
+    targets = [
+        Target("midcnn.onnx.latency_ratio_t1", "midcnn int8/fp32 ONNX median latency, batch 1, 1 thread "
+               "(interleaved rounds)", t1["int8_onnx"]["ratio_to_fp32_onnx"], LATENCY_RATIO_MAX, "<=", "x"),
+        Target("midcnn.onnx.latency_ratio_t1_build", "same, from the build's own timing (p50)",
+               summary["int8"]["onnx"]["latency_ratio_p50"], LATENCY_RATIO_MAX, "<=", "x"),
+        Target("midcnn.onnx.latency_ratio_t2", "same with 2 threads (interleaved rounds; reported, not the headline)",
+               t2["int8_onnx"]["ratio_to_fp32_onnx"], LATENCY_RATIO_MAX, "<=", "x"),
+        *_drop_targets("midcnn", summary),
+    ]
+    return summary, targets
+
+
+def bench_bert(work: Path, runs: int, rounds: int) -> tuple[dict[str, Any], list[Target]]:
+    del rounds
+    import torch
+
+    from agent.runtime import open_session
+    from examples.bert_encoder import NUM_LAYERS, make_tiny_bert, random_token_batch
+
+    d = work / "bert"
+    d.mkdir(parents=True)
+    log.info("[bert] tiny BERT encoder (%d layers, random init) -> .pt2, random token batches", NUM_LAYERS)
+    model = make_tiny_bert(seed=0)
+    example = random_token_batch(2, BERT_SEQ_LEN, seed=0)
+    pt2 = _export_pt2(model, tuple(torch.from_numpy(example[k]) for k in ("input_ids", "attention_mask")),
+                      d / "bert.pt2")
+    calib = _save_npz(d / "calib.npz", **random_token_batch(BERT_CALIB_ROWS, BERT_SEQ_LEN, seed=1))
+    eval_feeds = random_token_batch(BERT_EVAL_ROWS, BERT_SEQ_LEN, seed=2)
+    eval_ = _save_npz(d / "eval.npz", **eval_feeds)
+    report, bundle, seconds = run_build("bert", pt2, calib, eval_, d / "bundles", "embedding", runs)
+    summary = summarize_build(report, seconds)
+    summary["parameters"] = _params(model)
+    summary["layers"] = NUM_LAYERS
+    summary["seq_len"] = BERT_SEQ_LEN
+    emb = model.token_embedding.weight
+    summary["token_embedding_fp32_bytes"] = int(emb.numel() * emb.element_size())
+
+    log.info("[bert] per-row cosine of the extracted int8 artifacts vs the fp32 ONNX")
+    files, manifest = extract(bundle, d / "extracted")
+    fp32 = export_fp32_like_build(pt2, {k: v[:1] for k, v in eval_feeds.items()}, d / "model.fp32.onnx")
+    names = [s.name for s in manifest.inputs]
+    ref = open_session(fp32, "onnx").run(eval_feeds)[0]
+    for fmt in summary["int8"]:
+        out = open_session(files / f"model.int8.{fmt}", fmt, input_names=names).run(eval_feeds)[0]
+        cos = _row_cosine(out, ref)
+        summary["int8"][fmt].update(mean_row_cosine=float(cos.mean()), min_row_cosine=float(cos.min()),
+                                    p05_row_cosine=float(np.percentile(cos, 5)))
+
+    tflite_note = ("litert-torch's PT2E quantizer leaves the token embedding table "
+                   f"({summary['token_embedding_fp32_bytes'] / 2**20:.1f} MiB) in float")
+    targets = [
+        *_size_targets("bert", summary, ("onnx", "tflite"), {"tflite": tflite_note}),
+        *[Target(f"bert.{fmt}.cosine", f"bert int8 {fmt} mean output cosine to fp32 (build metric)", a["value"],
+                 COSINE_MIN, ">=", "") for fmt, a in summary["int8"].items()],
+        *[Target(f"bert.{fmt}.min_row_cosine", f"bert int8 {fmt} minimum per-row cosine to fp32 ONNX",
+                 a["min_row_cosine"], COSINE_MIN, ">=", "") for fmt, a in summary["int8"].items()],
+    ]
+    return summary, targets
+
+
+def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a2, b2 = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return np.sum(a2 * b2, axis=1) / np.maximum(np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1), 1e-12)
+
+
+BENCHES: dict[str, Callable[[Path, int, int], tuple[dict[str, Any], list[Target]]]] = {
+    "digits": bench_digits, "midcnn": bench_midcnn, "bert": bench_bert,
+}
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+def _kib(n: float) -> str:
+    return f"{n / 1024:,.0f} KiB"
+
+
+def model_table(name: str, s: dict[str, Any]) -> str:
+    metric = s["metric"]
+    value = (lambda v: f"{v:.2f}%") if metric == "top1" else (lambda v: f"{v:.5f}")
+    rows = [("artifact", "bytes", "x fp32", metric, "drop", "p50 ms", "p95 ms", "recipe")]
+    f = s["fp32"]
+    rows.append(("fp32 onnx", _kib(f["bytes"]), "1.000", value(f["value"]), "-", f"{f['p50_ms']:.3f}",
+                 f"{f['p95_ms']:.3f}", "-"))
+    for fmt, a in s["int8"].items():
+        rows.append((f"int8 {fmt}", _kib(a["bytes"]), f"{a['size_ratio']:.3f}", value(a["value"]),
+                     f"{a['drop']:.3g}", f"{a['p50_ms']:.3f}", f"{a['p95_ms']:.3f}", a["recipe"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"== {name}: {s.get('parameters', 0):,} parameters, build {s['build_seconds']:.0f} s, "
+             f"{s['eval_samples']} eval samples (build timing: batch 1, 1 thread)"]
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    for fmt, a in s["int8"].items():
+        if "min_row_cosine" in a:
+            lines.append(f"  int8 {fmt} vs fp32 ONNX per-row cosine: mean {a['mean_row_cosine']:.5f}, "
+                         f"p5 {a['p05_row_cosine']:.5f}, min {a['min_row_cosine']:.5f}")
+    for key, t in s.get("interleaved_latency", {}).items():
+        lines.append(f"  interleaved timing, {key.replace('_', '=')} ({t['rounds']} rounds x {t['runs_per_round']} "
+                     "runs): median / p95 of per-round medians, ratio to fp32")
+        for m, v in t["models"].items():
+            lines.append(f"    {m:<12} {v['median_of_round_medians_ms']:.3f} / {v['p95_of_round_medians_ms']:.3f} ms"
+                         f"  {v['ratio_to_fp32_onnx']:.3f}x (paired per-round {v['paired_round_ratio_median_to_fp32_onnx']:.3f}x)")
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _parse_only(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose from {','.join(MODELS)}, got {text!r}")
+    return names
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="packager_bench.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "packager.json",
+                        help="JSON result file (default benchmarks/results/packager.json)")
+    parser.add_argument("--only", type=_parse_only, default=MODELS, help="comma-separated subset of "
+                        f"{','.join(MODELS)} (default all)")
+    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS,
+                        help=f"timed runs per latency measurement and per interleaved round (default {DEFAULT_RUNS})")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
+                        help=f"interleaved timing rounds for midcnn (default {DEFAULT_ROUNDS})")
+    args = parser.parse_args(argv)
+    if args.runs < 20 or args.rounds < 1:
+        parser.error("--runs must be >= 20 and --rounds >= 1")
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    log.setLevel(logging.INFO)
+    logging.getLogger("examples").setLevel(logging.INFO)
+
+    started = dt.datetime.now(dt.UTC)
+    t0 = time.perf_counter()
+    load_start = load_average()
+    machine = machine_info()
+    log.info("machine: %s, %s cores, %s; load average %s", machine["cpu"], machine["cores"],
+             machine["int8_summary"], load_start)
+
+    models: dict[str, Any] = {}
+    targets: list[Target] = []
+    with tempfile.TemporaryDirectory(prefix="edgeship-bench-") as td:
+        for name in args.only:
+            summary, got = BENCHES[name](Path(td), args.runs, args.rounds)
+            models[name] = summary
+            targets += got
+            print(model_table(name, summary) + "\n", flush=True)
+
+    load_end = load_average()
+    result = {
+        "benchmark": "packager", "created": started.isoformat(timespec="seconds"),
+        "command": "python benchmarks/packager_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "duration_seconds": round(time.perf_counter() - t0, 1),
+        "machine": machine, "load_average": {"start": load_start, "end": load_end},
+        "settings": {"runs": args.runs, "rounds": args.rounds, "warmup_runs": WARMUP_RUNS, "build_threads": 1,
+                     "models": list(args.only)},
+        "targets": [t.to_json() for t in targets],
+        "models": models,
+    }
+    _write_json(args.out, result)
+    print("== targets")
+    for t in targets:
+        print(t.line())
+    missed = [t.id for t in targets if not t.passed]
+    print(f"{len(targets) - len(missed)}/{len(targets)} targets met"
+          + (f"; MISSED: {', '.join(missed)}" if missed else ""))
+    print(f"load average start {load_start}, end {load_end}; {result['duration_seconds']:.0f} s; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Agent configuration: a TOML file, overridable by `EDGESHIP_<SECTION>_<KEY>` environment variables.
+
+Every value has a bounded default; directories are arguments (systemd's `StateDirectory=`), never guessed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from agent.errors import EdgeshipError
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ConfigError(EdgeshipError):
+    """The configuration file or an override is missing, malformed or out of bounds."""
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    device_id: str
+    state_dir: Path
+    fleet: str = "default"
+    group: str = "default"
+
+
+@dataclass(frozen=True)
+class MqttSection:
+    url: str = "mqtt://127.0.0.1:1883"
+    topic_prefix: str = ""  # default: edgeship/<fleet>/
+    ca_file: str = ""  # for mqtts:// with a private CA
+    connect_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class TrustSection:
+    root: Path
+
+
+@dataclass(frozen=True)
+class MirrorSection:
+    http: str = ""  # optional HTTP(S) mirror base URL, tried when MQTT fails
+
+
+@dataclass(frozen=True)
+class ServeSection:
+    http: str = "127.0.0.1:8501"
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    max_bundle_bytes: int = 2 << 30
+    max_metadata_bytes: int = 512 << 10
+    chunk_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    agent: AgentSection
+    mqtt: MqttSection
+    trust: TrustSection
+    mirror: MirrorSection
+    serve: ServeSection
+    limits: LimitsSection
+
+    @property
+    def topic_prefix(self) -> str:
+        return self.mqtt.topic_prefix or f"edgeship/{self.agent.fleet}/"
+
+
+_SECTIONS: dict[str, type] = {"agent": AgentSection, "mqtt": MqttSection, "trust": TrustSection,
+                              "mirror": MirrorSection, "serve": ServeSection, "limits": LimitsSection}
+_BOUNDS = {"max_bundle_bytes": (1 << 10, 64 << 30), "max_metadata_bytes": (1 << 10, 64 << 20),
+           "chunk_timeout_s": (0.1, 3600.0), "connect_timeout_s": (0.1, 600.0)}
+
+
+def _convert(section: str, name: str, typ: Any, value: Any) -> Any:
+    where = f"[{section}] {name}"
+    try:
+        if typ in (Path, "Path"):
+            if not isinstance(value, str) or not value:
+                raise ValueError("expected a path")
+            return Path(value)
+        if typ in (int, "int"):
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            out: Any = int(value)
+        elif typ in (float, "float"):
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            out = float(value)
+        else:
+            if not isinstance(value, str):
+                raise ValueError("expected a string")
+            out = value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+    if name in _BOUNDS:
+        lo, hi = _BOUNDS[name]
+        if not lo <= out <= hi:
+            raise ConfigError(f"{where}: {out} is outside [{lo}, {hi}]")
+    return out
+
+
+def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None,
+                 base_dir: Path | None = None) -> AgentConfig:
+    """Build and validate a config from parsed TOML plus `EDGESHIP_*` overrides (pure: no file access)."""
+    env = os.environ if env is None else env
+    unknown = set(data) - set(_SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
+    built: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        raw = dict(data.get(section, {}))
+        known = {f.name: f for f in fields(cls)}
+        extra = set(raw) - set(known)
+        if extra:
+            raise ConfigError(f"[{section}]: unknown key(s): {', '.join(sorted(extra))}")
+        for name in known:
+            key = f"EDGESHIP_{section.upper()}_{name.upper()}"
+            if key in env:
+                raw[name] = env[key]
+        values = {}
+        for name, f in known.items():
+            if name in raw:
+                values[name] = _convert(section, name, f.type, raw[name])
+            elif f.default is f.default_factory:  # dataclasses.MISSING on both: required
+                raise ConfigError(f"[{section}] {name} is required")
+        try:
+            built[section] = cls(**values)
+        except TypeError as e:
+            raise ConfigError(f"[{section}]: {e}") from e
+    cfg = AgentConfig(**built)
+    if base_dir is not None:  # relative paths in the file are relative to the file
+        cfg = replace(cfg, agent=replace(cfg.agent, state_dir=base_dir / cfg.agent.state_dir),
+                      trust=replace(cfg.trust, root=base_dir / cfg.trust.root))
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: AgentConfig) -> None:
+    for label, value in (("[agent] device_id", cfg.agent.device_id), ("[agent] fleet", cfg.agent.fleet),
+                         ("[agent] group", cfg.agent.group)):
+        if not _ID_RE.match(value):
+            raise ConfigError(f"{label} {value!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+    url = urlsplit(cfg.mqtt.url)
+    if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+        raise ConfigError(f"[mqtt] url {cfg.mqtt.url!r}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+    if cfg.mirror.http and urlsplit(cfg.mirror.http).scheme not in ("http", "https"):
+        raise ConfigError(f"[mirror] http {cfg.mirror.http!r}: expected an http:// or https:// URL")
+    prefix = cfg.topic_prefix
+    if any(c in prefix for c in "+#\0") or not prefix.endswith("/"):
+        raise ConfigError(f"[mqtt] topic_prefix {prefix!r}: no wildcards, and it must end with '/'")
+
+
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> AgentConfig:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"config {path}: no such file") from e
+    except OSError as e:
+        raise ConfigError(f"config {path}: cannot read ({e.strerror})") from e
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config {path}: not valid TOML ({e})") from e
+    return parse_config(data, env, base_dir=path.resolve().parent)

@@ -315,6 +315,9 @@ def verify_bundle(path: Path, dest: Path | None = None,
         raise BundleRejected(f"bundle is {size} bytes, more than the limit of {max_bytes}", reason="too_large")
     staging: Path | None = None
     if dest is not None:
+        if dest.exists():
+            # never merge into or replace something already there: the caller picks a fresh directory
+            raise FileExistsError(f"{dest} already exists")
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:

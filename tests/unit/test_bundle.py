@@ -161,3 +161,13 @@ def test_failed_write_leaves_nothing(tmp_path: Path, members: dict[str, Path]) -
 def test_unsafe_member_name_refused_on_write(tmp_path: Path, members: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="unsafe"):
         write_bundle(tmp_path / "x.bundle", make_manifest(), {"../m": members["golden.npz"]})
+
+
+def test_extract_refuses_an_existing_destination(tmp_path: Path, members: dict[str, Path]) -> None:
+    out = tmp_path / "b.bundle"
+    write_bundle(out, make_manifest(), members)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(FileExistsError):
+        verify_bundle(out, dest=dest)
+    assert list(dest.iterdir()) == []

@@ -214,3 +214,23 @@ def test_inspect_rejects_traversal_and_wrong_hash(built: tuple[dict, Path], tmp_
         code, _, err = run_cli(["inspect", bad], capsys)
         assert code == 2
         assert ("unsafe_path" if kind == "traversal" else "hash_mismatch") in err
+
+
+def test_multi_input_encoder_quantizes_embeddings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from examples.bert_encoder import random_token_batch
+
+    np.savez(tmp_path / "calib.npz", **random_token_batch(64, seed=1))
+    np.savez(tmp_path / "eval.npz", **random_token_batch(64, seed=2))
+    code, stdout, err = run_cli(["build", "examples.bert_encoder:make_tiny_bert", "--task", "embedding",
+                                 "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz",
+                                 "--out", tmp_path / "out", "--name", "encoder", "--format", "onnx", "--json"],
+                                capsys)
+    assert code == 0, err
+    result = json.loads(stdout)
+    (onnx_artifact,) = result["artifacts"]
+    assert result["fp32"]["metric"] == "cosine"
+    assert onnx_artifact["value"] >= 0.99 and onnx_artifact["drop"] <= 0.01
+    assert onnx_artifact["bytes"] <= 0.27 * result["fp32"]["bytes"]  # embeddings are int8 too
+    m = verify_bundle(Path(result["bundle"])).manifest
+    assert [t.name for t in m.inputs] == ["input_ids", "attention_mask"]
+    assert m.parity == {"kind": "cosine", "min": 0.99}

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.errors import BundleRejected
+from agent.fsutil import fsync_dir
 from agent.runtime import TensorSpec
 
 SCHEMA_VERSION = 1
@@ -249,7 +250,7 @@ def write_bundle(out_path: Path, manifest: Manifest, members: Mapping[str, Path]
         with tmp.open("rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out_path)
-        _fsync_dir(out_path.parent)
+        fsync_dir(out_path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -262,14 +263,6 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     info.size, info.mode, info.mtime, info.uid, info.gid = size, 0o644, 0, 0, 0
     info.uname = info.gname = ""
     return info
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- reading -----------------------------------------------------------------------------------------------

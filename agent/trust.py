@@ -30,6 +30,7 @@ from tuf.api.serialization import DeserializationError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from agent.errors import BundleRejected, EdgeshipError, TransportError
+from agent.fsutil import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class TrustedClient:
             with open(tmp_name, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp_name, final)
-            _fsync_dir(dest_dir)
+            fsync_dir(dest_dir)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
@@ -319,11 +320,3 @@ def _as_download_error(url: str) -> Iterator[None]:
 
 def _read_root(path: Path) -> Metadata[Root]:
     return Metadata[Root].from_bytes(path.read_bytes())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

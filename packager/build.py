@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from agent.bundle import Artifact, Manifest, bundle_filename, valid_name, write_bundle
+from agent.fsutil import write_atomic
 from agent.runtime import ModelSession, TensorSpec, open_session
 from packager import __version__ as packager_version
 from packager import metrics
@@ -169,16 +170,6 @@ def _workdir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _as_float_feeds(source: SourceModel, ds: Dataset) -> dict[str, np.ndarray]:
@@ -369,7 +360,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
                              eval_ds, fp32_session.inputs, fp32_session.outputs, artifacts,
                              _parity(task, fp32_out[:golden_n]), report)
         html_beside = opts.out_dir / f"{name}-{version}.report.html"
-        _write_text_atomic(html_beside, report_html(report))
+        write_atomic(html_beside, report_html(report).encode())
         try:
             written = write_bundle(out_path, manifest, members)
         except BaseException:

@@ -47,6 +47,7 @@ from tuf.api.metadata import (
     Timestamp,
 )
 
+from agent.fsutil import fsync_dir, write_atomic
 from packager.errors import PackagerError
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def init_repo(repo: Path, root_key_dir: Path | None = None, root_keys: int = 3, 
         d.mkdir(parents=True, exist_ok=True)
     _private_dir(keys_dir(repo))
     _private_dir(root_key_dir)
-    _write_atomic(repo / "repo.json", json.dumps({"expiry_seconds": expiry.to_json()}, indent=2).encode() + b"\n")
+    write_atomic(repo / "repo.json", json.dumps({"expiry_seconds": expiry.to_json()}, indent=2).encode() + b"\n")
 
     root = Root(expires=now + expiry.root, consistent_snapshot=True)
     root_signers = [CryptoSigner.generate_ed25519() for _ in range(root_keys)]
@@ -406,7 +407,7 @@ def _save_key(directory: Path, role: str, signer: CryptoSigner) -> Path:
         f.write(signer.private_bytes)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return path
 
 
@@ -450,7 +451,7 @@ def _retire_keys(directory: Path, keyids: Iterable[str]) -> None:
             _private_dir(retired)
             path = available[keyid][0]
             os.replace(path, retired / path.name)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 # --- writing -------------------------------------------------------------------------------------------------
@@ -496,7 +497,7 @@ def _commit(repo: Path, state: _State, changed: set[str], signers: Mapping[str, 
         state.raw["timestamp"] = data
         writes.append(("timestamp.json", data))
     for name, data in writes:
-        _write_atomic(provisioning_root(repo) if name == "root.json" else mdir / name, data)
+        write_atomic(provisioning_root(repo) if name == "root.json" else mdir / name, data)
     return [name for name, _ in writes]
 
 
@@ -548,7 +549,7 @@ def _store_target(repo: Path, target_path: str, data_file: Path, custom: Mapping
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
-    _fsync_dir(tdir)
+    fsync_dir(tdir)
     return tf
 
 
@@ -556,30 +557,6 @@ def _check_target_path(path: str) -> None:
     parts = path.split("/")
     if not all(_SEGMENT_RE.fullmatch(p) for p in parts) or any(set(p) == {"."} for p in parts):
         raise RepoError(f"invalid target path {path!r}: use relative segments of letters, digits, '.', '_', '-'")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -1,5 +1,10 @@
 """Full-int8 TFLite from a PyTorch module: torch.export -> PT2E static int8 quantization -> litert-torch.
 
+The PT2E quantizer leaves embedding tables (`aten.embedding`) in float32; for token models they are most of
+the file. When the graph has embeddings, the converted flatbuffer gets one more pass through ai-edge-quantizer
+that stores every float EMBEDDING_LOOKUP table as int8 with one scale per row, which LiteRT's hybrid
+EMBEDDING_LOOKUP kernel reads directly (no float copy of the table at runtime).
+
 litert-torch, torchao and the LiteRT converter are imported only when a conversion runs: they are heavy and
 noisy at import time. Everything they raise is translated into one-line `ConversionError`s.
 """
@@ -20,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from packager.errors import ConversionError
@@ -200,6 +206,65 @@ def _check_loadable(content: bytes) -> list[str]:
     ]
 
 
+def _has_embedding(graph_module: torch.fx.GraphModule) -> bool:
+    return any(
+        node.op == "call_function" and node.target is torch.ops.aten.embedding.default
+        for node in graph_module.graph.nodes
+    )
+
+
+def _embedding_table_dtypes(content: bytes) -> list[str]:
+    """dtype of the table (value) input of every EMBEDDING_LOOKUP op in a flatbuffer."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=content)
+    dtypes = {int(d["index"]): np.dtype(d["dtype"]).name for d in interpreter.get_tensor_details()}
+    return [
+        dtypes[int(op["inputs"][1])]
+        for op in interpreter._get_ops_details()
+        if op["op_name"] == "EMBEDDING_LOOKUP" and len(op["inputs"]) == 2
+    ]
+
+
+def _int8_embeddings(content: bytes) -> bytes:
+    """Store float EMBEDDING_LOOKUP tables as per-row int8 (ai-edge-quantizer dynamic-range config).
+
+    Every other op is left as litert-torch wrote it: the recipe names only EMBEDDING_LOOKUP, whose int8
+    table feeds LiteRT's hybrid kernel (int8 table, float rows out).
+    """
+    from ai_edge_quantizer import qtyping, quantizer
+
+    qt = quantizer.Quantizer(content)
+    qt.add_dynamic_config(
+        regex=".*",
+        operation_name=qtyping.TFLOperationName.EMBEDDING_LOOKUP,
+        num_bits=8,
+        granularity=qtyping.QuantGranularity.CHANNELWISE,
+    )
+    # Its transformation step draws a tqdm bar on sys.stderr for models with 100+ tensors, whatever it is told.
+    with contextlib.redirect_stderr(io.StringIO()):
+        result = qt.quantize(enable_progress_bar=False, enable_progress_report=False)
+    return bytes(result.quantized_model)
+
+
+def _with_int8_embeddings(content: bytes) -> bytes:
+    """`content` with int8 embedding tables, or `content` itself (and a warning) if that does not work.
+
+    A size optimisation of a model that already converted: a failure here must not fail the conversion.
+    """
+    try:
+        quantized = _int8_embeddings(content)
+        tables = _embedding_table_dtypes(quantized)
+    except Exception as e:
+        logger.debug("int8 embedding quantization failed", exc_info=e)
+        logger.warning("embedding tables stay float32: int8 embedding quantization failed: %s", _describe(e))
+        return content
+    if "float32" in tables:
+        logger.warning("some embedding tables stay float32 (EMBEDDING_LOOKUP tables: %s)", ", ".join(tables))
+    logger.debug("embedding tables: %s (%d -> %d bytes)", ", ".join(tables), len(content), len(quantized))
+    return quantized
+
+
 def _as_args(batch: Any) -> tuple[Any, ...]:
     if isinstance(batch, torch.Tensor):
         return (batch,)
@@ -236,6 +301,7 @@ def _convert(
             if export_stderr.getvalue().strip():
                 logger.debug("torch.export stderr:\n%s", export_stderr.getvalue().rstrip())
 
+    has_embedding = _has_embedding(exported)
     try:
         # Drops dropout / switches batchnorm in case the graph was exported from a model in training mode.
         move_exported_model_to_eval(exported)
@@ -266,9 +332,12 @@ def _convert(
 
     try:
         edge_model = litert_torch.convert(quantized, args, quant_config=QuantConfig(pt2e_quantizer=quantizer))
-        content = edge_model.model_content()
+        content = bytes(edge_model.model_content())
     except Exception as e:
         raise _fail("litert-torch conversion", e) from e
+
+    if has_embedding:
+        content = _with_int8_embeddings(content)
 
     try:
         io_dtypes = _check_loadable(content)

@@ -51,6 +51,19 @@ class TokenModel(torch.nn.Module):
         return self.fc(torch.flatten(self.emb(ids), 1))
 
 
+class EmbeddingEncoder(torch.nn.Module):
+    """A token model whose size is its embedding table, like a small text encoder."""
+
+    def __init__(self, vocab: int = 2000, dim: int = 64) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.fc1 = torch.nn.Linear(dim, dim)
+        self.fc2 = torch.nn.Linear(dim, 32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(self.emb(ids).mean(dim=1))))
+
+
 class DataDependent(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -258,6 +271,34 @@ def test_integer_token_inputs(tmp_path: Path) -> None:
     assert _rel_err(got, want) < 0.1
     with pytest.raises(ValueError, match="integer values"):
         session.run({"args_0": np.full((1, 6), 1.5)})
+
+
+def test_embedding_table_is_stored_int8(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    torch.manual_seed(0)
+    model = EmbeddingEncoder().eval()
+    gen = torch.Generator().manual_seed(0)
+    calib = [(torch.randint(0, 2000, (1, 16), generator=gen),) for _ in range(16)]
+    out = tmp_path / "emb.tflite"
+    convert_int8_tflite(model, calib[0], calib, out)
+    assert capfd.readouterr().out == ""
+
+    float_table_bytes = 2000 * 64 * 4
+    assert out.stat().st_size < float_table_bytes // 2, out.stat().st_size
+    tables = [
+        np.dtype(d["dtype"]).name
+        for d in Interpreter(model_path=str(out)).get_tensor_details()
+        if tuple(d["shape"]) == (2000, 64)
+    ]
+    assert tables == ["int8"]
+
+    ids = torch.randint(0, 2000, (32, 16), generator=gen)
+    with torch.no_grad():
+        want = model(ids).numpy()
+    got = LiteRTSession(out).run({"args_0": ids.numpy()})[0]
+    cosine = np.sum(got * want, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert float(cosine.min()) >= 0.99, cosine.min()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,730 @@
+"""The one module that imports paho: a small synchronous facade over paho's network thread.
+
+paho callbacks run on paho's network thread. They only turn a paho message into our frozen `Message` and put it on
+the thread-safe queue of every route that wants it (or record an acknowledgement); all waiting happens in the
+caller's thread. paho and socket failures become `TransportError` (one line, `raise ... from e`).
+
+Topic names follow docs/transport.md: `Topics(prefix)` builds them, `validate_topic` / `validate_filter` check them
+and `matches(filter, topic)` is the pure MQTT matching rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import re
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent.errors import TransportError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "edgeship/default/"
+# TUF's default targets-metadata bound is 5 MB; chunks are <= 128 KiB. Anything bigger is refused (MQTT 5 tells the
+# broker so it never sends it; with 3.1.1 the callback drops it).
+DEFAULT_MAX_PACKET = 8 * 1024 * 1024
+# Subscribe / get_retained in slices: mosquitto silently drops QoS 1 messages queued for a client beyond
+# max_inflight_messages + max_queued_messages (20 + 1000 by default, 20 + 100 in 1.x), retained ones included.
+MAX_TOPICS_PER_SUBSCRIBE = 64
+_MAX_TOPIC_BYTES = 65535
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_UNSUPPORTED_PROTOCOL = (1, 0x84)
+_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # 3.1.1 CONNACK code 1 / MQTT 5 reason 0x84
+
+
+class ConnectionLost(TransportError):
+    """The broker connection dropped while an operation was waiting; paho reconnects on its own."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure topic helpers
+
+
+def _check_common(text: str, kind: str) -> None:
+    if not text:
+        raise ValueError(f"empty MQTT {kind}")
+    if "\x00" in text:
+        raise ValueError(f"MQTT {kind} contains NUL: {text!r}")
+    if len(text.encode("utf-8")) > _MAX_TOPIC_BYTES:
+        raise ValueError(f"MQTT {kind} longer than {_MAX_TOPIC_BYTES} bytes")
+
+
+def validate_topic(topic: str) -> str:
+    """A topic name we publish or read: no wildcards, no empty levels, not a `$` system topic."""
+    _check_common(topic, "topic")
+    if "+" in topic or "#" in topic:
+        raise ValueError(f"wildcard in MQTT topic name: {topic!r}")
+    if "" in topic.split("/"):
+        raise ValueError(f"empty level in MQTT topic name: {topic!r}")
+    if topic.startswith("$"):
+        raise ValueError(f"MQTT topic name starts with '$': {topic!r}")
+    return topic
+
+
+def validate_filter(topic_filter: str) -> str:
+    """A subscription filter: `+` fills a whole level, `#` only as the whole last level."""
+    _check_common(topic_filter, "topic filter")
+    levels = topic_filter.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise ValueError(f"'#' must be the whole last level: {topic_filter!r}")
+        if "+" in level and level != "+":
+            raise ValueError(f"'+' must be a whole level: {topic_filter!r}")
+    return topic_filter
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """Whether `topic` matches `topic_filter` under MQTT rules (wildcards never match a leading `$` level)."""
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    f_levels = topic_filter.split("/")
+    t_levels = topic.split("/")
+    for i, f in enumerate(f_levels):
+        if f == "#":
+            return True  # also matches the parent: "a/#" matches "a"
+        if i >= len(t_levels):
+            return False
+        if f != "+" and f != t_levels[i]:
+            return False
+    return len(f_levels) == len(t_levels)
+
+
+def _check_sha256(sha256: str) -> str:
+    if not _SHA256_RE.fullmatch(sha256):
+        raise ValueError(f"not a lowercase hex sha256: {sha256!r}")
+    return sha256
+
+
+def _check_level(value: str, what: str) -> str:
+    if not value or "/" in value or "+" in value or "#" in value or "\x00" in value:
+        raise ValueError(f"invalid {what} for an MQTT topic level: {value!r}")
+    return value
+
+
+class Topics:
+    """The topic names of docs/transport.md under one prefix (`edgeship/<fleet>/`)."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        prefix = prefix if prefix.endswith("/") else prefix + "/"
+        validate_topic(prefix[:-1])
+        self.prefix = prefix
+
+    def __repr__(self) -> str:
+        return f"Topics({self.prefix!r})"
+
+    def tuf(self, filename: str) -> str:
+        return self.prefix + "tuf/" + _check_level(filename, "metadata file name")
+
+    def target_meta(self, sha256: str) -> str:
+        return f"{self.prefix}targets/{_check_sha256(sha256)}/meta"
+
+    def chunk(self, sha256: str, index: int) -> str:
+        if index < 0:
+            raise ValueError(f"negative chunk index {index}")
+        return f"{self.prefix}targets/{_check_sha256(sha256)}/{index}"
+
+    def chunks(self, sha256: str, indices: Iterable[int]) -> list[str]:
+        return [self.chunk(sha256, i) for i in indices]
+
+    @property
+    def notify(self) -> str:
+        return self.prefix + "notify"
+
+    def barrier(self, client_id: str) -> str:
+        return f"{self.prefix}_barrier/{_check_level(client_id, 'client id')}"
+
+    def device(self, device_id: str, leaf: str) -> str:
+        """`devices/<id>/state`, `.../telemetry`, `.../events`, `.../infer/request` ..."""
+        return validate_topic(f"{self.prefix}devices/{_check_level(device_id, 'device id')}/{leaf}")
+
+
+@dataclass(frozen=True)
+class Message:
+    """One received MQTT message, already detached from paho."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """`mqtt://[user:pass@]host[:port]` (1883) or `mqtts://...` (8883)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"broker URL must start with mqtt:// or mqtts://: {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"broker URL has no host: {url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"broker URL must be just mqtt[s]://host:port: {url!r}")
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as e:
+        raise ValueError(f"bad port in broker URL {url!r}") from e
+    user = unquote(parts.username) if parts.username is not None else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return BrokerAddress(parts.hostname, port, tls, user, password)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The client
+
+
+@dataclass
+class _Route:
+    """Where the network thread delivers messages: one queue per get_retained call or stream."""
+
+    exact: frozenset[str]
+    wild: tuple[str, ...]
+    queue: queue.SimpleQueue[Message | None]
+    max_payload: int | None = None
+    oversize: dict[str, int] = field(default_factory=dict)  # topic -> refused payload size
+    bytes_received: int = 0  # payload bytes that reached us, refused ones included
+
+    def wants(self, topic: str) -> bool:
+        return topic in self.exact or any(matches(f, topic) for f in self.wild)
+
+
+@dataclass(frozen=True)
+class RetainedResult:
+    messages: dict[str, bytes]
+    oversize: dict[str, int]  # topics whose payload exceeded max_payload and was dropped unbuffered
+    bytes_received: int
+
+
+class PublishHandle:
+    """An outstanding QoS 1 publish; `wait()` returns once the broker's PUBACK arrived."""
+
+    def __init__(self, client: MqttClient, info: paho.MQTTMessageInfo, topic: str) -> None:
+        self._client = client
+        self._info = info
+        self.topic = topic
+
+    @property
+    def done(self) -> bool:
+        return self._info.is_published()
+
+    def wait(self, timeout: float = 30.0) -> None:
+        try:
+            self._info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError) as e:
+            raise TransportError(f"publish to {self.topic} failed: {e}") from e
+        if not self._info.is_published():
+            self._client._raise_if_lost()
+            raise TransportError(f"no PUBACK for {self.topic} within {timeout:g}s")
+        failure = self._client._pop_publish_failure(self._info.mid)
+        if failure is not None:
+            raise TransportError(f"broker refused publish to {self.topic}: {failure}")
+
+
+class Subscription:
+    """A live subscription: iterate (blocking) or `get(timeout)`; `close()` unsubscribes."""
+
+    def __init__(self, client: MqttClient, route: _Route, filters: list[str]) -> None:
+        self._client = client
+        self._route = route
+        self.filters = filters
+        self._closed = False
+
+    def get(self, timeout: float | None = None) -> Message | None:
+        """The next message, or None after `timeout` seconds. Connection drops are skipped: paho reconnects and
+        we resubscribe, which re-delivers retained messages."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = self._route.queue.get(timeout=remaining)
+            except queue.Empty:
+                return None
+            if item is not None:
+                return item
+
+    def __iter__(self) -> Iterator[Message]:
+        while not self._closed:
+            item = self.get(timeout=0.5)
+            if item is not None:
+                yield item
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._client._remove_route(self._route)
+            self._client._unsubscribe(self.filters)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _quickack(client: paho.Client) -> None:
+    # Brokers usually keep Nagle on (mosquitto: set_tcp_nodelay false), so a small packet that follows another
+    # (the barrier echo after its PUBACK, a SUBACK after an UNSUBACK) waits for our ACK, which Linux delays by
+    # 40 ms. Acking at once after each control packet keeps a 404 under a millisecond. Linux only; no-op elsewhere.
+    sock: Any = client.socket()  # a socket, an SSLSocket or paho's websocket wrapper
+    if sock is not None and _TCP_QUICKACK is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+
+
+def _set_nodelay(client: paho.Client, userdata: Any, sock: Any) -> None:
+    # Without this, Nagle holds our barrier PUBLISH behind the PUBACKs still waiting for the broker's delayed ACK:
+    # every get_retained() took >= 40 ms on Linux whatever its size.
+    with contextlib.suppress(OSError, AttributeError):  # not TCP (unix socket, websocket wrapper)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class MqttClient:
+    """Synchronous facade: connect, read retained topics with a barrier, publish with PUBACK, stream messages.
+
+    Thread-safe for callers; one paho network thread per client. MQTT 5 first, 3.1.1 when the broker refuses it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        prefix: str | Topics = DEFAULT_PREFIX,
+        keepalive: int = 30,
+        max_packet_size: int = DEFAULT_MAX_PACKET,
+        max_inflight: int = 64,
+        ca_file: str | None = None,
+        protocol: str = "auto",
+    ) -> None:
+        if not _CLIENT_ID_RE.fullmatch(client_id):
+            raise ValueError(f"client id must be 1-128 chars of [A-Za-z0-9._-]: {client_id!r}")
+        if protocol not in ("auto", "5", "3.1.1"):
+            raise ValueError(f"protocol must be auto, 5 or 3.1.1: {protocol!r}")
+        self.address = parse_broker_url(url)
+        self.url = url
+        self.client_id = client_id
+        self.topics = prefix if isinstance(prefix, Topics) else Topics(prefix)
+        self.barrier_topic = self.topics.barrier(client_id)
+        self.keepalive = keepalive
+        self.max_packet_size = max_packet_size
+        self.max_inflight = max_inflight
+        self.ca_file = ca_file
+        self._protocol_choice = protocol
+        self.protocol: str | None = None  # "5" or "3.1.1" once connected
+
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._paho: paho.Client | None = None
+        self._connected = False
+        self._ever_connected = False
+        self._connack: int | None = None  # reason code value of the last CONNACK
+        self._connack_text = ""
+        self._lost_before_connack = False
+        self._generation = 0  # bumps on every disconnect so waiters notice
+        self._acks: dict[int, list[int]] = {}  # SUBACK/UNSUBACK codes by mid, until their waiter takes them
+        self._ignored_acks: set[int] = set()  # mids nobody waits for (UNSUBSCRIBE, resubscribe after reconnect)
+        self._publish_failures: dict[int, str] = {}
+        self._routes: list[_Route] = []
+        self._sub_refs: dict[str, int] = {}
+        self.bytes_received = 0  # every payload byte that reached on_message
+
+    # ---- lifecycle
+
+    def connect(self, timeout: float = 10.0) -> MqttClient:
+        versions = {"auto": ["5", "3.1.1"], "5": ["5"], "3.1.1": ["3.1.1"]}[self._protocol_choice]
+        for version in versions:
+            refused_protocol = self._connect_once(version, timeout)
+            if not refused_protocol:
+                self.protocol = version
+                try:
+                    self._subscribe([self.barrier_topic], timeout)
+                except BaseException:
+                    self.close()
+                    raise
+                log.info("connected to %s as %s (MQTT %s)", self.url, self.client_id, version)
+                return self
+            log.info("broker at %s refused MQTT %s, trying the next protocol version", self.url, version)
+        raise TransportError(f"broker at {self.url} refused every MQTT protocol version we speak")
+
+    def _new_paho(self, version: str) -> paho.Client:
+        proto = MQTTProtocolVersion.MQTTv5 if version == "5" else MQTTProtocolVersion.MQTTv311
+        kwargs: dict[str, Any] = {} if version == "5" else {"clean_session": True}
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=proto, **kwargs
+        )
+        if self.address.tls:
+            client.tls_set(ca_certs=self.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        if self.address.username is not None:
+            client.username_pw_set(self.address.username, self.address.password)
+        client.max_inflight_messages_set(self.max_inflight)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_ack
+        client.on_unsubscribe = self._on_ack
+        client.on_publish = self._on_publish
+        client.on_socket_open = _set_nodelay
+        return client
+
+    def _connect_once(self, version: str, timeout: float) -> bool:
+        """Connect with one protocol version; True when the broker refused that version."""
+        client = self._new_paho(version)
+        client.connect_timeout = timeout
+        with self._lock:
+            self._paho = client
+            self._connack = None
+            self._lost_before_connack = False
+        kwargs: dict[str, Any] = {}
+        if version == "5":
+            props = Properties(PacketTypes.CONNECT)
+            props.MaximumPacketSize = self.max_packet_size
+            kwargs = {"clean_start": True, "properties": props}
+        a = self.address
+        try:
+            client.connect(a.host, a.port, keepalive=self.keepalive, **kwargs)
+        except (OSError, ssl.SSLError, ValueError) as e:
+            raise TransportError(f"cannot connect to MQTT broker {a.host}:{a.port}: {e}") from e
+        client.loop_start()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._connack is None and not self._lost_before_connack:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            connack, lost, text = self._connack, self._lost_before_connack, self._connack_text
+        if connack == 0:
+            return False
+        self._shutdown_paho(client)
+        if connack is None and not lost:
+            raise TransportError(f"no CONNACK from {a.host}:{a.port} within {timeout:g}s")
+        # A 3.1.1-only broker answers CONNACK code 1, or just drops a CONNECT it does not understand.
+        if version == "5" and (lost or connack in _UNSUPPORTED_PROTOCOL):
+            return True
+        if lost:
+            raise TransportError(f"broker {a.host}:{a.port} closed the connection before CONNACK")
+        raise TransportError(f"broker {a.host}:{a.port} refused the connection: {text}")
+
+    def _shutdown_paho(self, client: paho.Client) -> None:
+        try:
+            client.disconnect()
+        finally:
+            client.loop_stop()
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._paho = self._paho, None
+            self._connected = False
+            self._generation += 1
+            routes = list(self._routes)
+            self._cond.notify_all()
+        for r in routes:
+            r.queue.put(None)
+        if client is not None:
+            self._shutdown_paho(client)
+
+    def __enter__(self) -> MqttClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until paho's automatic reconnect succeeded (and we resubscribed), or `timeout` passed."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._connected and self._paho is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return self._connected
+
+    # ---- paho callbacks (network thread): convert, record, hand over; nothing else
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        with self._cond:
+            if client is not self._paho:
+                return
+            self._connack = int(reason.value)
+            self._connack_text = str(reason)
+            self._connected = self._connack == 0
+            resubscribe = self._connected and self._ever_connected
+            self._ever_connected = self._ever_connected or self._connected
+            filters = list(self._sub_refs)
+            self._cond.notify_all()
+        if resubscribe and filters:
+            # clean start: the broker forgot our subscriptions; restore them (retained messages come again)
+            for i in range(0, len(filters), MAX_TOPICS_PER_SUBSCRIBE):
+                _, mid = client.subscribe(self._sub_spec(filters[i : i + MAX_TOPICS_PER_SUBSCRIBE]))
+                self._ignore_ack(mid)
+            log.info("reconnected to %s; resubscribed %d filters", self.url, len(filters))
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        with self._cond:
+            if client is not self._paho:
+                return
+            if self._connack is None:
+                self._lost_before_connack = True
+            was_connected, self._connected = self._connected, False
+            self._generation += 1
+            routes = list(self._routes)
+            self._acks.clear()
+            self._ignored_acks.clear()
+            self._cond.notify_all()
+        for r in routes:
+            r.queue.put(None)  # wakes get_retained; streams skip it
+        if was_connected:
+            log.warning("lost connection to %s: %s", self.url, reason)
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            return
+        payload = bytes(msg.payload)
+        size = len(payload)
+        with self._lock:
+            self.bytes_received += size
+            routes = [r for r in self._routes if r.wants(topic)]
+        if not routes:
+            return
+        message = Message(topic, payload, bool(msg.retain))
+        counted = size if topic != self.barrier_topic else 0  # our own barrier tokens are not data
+        for r in routes:
+            r.bytes_received += counted
+            if r.max_payload is not None and size > r.max_payload:
+                r.oversize[topic] = size  # refused before it is queued for anyone
+                continue
+            r.queue.put(message)
+
+    def _on_ack(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        _quickack(client)
+        codes = [int(r.value) if hasattr(r, "value") else int(r) for r in reasons] if isinstance(reasons, list) else []
+        with self._cond:
+            if mid in self._ignored_acks:
+                self._ignored_acks.discard(mid)
+                return
+            # stored even before the caller registered interest: the ack can beat paho's subscribe() return
+            self._acks[mid] = codes
+            self._cond.notify_all()
+
+    def _ignore_ack(self, mid: int | None) -> None:
+        if mid is None:
+            return
+        with self._lock:
+            if self._acks.pop(mid, None) is None:
+                self._ignored_acks.add(mid)
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        _quickack(client)
+        if getattr(reason, "is_failure", False):
+            with self._lock:
+                self._publish_failures[mid] = str(reason)
+
+    # ---- helpers used by handles and subscriptions
+
+    def _pop_publish_failure(self, mid: int) -> str | None:
+        with self._lock:
+            return self._publish_failures.pop(mid, None)
+
+    def _raise_if_lost(self) -> None:
+        if not self._connected:
+            raise ConnectionLost(f"connection to {self.url} lost")
+
+    def _client(self) -> paho.Client:
+        client = self._paho
+        if client is None:
+            raise TransportError(f"MQTT client for {self.url} is not connected (connect() first)")
+        return client
+
+    def _sub_spec(self, filters: list[str]) -> list[tuple[str, Any]]:
+        if self.protocol == "3.1.1":
+            return [(f, 1) for f in filters]
+        return [(f, SubscribeOptions(qos=1)) for f in filters]
+
+    def _wait_ack(self, mid: int, what: str, timeout: float, generation: int) -> list[int]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while mid not in self._acks:
+                if self._generation != generation:
+                    raise ConnectionLost(f"connection to {self.url} lost while waiting for {what}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._ignored_acks.add(mid)
+                    raise TransportError(f"no {what} from {self.url} within {timeout:g}s")
+                self._cond.wait(remaining)
+            return self._acks.pop(mid)
+
+    def _subscribe(self, filters: list[str], timeout: float) -> None:
+        """SUBSCRIBE (always sent, even for filters we hold: that is what makes the broker resend retained
+        messages) and wait for SUBACK."""
+        client = self._client()
+        with self._lock:
+            for f in filters:
+                self._sub_refs[f] = self._sub_refs.get(f, 0) + 1
+        try:
+            for i in range(0, len(filters), MAX_TOPICS_PER_SUBSCRIBE):
+                part = filters[i : i + MAX_TOPICS_PER_SUBSCRIBE]
+                with self._lock:
+                    generation = self._generation
+                rc, mid = client.subscribe(self._sub_spec(part))
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+                    raise ConnectionLost(f"cannot subscribe on {self.url}: {paho.error_string(rc)}")
+                codes = self._wait_ack(mid, "SUBACK", timeout, generation)
+                refused = [f for f, c in zip(part, codes, strict=False) if c >= 0x80]
+                if refused:
+                    raise TransportError(f"broker refused subscription to {refused[0]} (and {len(refused) - 1} more)")
+        except BaseException:
+            self._unsubscribe(filters)
+            raise
+
+    def _unsubscribe(self, filters: list[str]) -> None:
+        """Drop our references; UNSUBSCRIBE what nobody uses any more (not waited for: later SUBSCRIBEs on the
+        same connection are processed after it)."""
+        gone: list[str] = []
+        with self._lock:
+            for f in filters:
+                n = self._sub_refs.get(f, 0) - 1
+                if n <= 0:
+                    self._sub_refs.pop(f, None)
+                    gone.append(f)
+                else:
+                    self._sub_refs[f] = n
+            client = self._paho if self._connected else None
+        if client is None or not gone:
+            return
+        for i in range(0, len(gone), MAX_TOPICS_PER_SUBSCRIBE):
+            rc, mid = client.unsubscribe(gone[i : i + MAX_TOPICS_PER_SUBSCRIBE])
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._ignore_ack(mid)
+
+    def _add_route(self, filters: Iterable[str], max_payload: int | None = None) -> _Route:
+        exact = frozenset(f for f in filters if "+" not in f and "#" not in f)
+        wild = tuple(f for f in filters if "+" in f or "#" in f)
+        route = _Route(exact, wild, queue.SimpleQueue(), max_payload)
+        with self._lock:
+            self._routes.append(route)
+        return route
+
+    def _remove_route(self, route: _Route) -> None:
+        with self._lock:
+            if route in self._routes:
+                self._routes.remove(route)
+
+    # ---- public operations
+
+    def fetch_retained(
+        self, topics: list[str], timeout: float = 10.0, max_payload: int | None = None
+    ) -> RetainedResult:
+        """Retained messages of `topics`, with what was refused for exceeding `max_payload` and the byte count.
+
+        Subscribe to all at once, wait for SUBACK, publish a token to our barrier topic and read until it echoes:
+        the broker delivers a connection's messages in order, so by then every retained message is here.
+        """
+        topics = list(dict.fromkeys(validate_topic(t) for t in topics))
+        if not topics:
+            return RetainedResult({}, {}, 0)
+        token = uuid.uuid4().hex.encode()
+        route = self._add_route([*topics, self.barrier_topic], max_payload)
+        deadline = time.monotonic() + timeout
+        messages: dict[str, bytes] = {}
+        try:
+            self._subscribe(topics, timeout)
+            self.publish(self.barrier_topic, token, retain=False, qos=1, wait=False)
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    item = route.queue.get(timeout=max(0.0, remaining))
+                except queue.Empty:
+                    raise TransportError(
+                        f"barrier echo did not arrive within {timeout:g}s reading {len(topics)} topics from {self.url}"
+                    ) from None
+                if item is None:
+                    raise ConnectionLost(f"connection to {self.url} lost while reading retained messages")
+                if item.topic == self.barrier_topic:
+                    if item.payload == token:
+                        break
+                    continue  # another caller's barrier
+                if item.payload:
+                    messages[item.topic] = item.payload
+                else:
+                    messages.pop(item.topic, None)  # a live delete
+        finally:
+            self._remove_route(route)
+            self._unsubscribe(topics)
+        oversize = {t: n for t, n in route.oversize.items() if t not in messages}
+        return RetainedResult(messages, oversize, route.bytes_received)
+
+    def get_retained(self, topics: list[str], timeout: float = 10.0) -> dict[str, bytes]:
+        """Topic -> retained payload; topics without a retained message are absent."""
+        return self.fetch_retained(topics, timeout).messages
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        retain: bool = True,
+        qos: int = 1,
+        wait: bool = True,
+        timeout: float = 30.0,
+    ) -> PublishHandle:
+        """Publish; with `wait` (and qos >= 1) return only after the broker's PUBACK."""
+        validate_topic(topic)
+        client = self._client()
+        try:
+            info = client.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as e:
+            raise TransportError(f"cannot publish to {topic}: {e}") from e
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            # paho keeps a QoS 1 message and sends it after reconnecting, but its wait_for_publish() fails at
+            # once; callers re-publish (retained publishes are idempotent)
+            raise ConnectionLost(f"not connected to {self.url}; cannot publish to {topic}")
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise TransportError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
+        handle = PublishHandle(self, info, topic)
+        if wait and qos > 0:
+            handle.wait(timeout)
+        return handle
+
+    def delete_retained(self, topic: str, timeout: float = 30.0) -> None:
+        """Clear a retained message (an empty retained payload)."""
+        self.publish(topic, b"", retain=True, qos=1, wait=True, timeout=timeout)
+
+    def subscribe_stream(self, filters: list[str], timeout: float = 10.0) -> Subscription:
+        """A live subscription delivering `Message`s (retained ones first) until closed."""
+        filters = list(dict.fromkeys(validate_filter(f) for f in filters))
+        route = self._add_route(filters)
+        try:
+            self._subscribe(filters, timeout)
+        except BaseException:
+            self._remove_route(route)
+            raise
+        return Subscription(self, route, filters)

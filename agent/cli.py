@@ -1,5 +1,5 @@
-"""`edge-agent`: the device command line. The daemon and the MQTT fetch arrive with later work; today it
-verifies (and optionally unpacks) a bundle the way the daemon will before staging it."""
+"""`edge-agent`: the device command line. `fetch` pulls this device's signed bundle once; `verify` checks (and
+optionally unpacks) a bundle the way the daemon does before staging it. The daemon itself arrives later."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from agent import __version__
 from agent.bundle import DEFAULT_MAX_BUNDLE_BYTES, verify_bundle
-from agent.errors import BundleRejected
+from agent.errors import BundleRejected, TransportError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,12 +24,50 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--extract", type=Path, help="unpack into this (new) directory after every check passes")
     v.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BUNDLE_BYTES, help="refuse larger bundles")
     v.add_argument("--json", action="store_true")
+    f = sub.add_parser("fetch", help="refresh trust, download and verify this device's deployment, once")
+    f.add_argument("--config", type=Path, required=True, help="agent TOML configuration")
+    f.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
+
+
+EXIT_REJECTED = 1
+EXIT_CONFIG = 2
+EXIT_TRANSPORT = 75  # EX_TEMPFAIL: worth retrying later
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from agent.config import ConfigError, load_config
+    from agent.fetch import fetch
+
+    try:
+        result = fetch(load_config(args.config))
+    except ConfigError as e:
+        return _fail(args, str(e), "config", EXIT_CONFIG)
+    except BundleRejected as e:
+        return _fail(args, str(e), e.reason, EXIT_REJECTED)
+    except TransportError as e:
+        # bad bytes from the broker are a rejection; an unreachable or incomplete broker is worth a retry
+        code = EXIT_TRANSPORT if e.reason in ("transport", "not_found") else EXIT_REJECTED
+        return _fail(args, str(e), e.reason, code)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(f"{result.name} v{result.version} verified over {result.transport}: {result.path}")
+    return 0
+
+
+def _fail(args: argparse.Namespace, message: str, reason: str, code: int) -> int:
+    if args.json:
+        print(json.dumps({"error": message, "reason": reason}))
+    print(f"edge-agent: {reason}: {message}", file=sys.stderr)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "fetch":
+        return _fetch(args)
     if args.extract is not None and args.extract.exists():
         print(f"edge-agent: error: {args.extract} already exists", file=sys.stderr)
         return 2

@@ -18,4 +18,9 @@ class RuntimeUnavailable(EdgeshipError):
 
 
 class TransportError(EdgeshipError):
-    """The broker or a mirror could not deliver what was asked for."""
+    """The broker or a mirror could not deliver what was asked for. `reason` says why when the transport can tell
+    (a chunk that fails its signed hash is `hash_mismatch`, an oversized one `too_large`); retrying may help."""
+
+    def __init__(self, message: str, reason: str = "transport") -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -20,7 +20,8 @@ import requests
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
 from tuf.ngclient.fetcher import FetcherInterface
 
-from agent.mqtt_fetcher import MAX_CHUNK_SIZE, ChunkPlan, FetchError, parse_tuf_url
+from agent.chunks import MAX_CHUNK_SIZE, ChunkPlan
+from agent.mqtt_fetcher import FetchError, parse_tuf_url
 
 if TYPE_CHECKING:
     from hashlib import _Hash

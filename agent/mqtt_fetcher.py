@@ -11,78 +11,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
 from tuf.ngclient.fetcher import FetcherInterface
 
-from agent.errors import BundleRejected, TransportError
+from agent.chunks import MAX_CHUNK_SIZE, ChunkPlan, is_sha256
+from agent.errors import TransportError
 from agent.mqtt_client import ConnectionLost, MqttClient, RetainedResult, Topics
 
 log = logging.getLogger(__name__)
 
-MAX_CHUNK_SIZE = 128 * 1024
 DEFAULT_BATCH = 16  # chunks subscribed at once: bounds memory (16 x 128 KiB) and the broker's per-client queue
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class FetchError(TransportError, DownloadError):
     """The transport could not deliver a file: both our transport family and what python-tuf expects."""
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """The signed chunk map of one target: total length, chunk size and each chunk's sha256."""
-
-    sha256: str
-    length: int
-    chunk_size: int
-    chunk_hashes: tuple[str, ...]
-
-    @classmethod
-    def create(
-        cls,
-        sha256: str,
-        length: int,
-        chunk_size: int,
-        chunk_hashes: Sequence[str],
-        max_chunk_size: int = MAX_CHUNK_SIZE,
-    ) -> ChunkPlan:
-        if not _SHA256_RE.fullmatch(sha256):
-            raise BundleRejected(f"target hash is not a lowercase hex sha256: {sha256!r}", reason="bad_chunk_plan")
-        if length < 0 or not 0 < chunk_size <= max_chunk_size:
-            raise BundleRejected(
-                f"target {sha256[:12]}: length {length} / chunk size {chunk_size} out of bounds "
-                f"(chunk size must be 1..{max_chunk_size})",
-                reason="bad_chunk_plan",
-            )
-        count = -(-length // chunk_size)
-        if len(chunk_hashes) != count:
-            raise BundleRejected(
-                f"target {sha256[:12]}: {len(chunk_hashes)} chunk hashes for {length} bytes in {chunk_size}-byte "
-                f"chunks (expected {count})",
-                reason="bad_chunk_plan",
-            )
-        for h in chunk_hashes:
-            if not isinstance(h, str) or not _SHA256_RE.fullmatch(h):
-                raise BundleRejected(f"target {sha256[:12]}: bad chunk hash {h!r}", reason="bad_chunk_plan")
-        return cls(sha256, length, chunk_size, tuple(chunk_hashes))
-
-    @property
-    def count(self) -> int:
-        return len(self.chunk_hashes)
-
-    def chunk_length(self, index: int) -> int:
-        return min(self.chunk_size, self.length - index * self.chunk_size)
-
-
-def chunk_hashes(data: bytes, chunk_size: int) -> list[str]:
-    """The sha256 of each `chunk_size` slice of `data` (what the packager signs)."""
-    return [hashlib.sha256(data[i : i + chunk_size]).hexdigest() for i in range(0, len(data), chunk_size)]
 
 
 def parse_tuf_url(url: str) -> tuple[str, str]:
@@ -96,7 +42,7 @@ def parse_tuf_url(url: str) -> tuple[str, str]:
         return "metadata", name
     if "targets" in segments[:-1]:
         sha, dot, rest = name.partition(".")
-        if _SHA256_RE.fullmatch(sha) and dot and rest:
+        if is_sha256(sha) and dot and rest:
             return "target", sha
     raise DownloadError(f"not a TUF metadata or hash-prefixed target URL: {url}")
 
@@ -233,20 +179,25 @@ class MqttFetcher(FetcherInterface):
         topics = self.topics.chunks(plan.sha256, indices)
         result = self._retained(topics, plan.chunk_size, f"target {plan.sha256[:12]} chunks {indices[0]}..")
         problems: list[str] = []
+        reasons: set[str] = set()
         for index, topic in zip(indices, topics, strict=True):
             payload = result.messages.get(topic)
             expected = plan.chunk_length(index)
             if payload is None:
                 if topic in result.oversize:
+                    reasons.add("too_large")
                     problems.append(
                         f"chunk {index} is {result.oversize[topic]} bytes, more than the signed chunk size "
                         f"{plan.chunk_size}: refused"
                     )
                 else:
+                    reasons.add("not_found")
                     problems.append(f"chunk {index} is missing on the broker")
             elif len(payload) != expected:
+                reasons.add("too_large" if len(payload) > expected else "hash_mismatch")
                 problems.append(f"chunk {index} is {len(payload)} bytes, the signed plan says {expected}: discarded")
             elif hashlib.sha256(payload).hexdigest() != plan.chunk_hashes[index]:
+                reasons.add("hash_mismatch")
                 problems.append(f"chunk {index} does not match its signed hash: discarded")
             else:
                 self._store(plan, index, payload)
@@ -254,7 +205,8 @@ class MqttFetcher(FetcherInterface):
             for p in problems:
                 log.warning("target %s: %s", plan.sha256[:12], p)
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-            raise FetchError(f"target {plan.sha256[:12]}: " + "; ".join(problems[:3]) + more)
+            reason = next(r for r in ("too_large", "hash_mismatch", "not_found") if r in reasons)
+            raise FetchError(f"target {plan.sha256[:12]}: " + "; ".join(problems[:3]) + more, reason)
 
     def _read(self, plan: ChunkPlan, index: int, just_stored: bool) -> bytes:
         path = self.chunk_dir / plan.sha256 / str(index)

@@ -13,9 +13,7 @@ Trusted metadata on disk is written only by ngclient itself, after verification.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import math
 import os
 import re
 import tempfile
@@ -29,6 +27,7 @@ from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
+from agent.chunks import ChunkPlan
 from agent.errors import BundleRejected, EdgeshipError, TransportError
 from agent.fsutil import fsync_dir
 
@@ -36,71 +35,24 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_METADATA_BYTES = 512 * 1024
 DEFAULT_MAX_TARGET_BYTES = 2 << 30
-MAX_CHUNK_SIZE = 128 * 1024  # docs/transport.md: one chunk message is at most 128 KiB
 MAX_TIMESTAMP_BYTES = 16 * 1024  # a timestamp is ~1 KiB; it is the one file fetched with no signed length
 MAX_ROOT_ROTATIONS = 64
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _LENGTH_MSG = re.compile(r"Observed length (\d+) does not match expected length (\d+)")
 _R = TypeVar("_R")
 
 
-# --- chunk plans (pure) --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """The signed chunking of one target: chunk i is bytes [i*chunk_size, (i+1)*chunk_size) of the file."""
-
-    path: str
-    sha256: str
-    length: int
-    chunk_size: int
-    chunk_hashes: tuple[str, ...]
-
-    @property
-    def count(self) -> int:
-        return len(self.chunk_hashes)
-
-    def chunk_length(self, index: int) -> int:
-        if not 0 <= index < self.count:
-            raise BundleRejected(f"{self.path}: chunk {index} does not exist (the target has {self.count})",
-                                 reason="chunk_mismatch")
-        return min(self.chunk_size, self.length - index * self.chunk_size)
-
-    def check_chunk(self, index: int, data: bytes) -> None:
-        """Raise BundleRejected unless `data` is exactly chunk `index` as signed."""
-        expected = self.chunk_length(index)
-        if len(data) != expected:
-            reason = "too_large" if len(data) > expected else "chunk_mismatch"
-            raise BundleRejected(f"{self.path}: chunk {index} is {len(data)} bytes, signed length is {expected}",
-                                 reason=reason)
-        if hashlib.sha256(data).hexdigest() != self.chunk_hashes[index]:
-            raise BundleRejected(f"{self.path}: chunk {index} does not match its signed sha256",
-                                 reason="hash_mismatch")
+# --- chunk plans ---------------------------------------------------------------------------------------------
 
 
 def chunk_plan(tf: TargetFile) -> ChunkPlan:
     """Read and validate the signed `custom.chunk_size` / `custom.chunks` of a target; a bad plan is a rejection."""
-
-    def bad(why: str) -> BundleRejected:
-        return BundleRejected(f"{tf.path}: invalid signed chunk list: {why}", reason="bad_chunk_plan")
-
     custom: Any = tf.custom
     if not isinstance(custom, dict):
-        raise bad("custom metadata is missing")
-    size, chunks = custom.get("chunk_size"), custom.get("chunks")
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_CHUNK_SIZE:
-        raise bad(f"chunk_size must be an integer in 1..{MAX_CHUNK_SIZE}, got {size!r}")
-    if not isinstance(chunks, list) or not all(isinstance(c, str) and _HEX64.fullmatch(c) for c in chunks):
-        raise bad("chunks must be a list of sha256 hex digests")
-    expected = math.ceil(tf.length / size)
-    if len(chunks) != expected:
-        raise bad(f"{len(chunks)} chunks listed, a {tf.length}-byte target in {size}-byte chunks has {expected}")
-    digest = tf.hashes.get("sha256")
-    if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
-        raise bad("the target has no sha256 hash")
-    return ChunkPlan(tf.path, digest, tf.length, size, tuple(chunks))
+        raise BundleRejected(f"{tf.path}: invalid chunk plan: the signed custom metadata is missing",
+                             reason="bad_chunk_plan")
+    return ChunkPlan.create(tf.hashes.get("sha256"), tf.length, custom.get("chunk_size"), custom.get("chunks"),
+                            path=tf.path)
 
 
 def target_url(target_base_url: str, tf: TargetFile) -> str:

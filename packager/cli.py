@@ -5,18 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from agent.bundle import verify_bundle
-from agent.errors import BundleRejected, EdgeshipError
+from agent.errors import BundleRejected, EdgeshipError, TransportError
 from packager import __version__
+from packager.errors import InputError
 
 log = logging.getLogger("packager")
 
 EXIT_BAD_INPUT = 2
+EXIT_TRANSPORT = 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +51,46 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="validate a bundle (hashes, safe paths, manifest) and summarize it")
     i.add_argument("bundle", type=Path)
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    keys = sub.add_parser("keys", help="create or rotate the fleet's TUF signing keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    ki = ksub.add_parser("init", help="create a TUF repository with fresh Ed25519 keys")
+    ki.add_argument("--repo", type=Path, required=True)
+    ki.add_argument("--root-key-dir", type=Path, help="where root keys go (default REPO/../<repo>-root-keys); "
+                    "move it offline afterwards")
+    ki.add_argument("--root-keys", type=int, default=3)
+    ki.add_argument("--root-threshold", type=int, default=2)
+    for role, days in (("root", 365), ("targets", 90), ("snapshot", 7), ("timestamp", 1)):
+        ki.add_argument(f"--{role}-expiry-days", type=float, default=days, help=f"default {days}")
+    kr = ksub.add_parser("rotate", help="new keys for a role; a new root signed by old and new root keys")
+    kr.add_argument("role", choices=("root", "targets", "snapshot", "timestamp"))
+    kr.add_argument("--repo", type=Path, required=True)
+    kr.add_argument("--root-key-dir", type=Path)
+    _transport_args(kr, required=False)
+
+    pub = sub.add_parser("publish", help="sign a bundle for a group and publish it over MQTT (and a mirror)")
+    pub.add_argument("bundle", type=Path)
+    pub.add_argument("--repo", type=Path, required=True)
+    pub.add_argument("--group", default="default", help="device group whose deployment this becomes")
+    _transport_args(pub, required=False)
+
+    ref = sub.add_parser("refresh", help="re-sign timestamp (and snapshot when due) and publish it")
+    ref.add_argument("--repo", type=Path, required=True)
+    ref.add_argument("--force-snapshot", action="store_true")
+    _transport_args(ref, required=False)
+
+    un = sub.add_parser("unpublish", help="stop signing bundles and delete retained chunks nothing references")
+    un.add_argument("bundles", nargs="*", metavar="NAME-VERSION")
+    un.add_argument("--repo", type=Path, required=True)
+    _transport_args(un, required=False)
     return p
+
+
+def _transport_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--broker", required=required, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    p.add_argument("--fleet", default="default", help="topic prefix edgeship/<fleet>/ (default: default)")
+    p.add_argument("--http-dir", type=Path, help="also write the static tree for an HTTP mirror here")
+    p.add_argument("--ca-file", help="CA certificate for mqtts://")
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -108,15 +150,108 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ProgressBar:
+    """A progress bar on stderr for terminals; a line per quarter otherwise (logs, CI)."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last: tuple[str, int] = ("", -1)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        quarter = 4 * done // max(total, 1)
+        if self.tty:
+            filled = 30 * done // max(total, 1)
+            end = "\n" if done == total else ""
+            print(f"\r{stage:<24} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end=end, file=sys.stderr,
+                  flush=True)
+        elif (stage, quarter) != self.last:
+            print(f"{stage}: {done}/{total}", file=sys.stderr, flush=True)
+        self.last = (stage, quarter)
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    """An MqttClient connected to --broker, or None when only a mirror directory was asked for."""
+    from agent.mqtt_client import MqttClient
+    from packager.publish import topics_for
+
+    if not args.broker:
+        if getattr(args, "http_dir", None) is None and args.command in ("publish",):
+            raise InputError("publish needs --broker and/or --http-dir")
+        return None
+    client = MqttClient(args.broker, f"packager-{os.getpid()}", prefix=topics_for(args.fleet),
+                        ca_file=args.ca_file)
+    return client.connect(timeout=15.0)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from packager import tuf_repo
+
+    if args.keys_command == "init":
+        expiry = tuf_repo.Expiry(**{role: timedelta(days=getattr(args, f"{role}_expiry_days"))
+                                    for role in ("root", "targets", "snapshot", "timestamp")})
+        tuf_repo.init_repo(args.repo, args.root_key_dir, args.root_keys, args.root_threshold, expiry)
+        key_dir = args.root_key_dir or tuf_repo.default_root_key_dir(args.repo)
+        print(f"created TUF repository {args.repo}; provision devices with {tuf_repo.provisioning_root(args.repo)}")
+        print(f"root keys are in {key_dir}: move them offline; they are needed only to rotate keys")
+        return 0
+    tuf_repo.rotate_keys(args.repo, args.role, args.root_key_dir)
+    print(f"rotated {args.role} keys; new root {tuf_repo.provisioning_root(args.repo)}")
+    if args.broker or args.http_dir:
+        from packager.publish import push, topics_for
+
+        client = _connect(args)
+        try:
+            push(args.repo, client, topics_for(args.fleet), [], args.http_dir)
+        finally:
+            if client is not None:
+                client.close()
+        print("published the new metadata; devices follow the rotation on their next refresh")
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from packager import publish as pub
+
+    topics = pub.topics_for(args.fleet)
+    if args.command == "publish" and not args.bundle.is_file():
+        raise InputError(f"bundle {args.bundle}: no such file")
+    client = _connect(args)
+    try:
+        if args.command == "publish":
+            r = pub.publish(args.repo, args.bundle, args.group, client, topics, args.http_dir, _ProgressBar())
+            where = ", ".join(w for w, on in (("broker", client), ("mirror", args.http_dir)) if on)
+            sent = f"{r.stats.chunks_published} chunks sent, {r.stats.chunks_skipped} already there" if r.stats \
+                else "no broker"
+            print(f"published {r.bundle_target} for group {args.group} ({r.sha256[:12]}) to {where}: {sent}; "
+                  f"timestamp v{r.timestamp_version}")
+        elif args.command == "refresh":
+            changed, version = pub.refresh(args.repo, client, topics, args.http_dir, args.force_snapshot)
+            print(f"re-signed {', '.join(changed)}; timestamp v{version}")
+        else:
+            removed, garbage = pub.unpublish(args.repo, args.bundles, client, topics, args.http_dir)
+            print(f"unpublished {len(removed)} bundle(s); deleted {len(garbage)} unreferenced target(s)")
+    finally:
+        if client is not None:
+            client.close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return _build(args) if args.command == "build" else _inspect(args)
+        commands = {"build": _build, "inspect": _inspect, "keys": _keys, "publish": _publish, "refresh": _publish,
+                    "unpublish": _publish}
+        return commands[args.command](args)
     except BundleRejected as e:
         print(f"packager: bundle rejected ({e.reason}): {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TransportError as e:
+        print(f"packager: broker: {e}", file=sys.stderr)
+        return EXIT_TRANSPORT
     except EdgeshipError as e:
         code = getattr(e, "exit_code", EXIT_BAD_INPUT)
         if args.command == "build" and getattr(args, "json", False):

@@ -47,6 +47,7 @@ from tuf.api.metadata import (
     Timestamp,
 )
 
+from agent.chunks import MAX_CHUNK_SIZE  # the agent refuses larger chunks; sign none bigger
 from agent.fsutil import fsync_dir, write_atomic
 from packager.errors import PackagerError
 
@@ -54,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 ONLINE_ROLES = ("targets", "snapshot", "timestamp")
 DEFAULT_CHUNK_SIZE = 128 * 1024
-MAX_CHUNK_SIZE = 128 * 1024  # docs/transport.md: one MQTT chunk message is at most 128 KiB
 _HASH = "sha256"
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSIONED_RE = re.compile(r"^([1-9][0-9]*)\.(root|targets|snapshot)\.json$")

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 from tuf.api.exceptions import DownloadError, DownloadHTTPError, DownloadLengthMismatchError
 
+from agent.chunks import chunk_hashes
 from agent.errors import BundleRejected, TransportError
 from agent.http_fetcher import HttpFetcher
-from agent.mqtt_client import Message, MqttClient, Topics, matches, validate_filter, validate_topic
-from agent.mqtt_fetcher import FetchError, MqttFetcher, chunk_hashes
+from agent.mqtt_client import Message, MqttClient, Topics
+from agent.mqtt_fetcher import FetchError, MqttFetcher
 from packager.mqtt_publish import (
     TargetSpec,
     delete_targets,
-    metadata_order,
     publish_tree,
     write_http_tree,
 )
@@ -82,32 +82,6 @@ def fetcher_for(client: MqttClient, chunk_dir: Path, t: TargetSpec, **kwargs: ob
 
 def chunk_bytes(t: TargetSpec, i: int) -> bytes:
     return t.path.read_bytes()[i * CHUNK : (i + 1) * CHUNK]
-
-
-# ---- topics (pure)
-
-
-def test_topic_names_and_matching() -> None:
-    t = Topics("edgeship/fleet1")
-    assert t.tuf("3.root.json") == "edgeship/fleet1/tuf/3.root.json"
-    assert t.chunk("a" * 64, 7) == f"edgeship/fleet1/targets/{'a' * 64}/7"
-    assert t.barrier("dev-1") == "edgeship/fleet1/_barrier/dev-1"
-    for bad in ("a/+/b", "a/#", "a//b", "/a", "a/", "", "$SYS/x"):
-        with pytest.raises(ValueError):
-            validate_topic(bad)
-    for bad_name in ("x/y", "", "+"):
-        with pytest.raises(ValueError):
-            t.tuf(bad_name)
-    with pytest.raises(ValueError):
-        t.chunk("A" * 64, 0)
-    with pytest.raises(ValueError):
-        validate_filter("a/b#")
-    assert matches("a/+/c", "a/b/c") and not matches("a/+/c", "a/b/d")
-    assert matches("a/#", "a") and matches("a/#", "a/b/c") and matches("#", "x/y")
-    assert not matches("+/x", "$SYS/x") and not matches("a/+", "a/b/c") and not matches("a/b", "a/b/c")
-    assert metadata_order(["timestamp.json", "2.snapshot.json", "10.root.json", "2.root.json", "3.targets.json"]) == [
-        "2.root.json", "10.root.json", "3.targets.json", "2.snapshot.json", "timestamp.json",
-    ]
 
 
 # ---- client

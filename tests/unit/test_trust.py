@@ -21,8 +21,9 @@ from tuf.api.exceptions import DownloadError, DownloadHTTPError
 from tuf.api.metadata import Metadata, Root, TargetFile, Timestamp
 from tuf.ngclient import FetcherInterface
 
+from agent.chunks import ChunkPlan
 from agent.errors import BundleRejected, TransportError
-from agent.trust import ChunkPlan, TrustedClient, chunk_plan, target_url
+from agent.trust import TrustedClient, chunk_plan, target_url
 from packager import tuf_repo
 
 META = "mqtt:///tuf/"
@@ -378,25 +379,23 @@ def test_fetcher_verdicts_pass_through(world: World, monkeypatch: pytest.MonkeyP
         client.download(tf, world.tmp / "downloads")
 
 
-# --- chunk plans (pure) --------------------------------------------------------------------------------------
+# --- chunk plans from signed metadata ------------------------------------------------------------------------
 
 
 def _tf(length: int, custom: Any) -> TargetFile:
     return TargetFile(length, {"sha256": "a" * 64}, "bundles/x-1.bundle", {"custom": custom})
 
 
-def test_chunk_plan_checks_each_chunk() -> None:
+def test_chunk_plan_reads_the_signed_chunk_list() -> None:
     data = os.urandom(2500)
     chunks = [hashlib.sha256(data[i:i + 1000]).hexdigest() for i in (0, 1000, 2000)]
     plan = chunk_plan(_tf(2500, {"chunk_size": 1000, "chunks": chunks, "name": "x"}))
-    assert plan == ChunkPlan("bundles/x-1.bundle", "a" * 64, 2500, 1000, tuple(chunks))
-    assert [plan.chunk_length(i) for i in range(3)] == [1000, 1000, 500]
-    plan.check_chunk(2, data[2000:])
-    for index, piece, reason in [(1, data[:1000], "hash_mismatch"), (2, data[2000:] + b"x", "too_large"),
-                                 (2, data[2000:-1], "chunk_mismatch"), (3, b"", "chunk_mismatch")]:
-        with pytest.raises(BundleRejected) as info:
-            plan.check_chunk(index, piece)
-        assert info.value.reason == reason
+    assert plan == ChunkPlan("a" * 64, 2500, 1000, tuple(chunks), path="bundles/x-1.bundle")
+    assert plan.path == "bundles/x-1.bundle"
+    plan.check_chunk(2, data[2000:])  # chunk checks themselves: tests/unit/test_chunks.py
+    with pytest.raises(BundleRejected, match=r"bundles/x-1\.bundle: chunk 1") as info:
+        plan.check_chunk(1, data[:1000])
+    assert info.value.reason == "hash_mismatch"
     assert chunk_plan(_tf(0, {"chunk_size": 1000, "chunks": []})).count == 0
 
 

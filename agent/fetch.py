@@ -1,0 +1,118 @@
+"""One-shot fetch: refresh trust, read this device's group deployment, download and verify its bundle.
+
+Layout under `[agent] state_dir`:
+    tuf/          trusted TUF metadata (python-tuf writes it only after verifying it)
+    chunks/       verified chunks of targets still downloading (so a restart resumes)
+    deployments/  verified deployment documents
+    bundles/      verified bundles, `<name>-<version>.bundle`
+A rejected update changes none of the trusted files: TUF keeps its metadata, and a target reaches `bundles/`
+or `deployments/` only by rename after verification.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuf.api.metadata import TargetFile
+from tuf.ngclient import FetcherInterface
+
+from agent.bundle import verify_bundle
+from agent.config import AgentConfig
+from agent.errors import BundleRejected, TransportError
+from agent.trust import TrustedClient
+
+log = logging.getLogger(__name__)
+
+METADATA_URL = "mqtt:///tuf/"
+TARGETS_URL = "mqtt:///targets/"
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    name: str
+    version: int
+    sha256: str
+    path: Path
+    transport: str  # "mqtt" or "http"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256, "path": str(self.path)}
+
+
+def parse_deployment(data: bytes, group: str) -> tuple[str, str, int]:
+    """(bundle target path, name, version) from a signed deployment document; malformed -> BundleRejected."""
+    try:
+        doc = json.loads(data)
+        path, name, version = doc["bundle"], doc["name"], doc["version"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise BundleRejected(f"deployment document for group {group!r} is malformed: {e}", reason="malformed") from e
+    if doc.get("group") != group or not isinstance(path, str) or not path.startswith("bundles/") \
+            or not isinstance(version, int) or not isinstance(name, str):
+        raise BundleRejected(f"deployment document for group {group!r} does not describe a bundle for it",
+                             reason="malformed")
+    return path, name, version
+
+
+def _expect(fetcher: FetcherInterface, client: TrustedClient, tf: TargetFile) -> None:
+    plan = client.chunk_plan(tf)
+    expect = getattr(fetcher, "expect", None)
+    if expect is not None:  # chunk-aware fetchers check every chunk against the signed list as it arrives
+        expect(plan.sha256, plan.length, plan.chunk_size, list(plan.chunk_hashes))
+
+
+def fetch_with(cfg: AgentConfig, fetcher: FetcherInterface, transport: str) -> FetchResult:
+    state = cfg.agent.state_dir
+    client = TrustedClient(state / "tuf", cfg.trust.root, fetcher, METADATA_URL, TARGETS_URL,
+                           max_metadata_bytes=cfg.limits.max_metadata_bytes,
+                           max_target_bytes=cfg.limits.max_bundle_bytes)
+    client.refresh()
+    dep_tf = client.require_target(f"deployments/{cfg.agent.group}.json")
+    _expect(fetcher, client, dep_tf)
+    dep_file = client.download(dep_tf, state / "deployments")
+    bundle_path, name, version = parse_deployment(dep_file.read_bytes(), cfg.agent.group)
+    bundle_tf = client.require_target(bundle_path)
+    custom: dict[str, Any] = dict(bundle_tf.custom)
+    if custom.get("name") != name or custom.get("version") != version:
+        raise BundleRejected(f"{bundle_path} is signed as {custom.get('name')} v{custom.get('version')}, the "
+                             f"deployment says {name} v{version}", reason="mismatch")
+    _expect(fetcher, client, bundle_tf)
+    path = client.download(bundle_tf, state / "bundles")
+    try:
+        manifest = verify_bundle(path, max_bytes=cfg.limits.max_bundle_bytes).manifest
+        if (manifest.name, manifest.version) != (name, version):
+            raise BundleRejected(f"{bundle_path} holds {manifest.name} v{manifest.version}, signed as {name} "
+                                 f"v{version}", reason="mismatch")
+    except BundleRejected:
+        path.unlink(missing_ok=True)  # signed but unusable: never leave it where a later step could pick it up
+        raise
+    discard = getattr(fetcher, "discard", None)
+    if discard is not None:
+        for tf in (dep_tf, bundle_tf):
+            discard(tf.hashes["sha256"])  # the verified file is kept; its chunks are no longer needed
+    return FetchResult(name, version, bundle_tf.hashes["sha256"], path, transport)
+
+
+def fetch(cfg: AgentConfig) -> FetchResult:
+    """Fetch over MQTT; when that fails for transport reasons and a mirror is configured, over HTTP."""
+    from agent.mqtt_client import MqttClient, Topics
+    from agent.mqtt_fetcher import MqttFetcher
+
+    state = cfg.agent.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    try:
+        with MqttClient(cfg.mqtt.url, f"edge-agent-{cfg.agent.device_id}-fetch",
+                        prefix=Topics(cfg.topic_prefix), ca_file=cfg.mqtt.ca_file or None) as mqtt:
+            mqtt.connect(timeout=cfg.mqtt.connect_timeout_s)
+            fetcher = MqttFetcher(mqtt, state / "chunks", timeout=cfg.limits.chunk_timeout_s)
+            return fetch_with(cfg, fetcher, "mqtt")
+    except TransportError as e:
+        if not cfg.mirror.http:
+            raise
+        log.warning("MQTT fetch failed (%s); trying the HTTP mirror %s", e, cfg.mirror.http)
+    from agent.http_fetcher import HttpFetcher
+
+    return fetch_with(cfg, HttpFetcher(state / "partial", base_url=cfg.mirror.http), "http")

@@ -28,9 +28,7 @@ unit: venv
 	$(BIN)/pytest -q tests/unit
 
 demo: venv
-	$(BIN)/python -m examples.digits.train --out $(DEMO)
-	$(BIN)/packager build $(DEMO)/digits.pt2 --calib $(DEMO)/calib.npz --eval $(DEMO)/eval.npz --out $(DEMO)/bundles
-	$(BIN)/packager inspect $$(ls -t $(DEMO)/bundles/*.bundle | head -1)
+	$(BIN)/python -m examples.demo --out $(DEMO)
 
 bench: venv
 	$(BIN)/python benchmarks/packager_bench.py --out benchmarks/results/packager.json

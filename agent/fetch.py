@@ -3,7 +3,8 @@
 Layout under `[agent] state_dir`:
     tuf/          trusted TUF metadata (python-tuf writes it only after verifying it)
     chunks/       verified chunks of targets still downloading (so a restart resumes)
-    deployments/  verified deployment documents
+    incoming/     a verified deployment document whose bundle is not verified yet
+    deployments/  deployment documents whose bundle verified
     bundles/      verified bundles, `<name>-<version>.bundle`
 A rejected update changes none of the trusted files: TUF keeps its metadata, and a target reaches `bundles/`
 or `deployments/` only by rename after verification.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from tuf.ngclient import FetcherInterface
 from agent.bundle import verify_bundle
 from agent.config import AgentConfig
 from agent.errors import BundleRejected, TransportError
+from agent.fsutil import fsync_dir
 from agent.trust import TrustedClient
 
 log = logging.getLogger(__name__)
@@ -72,7 +75,9 @@ def fetch_with(cfg: AgentConfig, fetcher: FetcherInterface, transport: str) -> F
     client.refresh()
     dep_tf = client.require_target(f"deployments/{cfg.agent.group}.json")
     _expect(fetcher, client, dep_tf)
-    dep_file = client.download(dep_tf, state / "deployments")
+    # The deployment document waits in incoming/ until its bundle verified: deployments/ never names a bundle
+    # the device does not hold.
+    dep_file = client.download(dep_tf, state / "incoming")
     bundle_path, name, version = parse_deployment(dep_file.read_bytes(), cfg.agent.group)
     bundle_tf = client.require_target(bundle_path)
     custom: dict[str, Any] = dict(bundle_tf.custom)
@@ -89,6 +94,9 @@ def fetch_with(cfg: AgentConfig, fetcher: FetcherInterface, transport: str) -> F
     except BundleRejected:
         path.unlink(missing_ok=True)  # signed but unusable: never leave it where a later step could pick it up
         raise
+    (state / "deployments").mkdir(exist_ok=True)
+    os.replace(dep_file, state / "deployments" / dep_file.name)
+    fsync_dir(state / "deployments")
     discard = getattr(fetcher, "discard", None)
     if discard is not None:
         for tf in (dep_tf, bundle_tf):

@@ -138,8 +138,9 @@ class TrustedClient:
         if updater.find_cached_target(tf, str(final)) is not None:
             logger.debug("%s already downloaded and verified", tf.path)
             return final
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=dest_dir)
-        os.close(fd)
+        # A fixed name: a crash mid-copy leaves at most this one file, which the next attempt truncates.
+        tmp_name = str(dest_dir / f".{name}.partial")
+        self._fetcher.temp_dir = dest_dir
         try:
             self._guard(tf.path, lambda: updater.download_target(tf, tmp_name, self.target_base_url))
             with open(tmp_name, "rb+") as f:
@@ -222,7 +223,8 @@ class TrustedClient:
             known = set(trusted.roles[md.signed.type].keyids)
         except (tuf_exc.RepositoryError, OSError, KeyError):
             return "threshold"
-        return "threshold" if known & set(md.signatures) else "unknown_key"
+        # no signature at all is "too few"; only signatures that are all foreign mean an unknown key
+        return "threshold" if not md.signatures or known & set(md.signatures) else "unknown_key"
 
 
 @dataclass
@@ -238,6 +240,7 @@ class _RecordingFetcher(FetcherInterface):
     def __init__(self, inner: FetcherInterface) -> None:
         self.inner = inner
         self.last: _Download | None = None
+        self.temp_dir: Path | None = None  # where a target is spooled before ngclient verifies it
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         return self.inner.fetch(url)
@@ -251,11 +254,20 @@ class _RecordingFetcher(FetcherInterface):
 
     @contextlib.contextmanager
     def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
+        """Like FetcherInterface.download_file, but spooled in `temp_dir` (the state directory) rather than $TMPDIR,
+        which on many devices is a small tmpfs; the file is anonymous, so a crash leaves nothing behind."""
         self.last = _Download(url)
-        with contextlib.ExitStack() as stack:
+        with tempfile.TemporaryFile(dir=self.temp_dir) as spool:
             with _as_download_error(url):
-                f = stack.enter_context(self.inner.download_file(url, max_length))
-            yield f  # ngclient's verification errors are raised here and must pass unwrapped
+                received = 0
+                for chunk in self.inner.fetch(url):
+                    received += len(chunk)
+                    if received > max_length:
+                        raise tuf_exc.DownloadLengthMismatchError(
+                            f"{url}: received {received} bytes, more than the signed length {max_length}")
+                    spool.write(chunk)
+            spool.seek(0)
+            yield spool  # ngclient's verification errors are raised here and must pass unwrapped
 
 
 @contextlib.contextmanager

@@ -1,0 +1,418 @@
+"""STAGE: load a verified bundle's model(s) in fresh runtime sessions, warm them, check parity, pick the fastest.
+
+Staging only ever creates new sessions and returns them; it touches nothing the currently serving model uses and
+keeps no global state besides the (read-only) cache of which runtimes import on this device. So a bundle that
+fails here costs only the time it took: the running model never notices.
+
+The pieces are separable for testing: `runnable_artifacts` (which artifacts this device can run) and
+`parity_check` (do the outputs match the packager's golden outputs) are pure; `stage_bundle` does the I/O.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import math
+import platform
+import time
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.bundle import Artifact, Manifest
+from agent.errors import BundleRejected, RuntimeUnavailable
+from agent.runtime import ModelSession, open_session
+
+log = logging.getLogger(__name__)
+
+GOLDEN = "golden.npz"
+# format -> candidate (import name, distribution name), best first
+_RUNTIME_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
+    "onnx": (("onnxruntime", "onnxruntime"),),
+    "tflite": (("ai_edge_litert.interpreter", "ai-edge-litert"), ("tflite_runtime.interpreter", "tflite-runtime")),
+}
+# what to install, for messages
+_RUNTIME_PACKAGE = {"onnx": "onnxruntime", "tflite": "ai-edge-litert"}
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "x86-64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
+# Stop timing a slow model after this long (with at least MIN_TIMING_RUNS samples), so STAGE stays bounded.
+DEFAULT_MAX_TIMING_S = 10.0
+MIN_TIMING_RUNS = 20
+
+
+# --- the device -----------------------------------------------------------------------------------------------
+
+
+def _import_version(module: str, dist: str) -> str | None:
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # a broken install raises more than ImportError (OSError on a missing .so, ...)
+        log.debug("runtime module %s does not import: %s", module, e)
+        return None
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        root = importlib.import_module(module.split(".")[0])
+        return str(getattr(root, "__version__", None) or getattr(mod, "__version__", None) or "unknown")
+
+
+@functools.cache
+def _probe_runtimes() -> tuple[tuple[str, str], ...]:
+    found: list[tuple[str, str]] = []
+    for fmt, candidates in _RUNTIME_MODULES.items():
+        for module, dist in candidates:
+            v = _import_version(module, dist)
+            if v is not None:
+                found.append((fmt, v))
+                break
+    return tuple(found)
+
+
+def installed_runtimes() -> dict[str, str]:
+    """Model format -> version of the runtime that runs it, for the runtimes that import here.
+
+    Imports each runtime once (lazily, on first call) and caches the answer for the process; callers get a
+    fresh dict, so mutating it does not change the cache.
+    """
+    return dict(_probe_runtimes())
+
+
+def normalize_arch(arch: str) -> str:
+    """`x86_64`/`amd64` and `aarch64`/`arm64` are the same machine under different names."""
+    a = arch.strip().lower()
+    return _ARCH_ALIASES.get(a, a)
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What a bundle's target constraints are checked against."""
+
+    arch: str
+    total_ram_mb: int
+    runtimes: Mapping[str, str] = field(default_factory=dict)  # format -> runtime version
+
+    @classmethod
+    def detect(cls) -> DeviceProfile:
+        import psutil
+
+        return cls(
+            arch=platform.machine(),
+            total_ram_mb=int(psutil.virtual_memory().total // (1 << 20)),
+            runtimes=dict(installed_runtimes()),
+        )
+
+
+# --- which artifacts can run here (pure) ----------------------------------------------------------------------
+
+
+def _target_arches(target: Mapping[str, Any]) -> list[str] | None:
+    raw = target.get("arch")
+    if raw is None:
+        return None  # no constraint
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not all(isinstance(a, str) for a in raw):
+        raise BundleRejected("manifest target.arch must be a list of architecture names", reason="manifest")
+    return raw
+
+
+def _target_min_ram(target: Mapping[str, Any]) -> float:
+    raw = target.get("min_ram_mb", 0)
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw) or raw < 0:
+        raise BundleRejected("manifest target.min_ram_mb must be a non-negative number", reason="manifest")
+    return float(raw)
+
+
+def why_not_runnable(artifact: Artifact, target: Mapping[str, Any], device: DeviceProfile) -> str | None:
+    """None when `device` can run `artifact`, else a short reason (without the format prefix)."""
+    reasons = []
+    arches = _target_arches(target)
+    if arches is not None and normalize_arch(device.arch) not in {normalize_arch(a) for a in arches}:
+        reasons.append(f"built for {', '.join(arches) or 'no architecture'}, this device is {device.arch}")
+    min_ram = _target_min_ram(target)
+    if device.total_ram_mb < min_ram:
+        need = str(int(min_ram)) if min_ram.is_integer() else f"{min_ram:g}"
+        reasons.append(f"needs {need} MB RAM, device has {device.total_ram_mb}")
+    if artifact.format not in device.runtimes:
+        reasons.append(f"{_RUNTIME_PACKAGE.get(artifact.format, artifact.runtime)} is not installed")
+    return "; ".join(reasons) or None
+
+
+def runnable_artifacts(manifest: Manifest, device: DeviceProfile) -> list[Artifact]:
+    """The manifest's artifacts `device` can run, in manifest order; `BundleRejected("unsupported")` if none."""
+    ok: list[Artifact] = []
+    why: list[str] = []
+    for a in manifest.artifacts:
+        reason = why_not_runnable(a, manifest.target, device)
+        if reason is None:
+            ok.append(a)
+        else:
+            why.append(f"{a.format}: {reason}")
+    if not ok:
+        raise BundleRejected(f"{manifest.name} v{manifest.version}: no artifact runs on this device: "
+                             + "; ".join(why), reason="unsupported")
+    for line in why:
+        log.info("%s v%s: skipping %s", manifest.name, manifest.version, line)
+    return ok
+
+
+# --- parity (pure) --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    passed: bool
+    value: float  # top1: agreement fraction; cosine: mean cosine; tolerance: max abs error
+    detail: str
+
+
+def _number(spec: Mapping[str, Any], key: str) -> float:
+    v = spec.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise BundleRejected(f"parity {spec.get('kind')!r}: {key!r} must be a finite number, got {v!r}",
+                             reason="manifest")
+    return float(v)
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    return a.reshape(len(a), -1).astype(np.float64) if a.ndim > 0 else a.reshape(1, 1).astype(np.float64)
+
+
+def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean row-wise cosine similarity; rows that are both all-zero count as identical."""
+    a2, b2 = _rows(a), _rows(b)
+    na, nb = np.linalg.norm(a2, axis=1), np.linalg.norm(b2, axis=1)
+    dot = np.sum(a2 * b2, axis=1)
+    cos = np.where((na == 0) & (nb == 0), 1.0, dot / np.maximum(na * nb, 1e-12))
+    return float(np.mean(cos))
+
+
+def parity_check(kind_spec: Mapping[str, Any], expected: Sequence[np.ndarray],
+                 got: Sequence[np.ndarray]) -> ParityResult:
+    """Do `got` (this device's outputs on the golden inputs) match `expected` (the packager's) per the manifest?
+
+    - `{"kind": "top1", "min_agreement": f}`: fraction of rows whose arg-max agrees, on the first output;
+    - `{"kind": "cosine", "min": f}`: mean row-wise cosine similarity (the worst output's, if several);
+    - `{"kind": "tolerance", "atol": a, "rtol": r}`: `np.allclose` on every output; value = max abs error.
+
+    A different number of outputs, a shape mismatch or non-finite values fail (value NaN). An unknown kind or
+    bad threshold is a bad manifest: `BundleRejected(reason="manifest")`.
+    """
+    kind = kind_spec.get("kind")
+    if kind == "top1":
+        threshold = _number(kind_spec, "min_agreement")
+    elif kind == "cosine":
+        threshold = _number(kind_spec, "min")
+    elif kind == "tolerance":
+        atol, rtol = _number(kind_spec, "atol"), _number(kind_spec, "rtol")
+    else:
+        raise BundleRejected(f"unknown parity kind {kind!r} (expected top1, cosine or tolerance)", reason="manifest")
+
+    exp = [np.asarray(e) for e in expected]
+    out = [np.asarray(g) for g in got]
+    if not exp:
+        return ParityResult(False, math.nan, "no expected outputs to compare against")
+    if len(out) != len(exp):
+        return ParityResult(False, math.nan, f"model gave {len(out)} outputs, golden has {len(exp)}")
+    for i, (e, g) in enumerate(zip(exp, out, strict=True)):
+        if e.shape != g.shape:
+            return ParityResult(False, math.nan, f"output {i}: shape {g.shape}, golden has {e.shape}")
+        if g.dtype.kind in "fc" and not np.all(np.isfinite(g)):
+            return ParityResult(False, math.nan, f"output {i}: non-finite values (NaN or inf)")
+
+    if kind == "top1":
+        e0, g0 = _rows(exp[0]), _rows(out[0])
+        same = int(np.sum(np.argmax(e0, axis=1) == np.argmax(g0, axis=1)))
+        value = same / len(e0) if len(e0) else math.nan
+        ok = value >= threshold
+        return ParityResult(ok, value, f"top1 agreement {value:.4f} ({same}/{len(e0)} rows) "
+                                       f"{'>=' if ok else '<'} {threshold:g}")
+    if kind == "cosine":
+        per_output = [_mean_cosine(e, g) for e, g in zip(exp, out, strict=True)]
+        value = min(per_output)
+        ok = value >= threshold
+        return ParityResult(ok, value, f"mean cosine {value:.6f} {'>=' if ok else '<'} {threshold:g}")
+    # tolerance
+    close = [bool(np.allclose(g, e, atol=atol, rtol=rtol)) for e, g in zip(exp, out, strict=True)]
+    value = max(float(np.max(np.abs(g.astype(np.float64) - e.astype(np.float64)), initial=0.0))
+                for e, g in zip(exp, out, strict=True))
+    ok = all(close)
+    bad = [str(i) for i, c in enumerate(close) if not c]
+    where = "" if ok else f" (output {', '.join(bad)} outside)"
+    return ParityResult(ok, value, f"max abs error {value:.6g}; atol {atol:g} rtol {rtol:g}{where}")
+
+
+# --- staging (I/O) --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StagedModel:
+    """The staged winner, ready for ACTIVATE to swap in, plus what the daemon reports in its `staged` event."""
+
+    fmt: str
+    session: ModelSession
+    artifact: Artifact
+    parity: ParityResult
+    timings: dict[str, dict[str, float]]  # format -> {"p50_ms", "p95_ms", "parity"} for every passing candidate
+    choice_reason: str
+    failures: dict[str, str] = field(default_factory=dict)  # format -> why it was not a candidate
+
+    def to_event(self) -> dict[str, Any]:
+        """JSON-ready summary: the choice, why, every candidate's timings and every failure."""
+        return {"format": self.fmt, "choice_reason": self.choice_reason,
+                "parity": {"passed": self.parity.passed, "value": self.parity.value, "detail": self.parity.detail},
+                "timings": {f: dict(t) for f, t in self.timings.items()}, "failures": dict(self.failures)}
+
+
+@dataclass(frozen=True)
+class _Failure:
+    stage: str  # "load" | "run" | "parity"
+    message: str
+
+
+def _load_golden(bundle_dir: Path) -> dict[str, np.ndarray]:
+    path = bundle_dir / GOLDEN
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # missing, not an npz, pickled objects
+        raise BundleRejected(f"cannot read {GOLDEN} for the parity check: {e}", reason="parity") from e
+
+
+def _golden_for(artifact: Artifact, golden: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
+                                                                                list[np.ndarray]]:
+    """The golden inputs (by the artifact's input names) and this format's expected outputs; KeyError if absent."""
+    inputs = {}
+    for spec in artifact.inputs:
+        key = f"input.{spec.name}"
+        if key not in golden:
+            raise KeyError(f"{GOLDEN} has no {key!r}")
+        inputs[spec.name] = golden[key]
+    expected = []
+    for i in range(len(artifact.outputs)):
+        key = f"{artifact.format}.output.{i}"
+        if key not in golden:
+            raise KeyError(f"{GOLDEN} has no {key!r}")
+        expected.append(golden[key])
+    rows = {len(a) for a in inputs.values()}
+    if len(rows) != 1 or 0 in rows:
+        raise KeyError(f"{GOLDEN} inputs must have the same, non-zero number of rows, got {sorted(rows)}")
+    return inputs, expected
+
+
+def _time_batch1(session: ModelSession, row_feeds: Sequence[dict[str, np.ndarray]], runs: int,
+                 max_seconds: float) -> tuple[float, float, int]:
+    """Median and p95 (ms) of batch-1 runs cycling through `row_feeds`; bounded by `max_seconds`."""
+    seconds: list[float] = []
+    floor = min(runs, MIN_TIMING_RUNS)
+    deadline = time.monotonic() + max_seconds
+    while len(seconds) < runs and (len(seconds) < floor or time.monotonic() < deadline):
+        feed = row_feeds[len(seconds) % len(row_feeds)]
+        t0 = time.perf_counter()
+        session.run(feed)
+        seconds.append(time.perf_counter() - t0)
+    ms = np.asarray(seconds, dtype=np.float64) * 1000.0
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), len(ms)
+
+
+def _try_artifact(bundle_dir: Path, artifact: Artifact, parity_spec: Mapping[str, Any],
+                  golden: Mapping[str, np.ndarray], threads: int, warmup: int, timing_runs: int,
+                  max_timing_s: float) -> tuple[ModelSession, ParityResult, dict[str, float]] | _Failure:
+    fmt = artifact.format
+    try:
+        inputs, expected = _golden_for(artifact, golden)
+    except KeyError as e:
+        return _Failure("parity", f"no golden data to check it against: {e.args[0]}")
+    try:
+        session = open_session(bundle_dir / artifact.file, fmt, threads=threads,
+                               input_names=[s.name for s in artifact.inputs],
+                               output_names=[s.name for s in artifact.outputs])
+    except (RuntimeUnavailable, ValueError, OSError) as e:
+        return _Failure("load", f"failed to load {artifact.file}: {e}")
+
+    n = len(next(iter(inputs.values())))
+    row_feeds = [{k: v[i:i + 1] for k, v in inputs.items()} for i in range(n)]
+    try:
+        for i in range(warmup):
+            session.run(row_feeds[i % n])
+        got = session.run(inputs)
+    except Exception as e:  # the runtimes raise their own types (onnxruntime's pybind errors); this is the boundary
+        return _Failure("run", f"failed to run the golden inputs: {type(e).__name__}: {e}")
+
+    parity = parity_check(parity_spec, expected, got)
+    if not parity.passed:
+        return _Failure("parity", f"parity check failed: {parity.detail}")
+    try:
+        p50, p95, runs = _time_batch1(session, row_feeds, timing_runs, max_timing_s)
+    except Exception as e:  # as above
+        return _Failure("run", f"failed while timing: {type(e).__name__}: {e}")
+    log.info("staged %s: %s; batch-1 p50 %.4f ms p95 %.4f ms over %d runs", fmt, parity.detail, p50, p95, runs)
+    return session, parity, {"p50_ms": round(p50, 4), "p95_ms": round(p95, 4), "parity": parity.value}
+
+
+def stage_bundle(bundle_dir: Path, manifest: Manifest, device: DeviceProfile, threads: int = 1, warmup: int = 20,
+                 timing_runs: int = 100, max_timing_s: float = DEFAULT_MAX_TIMING_S) -> StagedModel:
+    """Open every artifact `device` can run from the extracted, verified bundle in `bundle_dir`, each in a new
+    session; warm it up, run the golden inputs and check parity, then time batch-1 runs. The fastest (median)
+    artifact that passes parity wins.
+
+    Raises `BundleRejected`: "unsupported" (nothing runs on this device), "parity" (some artifact ran but none
+    matched its golden outputs, or golden.npz is unreadable), "load_failed" (no artifact could be loaded or run).
+    """
+    if warmup < 0 or timing_runs < 1:
+        raise ValueError("warmup must be >= 0 and timing_runs >= 1")
+    candidates = runnable_artifacts(manifest, device)
+    golden = _load_golden(bundle_dir)
+    passed: dict[str, tuple[Artifact, ModelSession, ParityResult]] = {}
+    timings: dict[str, dict[str, float]] = {}
+    failures: dict[str, _Failure] = {}
+    for artifact in candidates:
+        result = _try_artifact(bundle_dir, artifact, manifest.parity, golden, threads, warmup, timing_runs,
+                               max_timing_s)
+        if isinstance(result, _Failure):
+            log.warning("%s v%s: %s %s", manifest.name, manifest.version, artifact.format, result.message)
+            failures[artifact.format] = result
+            continue
+        session, parity, timing = result
+        passed[artifact.format] = (artifact, session, parity)
+        timings[artifact.format] = timing
+
+    failure_text = {f: x.message for f, x in failures.items()}
+    if not passed:
+        reason = "parity" if any(x.stage == "parity" for x in failures.values()) else "load_failed"
+        raise BundleRejected(f"{manifest.name} v{manifest.version}: no artifact passed staging: "
+                             + "; ".join(f"{f}: {m}" for f, m in failure_text.items()), reason=reason)
+
+    fmt = min(timings, key=lambda f: (timings[f]["p50_ms"], timings[f]["p95_ms"]))
+    artifact, session, parity = passed[fmt]
+    reason_text = _choice_reason(fmt, timings, failure_text, len(manifest.artifacts) - len(candidates))
+    if timings[fmt]["p95_ms"] > manifest.latency_budget_ms:
+        log.warning("%s v%s: %s p95 %.3f ms is over the latency budget of %g ms", manifest.name, manifest.version,
+                    fmt, timings[fmt]["p95_ms"], manifest.latency_budget_ms)
+    log.info("%s v%s: chose %s: %s", manifest.name, manifest.version, fmt, reason_text)
+    # Losing sessions are dropped here (only the winner is returned) and freed with their last reference.
+    return StagedModel(fmt, session, artifact, parity, timings, reason_text, failure_text)
+
+
+def _choice_reason(fmt: str, timings: Mapping[str, Mapping[str, float]], failures: Mapping[str, str],
+                   unsupported: int) -> str:
+    t = timings[fmt]
+    if len(timings) > 1:
+        others = ", ".join(f"{f} {v['p50_ms']:.4f} ms" for f, v in sorted(timings.items()) if f != fmt)
+        text = f"{fmt} is fastest: batch-1 p50 {t['p50_ms']:.4f} ms vs {others}"
+    else:
+        text = f"{fmt} is the only artifact that passed staging (batch-1 p50 {t['p50_ms']:.4f} ms)"
+    if failures:
+        text += "; " + "; ".join(f"{f}: {m}" for f, m in sorted(failures.items()))
+    if unsupported:
+        text += f"; {unsupported} artifact(s) not runnable on this device"
+    return text
+
+
+__all__ = ["DeviceProfile", "ParityResult", "StagedModel", "installed_runtimes", "normalize_arch",
+           "parity_check", "runnable_artifacts", "stage_bundle", "why_not_runnable"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import FetcherInterface
 
-from agent.bundle import verify_bundle
+from agent.bundle import Manifest, verify_bundle
 from agent.config import AgentConfig
 from agent.errors import BundleRejected, TransportError
 from agent.fsutil import fsync_dir
@@ -67,41 +68,77 @@ def _expect(fetcher: FetcherInterface, client: TrustedClient, tf: TargetFile) ->
         expect(plan.sha256, plan.length, plan.chunk_size, list(plan.chunk_hashes))
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """What the group's signed deployment document says this device should run."""
+
+    name: str
+    version: int
+    sha256: str
+    bundle_tf: TargetFile
+    deployment_tf: TargetFile
+    deployment_file: Path  # in incoming/ until the bundle verified
+
+
+class BundleSource:
+    """The deployment steps CHECK, DOWNLOAD and VERIFY over one trusted client and fetcher."""
+
+    def __init__(self, cfg: AgentConfig, fetcher: FetcherInterface, transport: str) -> None:
+        self.cfg, self.fetcher, self.transport = cfg, fetcher, transport
+        self.state = cfg.agent.state_dir
+        self.client = TrustedClient(self.state / "tuf", cfg.trust.root, fetcher, METADATA_URL, TARGETS_URL,
+                                    max_metadata_bytes=cfg.limits.max_metadata_bytes,
+                                    max_target_bytes=cfg.limits.max_bundle_bytes)
+
+    def check(self) -> Candidate:
+        """Refresh trust and read the group's deployment (BundleRejected "not_found" when there is none)."""
+        self.client.refresh()
+        group = self.cfg.agent.group
+        dep_tf = self.client.require_target(f"deployments/{group}.json")
+        _expect(self.fetcher, self.client, dep_tf)
+        # The deployment document waits in incoming/ until its bundle verified: deployments/ never names a
+        # bundle the device does not hold.
+        dep_file = self.client.download(dep_tf, self.state / "incoming")
+        bundle_path, name, version = parse_deployment(dep_file.read_bytes(), group)
+        bundle_tf = self.client.require_target(bundle_path)
+        custom: dict[str, Any] = dict(bundle_tf.custom)
+        if custom.get("name") != name or custom.get("version") != version:
+            raise BundleRejected(f"{bundle_path} is signed as {custom.get('name')} v{custom.get('version')}, the "
+                                 f"deployment says {name} v{version}", reason="mismatch")
+        return Candidate(name, version, bundle_tf.hashes["sha256"], bundle_tf, dep_tf, dep_file)
+
+    def download(self, cand: Candidate) -> Path:
+        _expect(self.fetcher, self.client, cand.bundle_tf)
+        return self.client.download(cand.bundle_tf, self.state / "bundles")
+
+    def verify(self, cand: Candidate, path: Path, extract_to: Path | None = None) -> Manifest:
+        """Check the bundle's own manifest and hashes (and unpack it); only then record the deployment."""
+        try:
+            if extract_to is not None and extract_to.exists():
+                shutil.rmtree(extract_to)  # a half-finished earlier attempt: verify_bundle never merges
+            manifest = verify_bundle(path, dest=extract_to, max_bytes=self.cfg.limits.max_bundle_bytes).manifest
+            if (manifest.name, manifest.version) != (cand.name, cand.version):
+                raise BundleRejected(f"{cand.bundle_tf.path} holds {manifest.name} v{manifest.version}, signed as "
+                                     f"{cand.name} v{cand.version}", reason="mismatch")
+        except BundleRejected:
+            path.unlink(missing_ok=True)  # signed but unusable: never leave it where a later step could pick it up
+            raise
+        (self.state / "deployments").mkdir(exist_ok=True)
+        os.replace(cand.deployment_file, self.state / "deployments" / cand.deployment_file.name)
+        fsync_dir(self.state / "deployments")
+        discard = getattr(self.fetcher, "discard", None)
+        if discard is not None:
+            for tf in (cand.deployment_tf, cand.bundle_tf):
+                discard(tf.hashes["sha256"])  # the verified file is kept; its chunks are no longer needed
+        return manifest
+
+
 def fetch_with(cfg: AgentConfig, fetcher: FetcherInterface, transport: str) -> FetchResult:
-    state = cfg.agent.state_dir
-    client = TrustedClient(state / "tuf", cfg.trust.root, fetcher, METADATA_URL, TARGETS_URL,
-                           max_metadata_bytes=cfg.limits.max_metadata_bytes,
-                           max_target_bytes=cfg.limits.max_bundle_bytes)
-    client.refresh()
-    dep_tf = client.require_target(f"deployments/{cfg.agent.group}.json")
-    _expect(fetcher, client, dep_tf)
-    # The deployment document waits in incoming/ until its bundle verified: deployments/ never names a bundle
-    # the device does not hold.
-    dep_file = client.download(dep_tf, state / "incoming")
-    bundle_path, name, version = parse_deployment(dep_file.read_bytes(), cfg.agent.group)
-    bundle_tf = client.require_target(bundle_path)
-    custom: dict[str, Any] = dict(bundle_tf.custom)
-    if custom.get("name") != name or custom.get("version") != version:
-        raise BundleRejected(f"{bundle_path} is signed as {custom.get('name')} v{custom.get('version')}, the "
-                             f"deployment says {name} v{version}", reason="mismatch")
-    _expect(fetcher, client, bundle_tf)
-    path = client.download(bundle_tf, state / "bundles")
-    try:
-        manifest = verify_bundle(path, max_bytes=cfg.limits.max_bundle_bytes).manifest
-        if (manifest.name, manifest.version) != (name, version):
-            raise BundleRejected(f"{bundle_path} holds {manifest.name} v{manifest.version}, signed as {name} "
-                                 f"v{version}", reason="mismatch")
-    except BundleRejected:
-        path.unlink(missing_ok=True)  # signed but unusable: never leave it where a later step could pick it up
-        raise
-    (state / "deployments").mkdir(exist_ok=True)
-    os.replace(dep_file, state / "deployments" / dep_file.name)
-    fsync_dir(state / "deployments")
-    discard = getattr(fetcher, "discard", None)
-    if discard is not None:
-        for tf in (dep_tf, bundle_tf):
-            discard(tf.hashes["sha256"])  # the verified file is kept; its chunks are no longer needed
-    return FetchResult(name, version, bundle_tf.hashes["sha256"], path, transport)
+    source = BundleSource(cfg, fetcher, transport)
+    cand = source.check()
+    path = source.download(cand)
+    source.verify(cand, path)
+    return FetchResult(cand.name, cand.version, cand.sha256, path, transport)
 
 
 def fetch(cfg: AgentConfig) -> FetchResult:

@@ -336,10 +336,13 @@ def _verify_members(path: Path, staging: Path | None) -> Manifest:
             raise BundleRejected(f"manifest larger than {MAX_MANIFEST_BYTES} bytes", reason="too_large")
         f = tar.extractfile(first)
         assert f is not None  # a regular file always has a file object
+        raw_manifest = _read_bounded(f, MAX_MANIFEST_BYTES)
         try:
-            manifest = Manifest.from_json(json.loads(_read_bounded(f, MAX_MANIFEST_BYTES)))
+            manifest = Manifest.from_json(json.loads(raw_manifest))
         except json.JSONDecodeError as e:
             raise BundleRejected(f"manifest.json is not valid JSON: {e}", reason="manifest") from e
+        if staging is not None:  # the unpacked release carries its (verified) manifest for later steps
+            (staging / MANIFEST).write_bytes(raw_manifest)
         seen: set[str] = set()
         for info in members:
             entry = manifest.files.get(info.name)

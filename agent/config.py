@@ -62,6 +62,19 @@ class LimitsSection:
 
 
 @dataclass(frozen=True)
+class DeploySection:
+    poll_interval_s: float = 300.0  # CHECK this often even without a notify poke
+    probation_s: float = 60.0  # probation ends after this long ...
+    probation_requests: int = 500  # ... or after this many requests, whichever comes first
+    max_error_rate: float = 0.01  # server-side errors / answered requests during probation
+    min_requests_for_rate: int = 20  # fewer requests than this: error rate and p95 are not judged
+    stage_timeout_s: float = 120.0  # a model that loads or warms up longer than this counts as hung
+    keep: int = 2  # known-good bundles kept on disk
+    max_restarts: int = 3  # crashes of one deployment before it is rolled back
+    threads: int = 1  # runtime threads per session
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     agent: AgentSection
     mqtt: MqttSection
@@ -69,6 +82,7 @@ class AgentConfig:
     mirror: MirrorSection
     serve: ServeSection
     limits: LimitsSection
+    deploy: DeploySection = DeploySection()
 
     @property
     def topic_prefix(self) -> str:
@@ -76,9 +90,13 @@ class AgentConfig:
 
 
 _SECTIONS: dict[str, type] = {"agent": AgentSection, "mqtt": MqttSection, "trust": TrustSection,
-                              "mirror": MirrorSection, "serve": ServeSection, "limits": LimitsSection}
+                              "mirror": MirrorSection, "serve": ServeSection, "limits": LimitsSection,
+                              "deploy": DeploySection}
 _BOUNDS = {"max_bundle_bytes": (1 << 10, 64 << 30), "max_metadata_bytes": (1 << 10, 64 << 20),
-           "chunk_timeout_s": (0.1, 3600.0), "connect_timeout_s": (0.1, 600.0)}
+           "chunk_timeout_s": (0.1, 3600.0), "connect_timeout_s": (0.1, 600.0),
+           "poll_interval_s": (1.0, 86400.0), "probation_s": (0.0, 86400.0), "probation_requests": (0, 10**9),
+           "max_error_rate": (0.0, 1.0), "min_requests_for_rate": (1, 10**6), "stage_timeout_s": (1.0, 3600.0),
+           "keep": (1, 64), "max_restarts": (1, 100), "threads": (1, 256)}
 
 
 def _convert(section: str, name: str, typ: Any, value: Any) -> Any:

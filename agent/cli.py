@@ -1,5 +1,5 @@
-"""`edge-agent`: the device command line. `fetch` pulls this device's signed bundle once; `verify` checks (and
-optionally unpacks) a bundle the way the daemon does before staging it. The daemon itself arrives later."""
+"""`edge-agent`: the device command line. `run` is the daemon; `status` reads its persisted state; `fetch` pulls
+this device's signed bundle once; `verify` checks (and optionally unpacks) a bundle as the daemon does."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from agent import __version__
 from agent.bundle import DEFAULT_MAX_BUNDLE_BYTES, verify_bundle
@@ -27,7 +28,56 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help="refresh trust, download and verify this device's deployment, once")
     f.add_argument("--config", type=Path, required=True, help="agent TOML configuration")
     f.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    r = sub.add_parser("run", help="the daemon: deploy, serve, probation, rollback (under systemd)")
+    r.add_argument("--config", type=Path, required=True)
+    r.add_argument("-v", "--verbose", action="store_true")
+    st = sub.add_parser("status", help="the persisted deployment state (whether or not the daemon runs)")
+    st.add_argument("--config", type=Path, required=True)
+    st.add_argument("--json", action="store_true")
     return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from agent.config import ConfigError, load_config
+    from agent.daemon import run_daemon
+
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"edge-agent: config: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_daemon(cfg)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from agent.config import ConfigError, load_config
+    from agent.deploy_state import DeployStateError
+    from agent.state_store import StateStore
+
+    try:
+        ds = StateStore.in_dir(load_config(args.config).agent.state_dir).load()
+    except (ConfigError, DeployStateError) as e:
+        return _fail(args, str(e), "config" if isinstance(e, ConfigError) else "state", EXIT_CONFIG)
+    serving = ds.candidate if ds.state.value in ("activate", "probation", "commit") else ds.current
+    le = ds.last_event
+    out: dict[str, Any] = {
+        "name": serving.name if serving else None, "version": serving.version if serving else None,
+        "format": serving.format if serving else None, "state": ds.state.value,
+        "previous": [{"name": r.name, "version": r.version} for r in ds.previous],
+        "last_event": None if le is None else {"state": le.state.value, "event": le.event.value,
+                                               "reason": le.reason, "at": le.at},
+        "rejected": dict(ds.rejected),
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        what = f"{out['name']} v{out['version']} ({out['format']})" if serving else "no model"
+        previous = ", ".join(f"v{r.version}" for r in ds.previous) or "none"
+        print(f"{what}; state {ds.state.value}; previous {previous}")
+        if le is not None:
+            print(f"last event: {le.state.value} {le.event.value} {le.reason}".rstrip())
+    return 0
 
 
 EXIT_REJECTED = 1
@@ -68,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "fetch":
         return _fetch(args)
+    if args.command == "run":
+        return _run(args)
+    if args.command == "status":
+        return _status(args)
     if args.extract is not None and args.extract.exists():
         print(f"edge-agent: error: {args.extract} already exists", file=sys.stderr)
         return 2

@@ -6,6 +6,11 @@ caller's thread. paho and socket failures become `TransportError` (one line, `ra
 
 Topic names follow docs/transport.md: `Topics(prefix)` builds them, `validate_topic` / `validate_filter` check them
 and `matches(filter, topic)` is the pure MQTT matching rule.
+
+For a device daemon: a last `Will` (sent by the broker when the connection dies without DISCONNECT; a clean
+`close()` does not trigger it, so publish your own "offline" first), an optional `birth` message republished on every
+(re)connect, and MQTT 5 request/response (`publish(response_topic=..., correlation_data=...)`, the same fields on
+`Message`; both are ignored / None under MQTT 3.1.1).
 """
 
 from __future__ import annotations
@@ -156,11 +161,35 @@ class Topics:
 
 @dataclass(frozen=True)
 class Message:
-    """One received MQTT message, already detached from paho."""
+    """One received MQTT message, already detached from paho.
+
+    `response_topic` / `correlation_data` are the MQTT 5 request/response properties when the sender set them;
+    always None on an MQTT 3.1.1 connection.
+    """
 
     topic: str
     payload: bytes
     retain: bool
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Will:
+    """A message the broker publishes for us: as last will when our connection dies without DISCONNECT (process
+    killed, network gone, keepalive missed), or as `birth` message on every successful (re)connect."""
+
+    topic: str
+    payload: bytes
+    retain: bool = True
+    qos: int = 1
+
+    def __post_init__(self) -> None:
+        validate_topic(self.topic)
+        if not isinstance(self.payload, bytes):
+            raise TypeError(f"will payload must be bytes, not {type(self.payload).__name__}")
+        if self.qos not in (0, 1, 2):
+            raise ValueError(f"will QoS must be 0, 1 or 2: {self.qos!r}")
 
 
 @dataclass(frozen=True)
@@ -203,6 +232,7 @@ class _Route:
     wild: tuple[str, ...]
     queue: queue.SimpleQueue[Message | None]
     max_payload: int | None = None
+    closed: bool = False  # set by MqttClient.close(): streams on it end
     oversize: dict[str, int] = field(default_factory=dict)  # topic -> refused payload size
     bytes_received: int = 0  # payload bytes that reached us, refused ones included
 
@@ -243,7 +273,11 @@ class PublishHandle:
 
 
 class Subscription:
-    """A live subscription: iterate (blocking) or `get(timeout)`; `close()` unsubscribes."""
+    """A live subscription: iterate (blocking) or `get(timeout)`; `close()` unsubscribes.
+
+    Survives paho's automatic reconnects (we resubscribe). Iteration ends once this subscription or its client is
+    closed, also when `close()` is called from another thread while an iteration is blocked.
+    """
 
     def __init__(self, client: MqttClient, route: _Route, filters: list[str]) -> None:
         self._client = client
@@ -251,28 +285,32 @@ class Subscription:
         self.filters = filters
         self._closed = False
 
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._route.closed
+
     def get(self, timeout: float | None = None) -> Message | None:
-        """The next message, or None after `timeout` seconds. Connection drops are skipped: paho reconnects and
-        we resubscribe, which re-delivers retained messages."""
+        """The next message, or None after `timeout` seconds or once closed. Connection drops are skipped: paho
+        reconnects and we resubscribe, which re-delivers retained messages."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+        while not self.closed:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 item = self._route.queue.get(timeout=remaining)
             except queue.Empty:
                 return None
-            if item is not None:
+            if item is not None and not self.closed:
                 return item
+        return None
 
     def __iter__(self) -> Iterator[Message]:
-        while not self._closed:
-            item = self.get(timeout=0.5)
-            if item is not None:
-                yield item
+        while (item := self.get()) is not None:
+            yield item
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._route.queue.put(None)  # wakes a reader blocked in get()
             self._client._remove_route(self._route)
             self._client._unsubscribe(self.filters)
 
@@ -300,6 +338,19 @@ def _set_nodelay(client: paho.Client, userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _forget_unsent(client: paho.Client, mid: int) -> None:
+    """Drop a QoS > 0 message paho queued but could not send (not connected). paho has no public call for it;
+    one it already resent after a reconnect in between is left alone (its PUBACK will come)."""
+    lock = getattr(client, "_out_message_mutex", None)
+    messages = getattr(client, "_out_messages", None)
+    if lock is None or messages is None:
+        return
+    with lock:
+        message = messages.get(mid)
+        if message is not None and message.state == paho.mqtt_ms_publish:
+            del messages[mid]
+
+
 class MqttClient:
     """Synchronous facade: connect, read retained topics with a barrier, publish with PUBACK, stream messages.
 
@@ -317,7 +368,12 @@ class MqttClient:
         max_inflight: int = 64,
         ca_file: str | None = None,
         protocol: str = "auto",
+        will: Will | None = None,
+        birth: Will | None = None,
     ) -> None:
+        """`will`: published by the broker if the connection dies without DISCONNECT (set on every CONNECT, so
+        also after paho's automatic reconnects). `birth`: published by us (not awaited) after every successful
+        CONNACK, e.g. "online" on the will's topic so a reconnect undoes the will."""
         if not _CLIENT_ID_RE.fullmatch(client_id):
             raise ValueError(f"client id must be 1-128 chars of [A-Za-z0-9._-]: {client_id!r}")
         if protocol not in ("auto", "5", "3.1.1"):
@@ -333,6 +389,8 @@ class MqttClient:
         self.ca_file = ca_file
         self._protocol_choice = protocol
         self.protocol: str | None = None  # "5" or "3.1.1" once connected
+        self.will = will
+        self.birth = birth
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -379,6 +437,9 @@ class MqttClient:
         if self.address.username is not None:
             client.username_pw_set(self.address.username, self.address.password)
         client.max_inflight_messages_set(self.max_inflight)
+        if self.will is not None:  # paho sends it with every CONNECT, reconnects included
+            w = self.will
+            client.will_set(w.topic, w.payload, qos=w.qos, retain=w.retain)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -440,9 +501,13 @@ class MqttClient:
             self._connected = False
             self._generation += 1
             routes = list(self._routes)
+            self._routes.clear()
+            self._sub_refs.clear()  # a later connect() starts without stale subscriptions
+            for r in routes:
+                r.closed = True
             self._cond.notify_all()
         for r in routes:
-            r.queue.put(None)
+            r.queue.put(None)  # ends streams, fails get_retained waiting in other threads
         if client is not None:
             self._shutdown_paho(client)
 
@@ -479,7 +544,10 @@ class MqttClient:
             resubscribe = self._connected and self._ever_connected
             self._ever_connected = self._ever_connected or self._connected
             filters = list(self._sub_refs)
+            birth = self.birth if self._connected else None
             self._cond.notify_all()
+        if birth is not None:
+            client.publish(birth.topic, birth.payload, qos=birth.qos, retain=birth.retain)
         if resubscribe and filters:
             # clean start: the broker forgot our subscriptions; restore them (retained messages come again)
             for i in range(0, len(filters), MAX_TOPICS_PER_SUBSCRIBE):
@@ -516,7 +584,16 @@ class MqttClient:
             routes = [r for r in self._routes if r.wants(topic)]
         if not routes:
             return
-        message = Message(topic, payload, bool(msg.retain))
+        props = getattr(msg, "properties", None)  # MQTT 5 only
+        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        message = Message(
+            topic,
+            payload,
+            bool(msg.retain),
+            str(response_topic) if response_topic is not None else None,
+            bytes(correlation) if correlation is not None else None,
+        )
         counted = size if topic != self.barrier_topic else 0  # our own barrier tokens are not data
         for r in routes:
             r.bytes_received += counted
@@ -695,17 +772,35 @@ class MqttClient:
         qos: int = 1,
         wait: bool = True,
         timeout: float = 30.0,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
     ) -> PublishHandle:
-        """Publish; with `wait` (and qos >= 1) return only after the broker's PUBACK."""
+        """Publish; with `wait` (and qos >= 1) return only after the broker's PUBACK.
+
+        `response_topic` / `correlation_data` become MQTT 5 properties (ignored on an MQTT 3.1.1 connection).
+        With `wait=False` this never blocks on the network: while the connection is down it raises
+        `ConnectionLost` at once (paho only queues the packet).
+        """
         validate_topic(topic)
+        if response_topic is not None:
+            validate_topic(response_topic)
         client = self._client()
+        properties: Properties | None = None
+        if self.protocol == "5" and (response_topic is not None or correlation_data is not None):
+            properties = Properties(PacketTypes.PUBLISH)
+            if response_topic is not None:
+                properties.ResponseTopic = response_topic
+            if correlation_data is not None:
+                properties.CorrelationData = bytes(correlation_data)
         try:
-            info = client.publish(topic, payload, qos=qos, retain=retain)
+            info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         except ValueError as e:
             raise TransportError(f"cannot publish to {topic}: {e}") from e
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
-            # paho keeps a QoS 1 message and sends it after reconnecting, but its wait_for_publish() fails at
-            # once; callers re-publish (retained publishes are idempotent)
+            # Never sent. Callers re-publish, so paho must not keep it (it would resend it after reconnecting,
+            # after anything published since: a stale retained state would win).
+            if qos > 0:
+                _forget_unsent(client, info.mid)
             raise ConnectionLost(f"not connected to {self.url}; cannot publish to {topic}")
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise TransportError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")

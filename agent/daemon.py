@@ -1,0 +1,485 @@
+"""`edge-agent run`: the device daemon.
+
+The deployment state machine's decisions are pure (`agent/deploy_state.py`); this module does each state's work
+and returns an event. The rule everywhere: persist the state, then act. So a crash or power cut at any point
+restarts into exactly the old or the new model (`serving_after_restart`), and a deployment that keeps killing
+the agent is rolled back after `max_restarts` (`on_restart`).
+
+Threads: the main thread drives the state machine; the HTTP server and paho's network thread serve requests and
+only read the one model reference (`ModelHolder`), so inference never waits for a deployment step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent import __version__
+from agent.bundle import Manifest
+from agent.config import AgentConfig
+from agent.deploy_state import (
+    BundleRef,
+    DeployState,
+    Event,
+    State,
+    apply,
+    begin_check,
+    bundles_to_delete,
+    failure_event,
+    on_restart,
+    on_staged,
+    on_update_found,
+    serving_after_restart,
+)
+from agent.errors import BundleRejected, EdgeshipError, TransportError
+from agent.fetch import BundleSource, Candidate
+from agent.serving import LoadedModel, ModelHolder, RequestStats
+from agent.stage import DeviceProfile, StagedModel, parity_check, stage_bundle
+from agent.state_store import StateStore
+
+log = logging.getLogger(__name__)
+
+EXIT_HUNG = 70  # the agent exits when a model hangs it; systemd restarts it and the crash counter decides
+
+
+class ProbationFailed(EdgeshipError):
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def release_dir(state_dir: Path, name: str, version: int, sha256: str) -> Path:
+    return state_dir / "releases" / f"{name}-{version}-{sha256[:12]}"
+
+
+def judge_probation(snapshot: dict[str, Any], budget_ms: float, max_error_rate: float, min_requests: int
+                    ) -> tuple[str, str] | None:
+    """(reason, message) when live figures fail probation; None while they pass. Pure."""
+    answered = int(snapshot["ok"]) + int(snapshot["errors"])
+    if answered >= min_requests and snapshot["error_rate"] > max_error_rate:
+        return "error_rate", (f"error rate {snapshot['error_rate']:.3f} over {answered} requests exceeds "
+                              f"{max_error_rate:g}")
+    p95 = snapshot.get("p95_ms")
+    if snapshot["samples"] >= min_requests and p95 is not None and p95 > budget_ms:
+        return "latency", f"p95 latency {p95:.2f} ms exceeds the budget of {budget_ms:g} ms"
+    return None
+
+
+class Daemon:
+    def __init__(self, cfg: AgentConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.state_dir = cfg.agent.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = StateStore.in_dir(self.state_dir)
+        self.clock = clock
+        self.stats = RequestStats()
+        self.holder = ModelHolder(stats=self.stats)
+        self.device = DeviceProfile.detect()
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.mqtt: Any = None
+        self.source: BundleSource | None = None
+        self.candidate: Candidate | None = None  # in memory only: CHECK is re-run after a restart
+        self.downloaded: Path | None = None
+        self.staged: StagedModel | None = None
+        self.models: dict[str, LoadedModel] = {}  # sha256 -> loaded, for an instant rollback swap
+        self.http: Any = None
+        self._infer_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mqtt-infer")
+
+    # --- persistence and events ------------------------------------------------------------------------------
+
+    def _save(self, old: DeployState, new: DeployState) -> DeployState:
+        self.store.save(new)
+        if new.last_event is not None and new.last_event is not old.last_event:
+            self._emit(old.state, new)
+        for ref in bundles_to_delete(old, new):
+            self._delete_bundle(ref)  # only after the new state is durable
+        return new
+
+    def _emit(self, old_state: State, ds: DeployState, extra: dict[str, Any] | None = None) -> None:
+        le = ds.last_event
+        assert le is not None
+        bundle = ds.candidate or ds.current
+        event = {"device": self.cfg.agent.device_id, "from": old_state.value, "to": ds.state.value,
+                 "event": le.event.value, "reason": le.reason, "at": le.at,
+                 "bundle": None if bundle is None else {"name": bundle.name, "version": bundle.version,
+                                                        "sha256": bundle.sha256, "format": bundle.format}}
+        if extra:
+            event.update(extra)
+        log.info("%s -> %s (%s%s)", old_state.value, ds.state.value, le.event.value,
+                 f": {le.reason}" if le.reason else "")
+        self._publish(f"devices/{self.cfg.agent.device_id}/events", event, retain=False)
+
+    def _publish(self, leaf: str, payload: dict[str, Any], retain: bool) -> None:
+        if self.mqtt is None or not self.mqtt.is_connected:
+            return
+        try:
+            self.mqtt.publish(self.mqtt.topics.prefix + leaf, json.dumps(payload).encode(), retain=retain, qos=1,
+                              wait=False)
+        except EdgeshipError as e:
+            log.warning("could not publish %s: %s", leaf, e)
+
+    def _birth(self, ds: DeployState, status: str = "online") -> None:
+        """The retained `devices/<id>/state` message; also what the client republishes after a reconnect."""
+        from agent.mqtt_client import Will
+
+        cur = ds.current
+        payload = {
+            "status": status, "device": self.cfg.agent.device_id, "group": self.cfg.agent.group,
+            "agent_version": __version__, "state": ds.state.value,
+            "bundle": None if cur is None else {"name": cur.name, "version": cur.version, "format": cur.format},
+            "serving": _describe(self.holder.get()),
+        }
+        leaf = f"devices/{self.cfg.agent.device_id}/state"
+        if self.mqtt is not None and status == "online":
+            self.mqtt.birth = Will(self.mqtt.topics.prefix + leaf, json.dumps(payload).encode(), retain=True, qos=1)
+        self._publish(leaf, payload, retain=True)
+
+    def _delete_bundle(self, ref: BundleRef) -> None:
+        shutil.rmtree(ref.path, ignore_errors=True)
+        (self.state_dir / "bundles" / f"{ref.name}-{ref.version}.bundle").unlink(missing_ok=True)
+        self.models.pop(ref.sha256, None)
+        log.info("deleted %s v%s", ref.name, ref.version)
+
+    # --- loading models --------------------------------------------------------------------------------------
+
+    def _stage(self, ref: BundleRef, warm_runs: int, timing_runs: int) -> StagedModel:
+        path = Path(ref.path)
+        manifest = _read_manifest(path)
+        result: list[StagedModel] = []
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                result.append(stage_bundle(path, manifest, self.device, threads=self.cfg.deploy.threads,
+                                           warmup=warm_runs, timing_runs=timing_runs))
+            except BaseException as e:
+                errors.append(e)
+
+        worker = threading.Thread(target=work, name="stage", daemon=True)
+        worker.start()
+        worker.join(self.cfg.deploy.stage_timeout_s)
+        if worker.is_alive():
+            # A native call that never returns cannot be interrupted from Python: exit, and let the restart
+            # counter (persisted before STAGE) roll this bundle back after max_restarts.
+            log.critical("staging %s v%s hung for %gs; exiting so the supervisor restarts the agent", ref.name,
+                         ref.version, self.cfg.deploy.stage_timeout_s)
+            logging.shutdown()
+            os._exit(EXIT_HUNG)
+        if errors:
+            raise errors[0]
+        return result[0]
+
+    def _loaded(self, ref: BundleRef, staged: StagedModel) -> LoadedModel:
+        model = LoadedModel(ref.name, ref.version, staged.fmt, staged.session, manifest=_read_manifest(Path(ref.path)))
+        self.models[ref.sha256] = model
+        return model
+
+    def _serve(self, ref: BundleRef | None) -> None:
+        if ref is None:
+            self.holder.swap(None)
+            return
+        model = self.models.get(ref.sha256)
+        if model is None:
+            model = self._loaded(ref, self._stage(ref, warm_runs=5, timing_runs=20))
+        self.holder.swap(model)
+
+    # --- the state machine -----------------------------------------------------------------------------------
+
+    def step(self, ds: DeployState) -> DeployState:
+        """Do the work of `ds.state` and persist the resulting state (one transition)."""
+        at = self.clock()
+        state = ds.state
+        try:
+            if state is State.CHECK:
+                return self._save(ds, self._check(ds, at))
+            if state is State.DOWNLOAD:
+                self.downloaded = self._source().download(self._candidate(ds))
+                return self._save(ds, apply(ds, Event.OK, at=at))
+            if state is State.VERIFY:
+                cand = self._candidate(ds)
+                path = self.downloaded or self._source().download(cand)
+                assert ds.candidate is not None
+                self._source().verify(cand, path, extract_to=Path(ds.candidate.path))
+                return self._save(ds, apply(ds, Event.OK, at=at))
+            if state is State.STAGE:
+                assert ds.candidate is not None
+                self.staged = self._stage(ds.candidate, warm_runs=20, timing_runs=100)
+                new = on_staged(ds, self.staged.fmt, at=at)
+                self.store.save(new)
+                self._emit(state, new, {"staging": self.staged.to_event()})
+                return new
+            if state is State.ACTIVATE:
+                assert ds.candidate is not None
+                model = self._loaded(ds.candidate, self.staged) if self.staged is not None else None
+                if model is None:
+                    self._serve(ds.candidate)
+                else:
+                    self.holder.swap(model)
+                return self._save(ds, apply(ds, Event.OK, at=at))
+            if state is State.PROBATION:
+                self._probation(ds)
+                return self._save(ds, apply(ds, Event.PASSED, at=self.clock()))
+            if state is State.COMMIT:
+                new = self._save(ds, apply(ds, Event.OK, at=at, keep=self.cfg.deploy.keep))
+                self._birth(new)
+                return new
+            if state is State.ROLLBACK:
+                self._serve(ds.current)
+                self.staged = None
+                new = self._save(ds, apply(ds, Event.OK, at=at))
+                self._birth(new)
+                return new
+        except ProbationFailed as e:
+            self._serve_current_quietly(ds)
+            return self._save(ds, apply(ds, Event.FAILED, e.reason, at=self.clock()))
+        except Exception as e:
+            event, reason = failure_event(state, e)
+            log.warning("%s failed: %s (%s)", state.value, e, reason)
+            if state in (State.ACTIVATE,):
+                self._serve_current_quietly(ds)
+            return self._save(ds, apply(ds, event, reason, at=self.clock()))
+        raise AssertionError(f"no work for state {state}")
+
+    def _serve_current_quietly(self, ds: DeployState) -> None:
+        try:
+            self._serve(ds.current)
+        except Exception as e:  # ROLLBACK retries; the candidate keeps serving meanwhile rather than nothing
+            log.error("could not reload %s: %s", ds.current, e)
+
+    def _source(self) -> BundleSource:
+        if self.source is None:
+            if self.mqtt is None:
+                raise TransportError("not connected to the broker")
+            from agent.mqtt_fetcher import MqttFetcher
+
+            fetcher = MqttFetcher(self.mqtt, self.state_dir / "chunks", timeout=self.cfg.limits.chunk_timeout_s)
+            self.source = BundleSource(self.cfg, fetcher, "mqtt")
+        return self.source
+
+    def _check(self, ds: DeployState, at: float) -> DeployState:
+        try:
+            cand = self._source().check()
+        except BundleRejected as e:
+            if e.reason == "not_found":  # no deployment for this group yet
+                return on_update_found(ds, None, at=at)
+            raise
+        self.candidate, self.downloaded, self.staged = cand, None, None
+        ref = BundleRef(cand.name, cand.version, cand.sha256,
+                        str(release_dir(self.state_dir, cand.name, cand.version, cand.sha256)))
+        return on_update_found(ds, ref, at=at)
+
+    def _candidate(self, ds: DeployState) -> Candidate:
+        """The candidate's signed info: from this run's CHECK, or a fresh CHECK after a restart."""
+        assert ds.candidate is not None
+        if self.candidate is None or self.candidate.sha256 != ds.candidate.sha256:
+            cand = self._source().check()
+            if cand.sha256 != ds.candidate.sha256:
+                raise BundleRejected(f"the deployment changed to {cand.name} v{cand.version} meanwhile",
+                                     reason="superseded")
+            self.candidate = cand
+        return self.candidate
+
+    def _probation(self, ds: DeployState) -> None:
+        """Watch the candidate serve: error rate, p95 against the manifest's budget, a golden parity probe that
+        also catches a hung model. Returns when it passed; raises ProbationFailed."""
+        d = self.cfg.deploy
+        assert ds.candidate is not None
+        model = self.holder.get()
+        path = Path(ds.candidate.path)
+        manifest = _read_manifest(path)
+        budget = manifest.latency_budget_ms
+        golden = _golden_rows(path, manifest, ds.candidate.format or "")
+        start = time.monotonic()
+        next_probe = start
+        while not self.stopping.is_set():
+            snap = self.stats.snapshot()
+            verdict = judge_probation(snap, budget, d.max_error_rate, d.min_requests_for_rate)
+            if verdict is not None:
+                raise ProbationFailed(verdict[1], verdict[0])
+            if time.monotonic() >= next_probe and model is not None and golden is not None:
+                self._probe(model, golden, manifest, budget)
+                next_probe = time.monotonic() + 2.0
+            if time.monotonic() - start >= d.probation_s or snap["count"] >= d.probation_requests > 0:
+                break
+            self.stopping.wait(0.2)
+        if self.stopping.is_set():
+            raise SystemExit(0)  # persisted PROBATION resumes after the restart
+        if model is not None and golden is not None:
+            self._probe(model, golden, manifest, budget)
+
+    def _probe(self, model: LoadedModel, golden: tuple[dict[str, np.ndarray], list[np.ndarray]], manifest: Any,
+               budget_ms: float) -> None:
+        inputs, expected = golden
+        box: list[Any] = []
+        worker = threading.Thread(target=lambda: box.append(_run_safely(model, inputs)), daemon=True)
+        worker.start()
+        worker.join(max(5.0, 50 * budget_ms / 1000.0))
+        if worker.is_alive():
+            raise ProbationFailed("the model did not answer a golden probe: hung", "hang")
+        out = box[0]
+        if isinstance(out, BaseException):
+            raise ProbationFailed(f"golden probe failed: {out}", "error")
+        result = parity_check(manifest.parity, expected, out)
+        if not result.passed:
+            raise ProbationFailed(f"golden parity failed while serving: {result.detail}", "parity")
+
+    # --- running ---------------------------------------------------------------------------------------------
+
+    def start(self) -> DeployState:
+        """Recover from whatever the last run left, start serving, connect."""
+        ds = self.store.load()
+        recovered = on_restart(ds, at=self.clock(), max_restarts=self.cfg.deploy.max_restarts)
+        if recovered is not ds:
+            self._save(ds, recovered)
+        ds = recovered
+        serving = serving_after_restart(ds)
+        try:
+            self._serve(serving)
+        except Exception as e:
+            log.error("could not load %s after restart: %s", serving, e)
+            if ds.candidate is not None and serving == ds.candidate and ds.state is not State.ROLLBACK:
+                ds = self._save(ds, apply(ds, Event.FAILED, "load_failed", at=self.clock()))
+                self._serve_current_quietly(ds)
+        self._start_http()
+        self._connect()
+        return ds
+
+    def _start_http(self) -> None:
+        from agent.http_api import InferenceServer
+
+        host, _, port = self.cfg.serve.http.rpartition(":")
+        self.http = InferenceServer(self.holder, self.stats, host or "127.0.0.1", int(port))
+        self.http.start()
+        log.info("serving OIP v2 on http://%s:%d", host or "127.0.0.1", self.http.port)
+
+    def _connect(self) -> None:
+        from agent.mqtt_client import MqttClient, Topics, Will
+
+        dev = self.cfg.agent.device_id
+        topics = Topics(self.cfg.topic_prefix)
+        will = Will(topics.prefix + f"devices/{dev}/state",
+                    json.dumps({"status": "offline", "device": dev}).encode(), retain=True, qos=1)
+        client = MqttClient(self.cfg.mqtt.url, f"edge-agent-{dev}", prefix=topics,
+                            ca_file=self.cfg.mqtt.ca_file or None, will=will)
+        try:
+            client.connect(timeout=self.cfg.mqtt.connect_timeout_s)
+        except TransportError as e:
+            log.warning("broker unreachable (%s); serving locally, retrying in the background", e)
+        self.mqtt = client
+        self._notify_sub = client.subscribe_stream([topics.notify]) if client.is_connected else None
+        self._infer_sub = client.subscribe_stream([topics.prefix + f"devices/{dev}/infer/request"]) \
+            if client.is_connected else None
+        threading.Thread(target=self._notify_loop, name="notify", daemon=True).start()
+        threading.Thread(target=self._infer_loop, name="mqtt-infer", daemon=True).start()
+
+    def _notify_loop(self) -> None:
+        sub = self._notify_sub
+        if sub is None:
+            return
+        for _msg in sub:
+            self.wake.set()  # a poke only: what to run is decided from signed metadata
+
+    def _infer_loop(self) -> None:
+        sub = self._infer_sub
+        if sub is None:
+            return
+        for msg in sub:
+            self._infer_pool.submit(self._answer, msg)
+
+    def _answer(self, msg: Any) -> None:
+        from agent.http_api import answer_mqtt_request
+
+        dev = self.cfg.agent.device_id
+        topic = msg.response_topic or (self.mqtt.topics.prefix + f"devices/{dev}/infer/response")
+        body = answer_mqtt_request(self.holder, self.stats, msg.payload)
+        try:
+            self.mqtt.publish(topic, body, retain=False, qos=1, wait=False, correlation_data=msg.correlation_data)
+        except EdgeshipError as e:
+            log.warning("could not answer an inference request: %s", e)
+
+    def run(self) -> int:
+        ds = self.start()
+        self._birth(ds)
+        ds = self.drive(ds)
+        next_check = time.monotonic()
+        while not self.stopping.is_set():
+            timeout = max(0.0, next_check - time.monotonic())
+            if self.wake.wait(timeout) or time.monotonic() >= next_check:
+                self.wake.clear()
+                if self.stopping.is_set():
+                    break
+                ds = self.drive(begin_check(ds, at=self.clock()) if ds.state is State.IDLE else ds)
+                next_check = time.monotonic() + self.cfg.deploy.poll_interval_s
+        self.shutdown(ds)
+        return 0
+
+    def drive(self, ds: DeployState) -> DeployState:
+        """Run transitions until the machine rests in IDLE (or the agent is asked to stop)."""
+        self.store.save(ds)  # persist, then act
+        while ds.state is not State.IDLE and not self.stopping.is_set():
+            ds = self.step(ds)
+        return ds
+
+    def shutdown(self, ds: DeployState) -> None:
+        self._birth(ds, status="offline")  # a clean disconnect does not fire the last will
+        if self.http is not None:
+            self.http.stop()
+        if self.mqtt is not None:
+            self.mqtt.close()
+        self._infer_pool.shutdown(wait=False, cancel_futures=True)
+
+    def request_stop(self, *_: object) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+
+def _read_manifest(release: Path) -> Manifest:
+    try:
+        return Manifest.from_json(json.loads((release / "manifest.json").read_text()))
+    except (OSError, ValueError) as e:
+        raise BundleRejected(f"release {release.name} is unreadable: {e}", reason="unreadable") from e
+
+
+def _run_safely(model: LoadedModel, inputs: dict[str, np.ndarray]) -> Any:
+    try:
+        return model.session.run(inputs)
+    except Exception as e:
+        return e
+
+
+def _golden_rows(path: Path, manifest: Any, fmt: str) -> tuple[dict[str, np.ndarray], list[np.ndarray]] | None:
+    try:
+        with np.load(path / "golden.npz", allow_pickle=False) as g:
+            inputs = {t.name: g[f"input.{t.name}"][:8] for t in manifest.inputs}
+            outputs = []
+            i = 0
+            while f"{fmt}.output.{i}" in g.files:
+                outputs.append(g[f"{fmt}.output.{i}"][:8])
+                i += 1
+    except (OSError, KeyError, ValueError) as e:
+        log.warning("no golden rows for probation probes: %s", e)
+        return None
+    return (inputs, outputs) if outputs else None
+
+
+def _describe(model: LoadedModel | None) -> dict[str, Any] | None:
+    return None if model is None else {"name": model.name, "version": model.version, "format": model.fmt}
+
+
+def run_daemon(cfg: AgentConfig) -> int:
+    daemon = Daemon(cfg)
+    signal.signal(signal.SIGTERM, daemon.request_stop)
+    signal.signal(signal.SIGINT, daemon.request_stop)
+    return daemon.run()

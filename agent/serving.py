@@ -1,0 +1,292 @@
+"""The model being served, swapped atomically, and the request statistics probation and telemetry read.
+
+Transport-free: the HTTP API (`agent.http_api`) and MQTT inference both call `ModelHolder.infer` with numpy
+arrays and map its typed errors onto their own status codes.
+
+Swapping is one reference assignment. `infer` reads that reference once, at its start, and uses only what it
+read, so a request that began before a swap finishes on the old session and none fails; the old session is
+freed when its last request lets go of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent.bundle import Manifest
+from agent.errors import EdgeshipError
+from agent.runtime import ModelSession, TensorSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LATENCY_WINDOW = 4096
+
+# Open Inference Protocol (KServe v2 / Triton) tensor datatypes -> numpy dtype names. BYTES has no numeric
+# equivalent: the models served here take numbers only.
+DATATYPES: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
+    "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
+    "FP16": "float16", "FP32": "float32", "FP64": "float64",
+}
+_DATATYPE_OF = {v: k for k, v in DATATYPES.items()}
+
+
+def datatype_of(dtype: str | np.dtype[Any]) -> str:
+    """The protocol datatype name for a numpy dtype (FP32 for float32, ...)."""
+    name = np.dtype(dtype).name
+    return _DATATYPE_OF.get(name, name.upper())
+
+
+class ServingError(EdgeshipError):
+    """A request the serving layer refuses or cannot answer. `status` is the matching HTTP status code."""
+
+    status = 500
+
+
+class BadRequest(ServingError):
+    """The request itself is wrong (unknown or missing input, wrong shape or dtype, ...). The message says what."""
+
+    status = 400
+
+
+class ModelNotFound(ServingError):
+    """No model (or no such version of it) is being served under that name."""
+
+    status = 404
+
+
+class ModelNotReady(ServingError):
+    """No model is loaded yet."""
+
+    status = 503
+
+
+class InferenceFailed(ServingError):
+    """The runtime failed on a request that passed validation: the model's fault (or the device's), not the caller's."""
+
+    status = 500
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A warmed, ready session and what it is. `inputs`/`outputs` default to the session's own specs."""
+
+    name: str
+    version: int
+    fmt: str
+    session: ModelSession
+    manifest: Manifest | None = None
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            object.__setattr__(self, "inputs", tuple(self.session.inputs))
+        if not self.outputs:
+            object.__setattr__(self, "outputs", tuple(self.session.outputs))
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """Outputs of one request, in the model's output order (or the order asked for), and which model made them."""
+
+    model: LoadedModel
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    run_ms: float = 0.0  # time spent in the session's run()
+
+
+class RequestStats:
+    """Thread-safe request counters and a bounded window of latencies, since the last `reset()`.
+
+    Three outcomes: ok (latency recorded), rejected (the client's fault, 4xx: counted as a request only) and
+    error (a server-side failure, 5xx). `error_rate` is errors over the requests the server should have answered
+    (ok + errors), so a misbehaving client cannot dilute or inflate the figure probation gates on.
+
+    `reset(tag)` starts a new window, normally at a swap with the new LoadedModel as tag; a sample recorded with
+    a different (non-None) tag is one that started on the previous model and is dropped from the new window.
+    """
+
+    def __init__(self, window: int = DEFAULT_LATENCY_WINDOW) -> None:
+        if window < 1:
+            raise ValueError(f"latency window must be >= 1, got {window}")
+        self._lock = threading.Lock()
+        self._latencies: deque[float] = deque(maxlen=window)
+        self._ok = 0
+        self._rejected = 0
+        self._errors = 0
+        self._tag: object | None = None
+        self._since = time.monotonic()
+
+    def reset(self, tag: object | None = None) -> None:
+        with self._lock:
+            self._latencies.clear()
+            self._ok = self._rejected = self._errors = 0
+            self._tag = tag
+            self._since = time.monotonic()
+
+    def _current(self, tag: object | None) -> bool:
+        return tag is None or self._tag is None or tag is self._tag
+
+    def record_ok(self, latency_ms: float, tag: object | None = None) -> None:
+        with self._lock:
+            if self._current(tag):
+                self._ok += 1
+                self._latencies.append(float(latency_ms))
+
+    def record_rejected(self, tag: object | None = None) -> None:
+        with self._lock:
+            if self._current(tag):
+                self._rejected += 1
+
+    def record_error(self, tag: object | None = None) -> None:
+        with self._lock:
+            if self._current(tag):
+                self._errors += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """count (all requests), ok, rejected, errors, error_rate, latency p50/p95/p99 in ms (None if no samples),
+        samples in the window and seconds since the reset."""
+        with self._lock:
+            lat = np.fromiter(self._latencies, dtype=np.float64, count=len(self._latencies))
+            ok, rejected, errors, since = self._ok, self._rejected, self._errors, self._since
+        answered = ok + errors
+        p50 = p95 = p99 = None
+        if lat.size:
+            p50, p95, p99 = (float(v) for v in np.percentile(lat, [50, 95, 99]))
+        return {
+            "count": ok + rejected + errors,
+            "ok": ok,
+            "rejected": rejected,
+            "errors": errors,
+            "error_rate": errors / answered if answered else 0.0,
+            "p50_ms": p50,
+            "p95_ms": p95,
+            "p99_ms": p99,
+            "samples": int(lat.size),
+            "window_s": time.monotonic() - since,
+        }
+
+
+class ModelHolder:
+    """Holds the one LoadedModel being served. `swap` replaces it in a single assignment."""
+
+    def __init__(self, model: LoadedModel | None = None, stats: RequestStats | None = None) -> None:
+        self._lock = threading.Lock()
+        self._model = model
+        self._stats = stats
+        if stats is not None and model is not None:
+            stats.reset(model)
+
+    def get(self) -> LoadedModel | None:
+        return self._model  # one read of one reference: atomic
+
+    def swap(self, new: LoadedModel | None) -> LoadedModel | None:
+        """Serve `new` from now on (None: serve nothing) and return what was served before.
+
+        Requests already running keep the model they started with. The stats window restarts for `new`.
+        """
+        with self._lock:
+            old, self._model = self._model, new
+            if self._stats is not None:
+                self._stats.reset(new)
+        log.info("serving %s (was %s)", _describe(new), _describe(old))
+        return old
+
+    def infer(
+        self,
+        name: str,
+        version: str | None,
+        inputs: dict[str, np.ndarray],
+        output_names: Sequence[str] | None = None,
+    ) -> InferResult:
+        """Run `inputs` on the served model if it is `name` (and `version`); return the outputs asked for (all
+        when `output_names` is None or empty)."""
+        model = self._model  # read ONCE: everything below uses this object even if a swap happens meanwhile
+        if model is None:
+            raise ModelNotReady("no model is loaded yet")
+        check_model(model, name, version)
+        feeds = conform_inputs(model, inputs)
+        known = [s.name for s in model.outputs]
+        wanted = list(output_names) if output_names else known
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise BadRequest(f"unknown output(s) {unknown}; model {model.name!r} has outputs {known}")
+        if len(set(wanted)) != len(wanted):
+            raise BadRequest(f"output(s) asked for more than once: {wanted}")
+
+        start = time.perf_counter()
+        try:
+            arrays = model.session.run(feeds)
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InferenceFailed(f"model {model.name!r} version {model.version} failed to run: {first}") from e
+        run_ms = (time.perf_counter() - start) * 1000.0
+        by_name = dict(zip(known, arrays, strict=True))
+        return InferResult(model=model, outputs={n: by_name[n] for n in wanted}, run_ms=run_ms)
+
+
+def check_model(model: LoadedModel | None, name: str, version: str | None) -> LoadedModel:
+    """`model` if it serves `name`/`version`; ModelNotReady / ModelNotFound otherwise."""
+    if model is None:
+        raise ModelNotReady("no model is loaded yet")
+    if name != model.name:
+        raise ModelNotFound(f"unknown model {name!r}; serving {model.name!r}")
+    if version is not None and version != str(model.version):
+        raise ModelNotFound(f"model {name!r} has no version {version!r}; serving version {model.version}")
+    return model
+
+
+def conform_inputs(model: LoadedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`inputs` checked against the model's input names and cast to the dtypes it wants, the same way for every
+    runtime: floats of any width into a float input (refused where the value overflows), integers into a float
+    input, integers of any width into an integer input (refused out of range); floats into an integer input and
+    anything else are refused. Shapes are left to the session, whose message says what it expected."""
+    if not isinstance(inputs, dict):
+        raise BadRequest(f"inputs must be a dict of input name -> array, got {type(inputs).__name__}")
+    takes = [s.name for s in model.inputs]
+    missing = [n for n in takes if n not in inputs]
+    unknown = sorted(str(n) for n in inputs if n not in takes)
+    if missing or unknown:
+        parts = ([f"missing input(s) {missing}"] if missing else []) + (
+            [f"unknown input(s) {unknown}"] if unknown else [])
+        raise BadRequest(f"{'; '.join(parts)}; model {model.name!r} takes inputs {takes}")
+    return {s.name: _conform(s, np.asarray(inputs[s.name])) for s in model.inputs}
+
+
+def _conform(spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
+    try:
+        want = np.dtype(spec.dtype)
+    except TypeError:  # a dtype numpy does not know: let the session judge
+        return arr
+    got = arr.dtype
+    if got == want:
+        return arr
+    what = f"input {spec.name!r} takes {datatype_of(want)}"
+    if want.kind == "f" and got.kind in "fiu":
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = arr.astype(want)
+        if got.kind == "f" and got.itemsize > want.itemsize and bool(np.any(np.isinf(out) & np.isfinite(arr))):
+            raise BadRequest(f"{what}: values overflow {datatype_of(want)}")
+        return out
+    if want.kind in "iu" and got.kind in "iu":
+        info = np.iinfo(want)
+        if arr.size and (int(arr.min()) < info.min or int(arr.max()) > info.max):
+            raise BadRequest(f"{what}: values outside its range [{info.min}, {info.max}]")
+        return arr.astype(want)
+    if want.kind in "iu" and got.kind == "f":
+        raise BadRequest(f"{what}; got {datatype_of(got)} data (floats are not converted to integers)")
+    raise BadRequest(f"{what}; got {datatype_of(got)} data")
+
+
+def _describe(model: LoadedModel | None) -> str:
+    return "nothing" if model is None else f"{model.name} v{model.version} ({model.fmt})"

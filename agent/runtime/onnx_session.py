@@ -89,6 +89,9 @@ class OnnxSession:
             import onnxruntime as ort
         except ImportError as e:
             raise RuntimeUnavailable(f"onnxruntime is not installed: {e}") from e
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+        self._invalid_argument: type[Exception] = InvalidArgument
         path = Path(path)
         if not path.is_file():
             raise RuntimeUnavailable(f"onnxruntime cannot load {path}: no such file")
@@ -130,11 +133,16 @@ class OnnxSession:
         rows = {a.shape[0] for a in arrays.values() if a.ndim > 0}
         if self._batch_one and rows == {0}:
             raise ValueError("empty batch: feeds have 0 rows")
-        if self._batch_one and rows and max(rows) > 1:
-            n = rows.pop()
-            parts = [self._sess.run(self._out_names, {k: v[i:i + 1] for k, v in arrays.items()}) for i in range(n)]
-            return [np.concatenate([p[j] for p in parts], axis=0) for j in range(len(self._out_names))]
-        return list(self._sess.run(self._out_names, arrays))
+        try:
+            if self._batch_one and rows and max(rows) > 1:
+                n = rows.pop()
+                parts = [self._sess.run(self._out_names, {k: v[i:i + 1] for k, v in arrays.items()})
+                         for i in range(n)]
+                return [np.concatenate([p[j] for p in parts], axis=0) for j in range(len(self._out_names))]
+            return list(self._sess.run(self._out_names, arrays))
+        except self._invalid_argument as e:
+            # the values, not the model, are wrong (e.g. a token id past the embedding table): the caller's error
+            raise ValueError(f"onnxruntime refused the inputs: {str(e).strip().splitlines()[0]}") from e
 
     def _validate(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check names, per-sample shapes and dtype kinds; return feeds keyed by artifact name, cast."""

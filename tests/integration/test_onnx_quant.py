@@ -381,3 +381,11 @@ def test_copy_self_contained_inlines_external_data(cnn: tuple, tmp_path: Path) -
     np.testing.assert_array_equal(OnnxSession(dst).run({"x": x})[0], OnnxSession(path).run({"x": x})[0])
     with pytest.raises(InputError, match="cannot read ONNX model"):
         copy_self_contained(tmp_path / "nope.onnx", tmp_path / "out.onnx")
+
+
+def test_token_ids_past_the_vocabulary_are_a_caller_error(encoder: tuple) -> None:
+    s = OnnxSession(encoder[1])
+    feeds = _tokens(np.random.default_rng(2), 1)
+    feeds["input_ids"] = feeds["input_ids"] + 10**6  # far past the embedding table
+    with pytest.raises(ValueError, match="onnxruntime refused the inputs"):
+        s.run(feeds)

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := out/demo
 
-.PHONY: venv test lint unit demo bench clean
+.PHONY: venv test lint unit demo bench bench-transfer bench-agent clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,12 @@ demo: venv
 
 bench: venv
 	$(BIN)/python benchmarks/packager_bench.py --out benchmarks/results/packager.json
+
+bench-transfer: venv
+	$(BIN)/python benchmarks/transfer_bench.py --out benchmarks/results/transfer.json
+
+bench-agent: venv
+	$(BIN)/python benchmarks/agent_bench.py --out benchmarks/results/agent.json
 
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache

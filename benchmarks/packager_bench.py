@@ -25,13 +25,11 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python benchmarks/packager_bench.py` from anywhere
     sys.path.insert(0, str(REPO))
+
+from benchmarks._machine import load_average, machine_info  # noqa: E402 - needs REPO on sys.path
 
 log = logging.getLogger("packager_bench")
 
@@ -55,11 +55,6 @@ BERT_SEQ_LEN = 32
 BERT_CALIB_ROWS = 128
 BERT_EVAL_ROWS = 128
 MAX_EXPORT_BATCH = 1024
-# Flags that decide which int8 kernels the runtimes can use (x86: /proc/cpuinfo "flags"; arm: "Features").
-INT8_FLAGS = ("sse4_1", "ssse3", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-              "avx_vnni_int8", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "sve",
-              "sve2", "bf16")
-DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
 
 
 # --------------------------------------------------------------------------------------------- targets
@@ -93,58 +88,6 @@ class Target:
 
 def _fmt(v: float) -> str:
     return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
-
-
-# --------------------------------------------------------------------------------------------- machine
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, the int8-relevant ISA flags and the runtime versions, from /proc/cpuinfo and metadata."""
-    fields: dict[str, str] = {}
-    flags: list[str] = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, sep, value = line.partition(":")
-            key = key.strip()
-            if not sep:
-                if fields:  # first processor block is enough
-                    break
-                continue
-            if key in ("flags", "Features") and not flags:
-                flags = value.split()
-            elif key not in fields:
-                fields[key] = value.strip()
-    except OSError:
-        pass
-    present = set(flags)
-    versions: dict[str, str | None] = {}
-    for dist in ("onnxruntime", "ai-edge-litert", "torch", "litert-torch", "onnx", "numpy"):
-        try:
-            versions[dist] = version(dist)
-        except PackageNotFoundError:
-            versions[dist] = None
-    dot = [f for f in DOT_PRODUCT_FLAGS if f in present]
-    return {
-        "cpu": fields.get("model name") or fields.get("Model") or platform.processor() or platform.machine(),
-        "vendor": fields.get("vendor_id") or fields.get("CPU implementer"),
-        "cpu_family": fields.get("cpu family"), "cpu_model": fields.get("model") or fields.get("CPU part"),
-        "stepping": fields.get("stepping"), "virtualized": "hypervisor" in present,
-        "machine": platform.machine(), "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "isa_flags": [f for f in INT8_FLAGS if f in present],
-        "int8_dot_product": dot,
-        "int8_summary": (f"int8 dot-product instructions present ({', '.join(dot)})" if dot
-                         else "no int8 dot-product instructions (no VNNI / AMX / asimddp / i8mm)"),
-        "python": platform.python_version(), "os": f"{platform.system()} {platform.release()}",
-        "versions": versions,
-    }
-
-
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 # --------------------------------------------------------------------------------------------- helpers

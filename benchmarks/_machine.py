@@ -1,0 +1,70 @@
+"""What machine a benchmark ran on: shared by the scripts in `benchmarks/`, recorded in every results JSON.
+
+Import it as `benchmarks._machine` after putting the repository root on `sys.path` (the scripts do that first).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+# Flags that decide which int8 kernels the runtimes can use (x86: /proc/cpuinfo "flags"; arm: "Features").
+INT8_FLAGS = ("sse4_1", "ssse3", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+              "avx_vnni_int8", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "sve",
+              "sve2", "bf16")
+DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+RUNTIME_DISTS = ("onnxruntime", "ai-edge-litert", "torch", "litert-torch", "onnx", "numpy")
+
+
+def machine_info(isa_flags: Sequence[str] = INT8_FLAGS, dists: Sequence[str] = RUNTIME_DISTS) -> dict[str, Any]:
+    """CPU model, cores, which of `isa_flags` the CPU has, and the versions of `dists`, from /proc/cpuinfo and
+    package metadata. The defaults are the int8-relevant flags and the inference runtimes."""
+    fields: dict[str, str] = {}
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, sep, value = line.partition(":")
+            key = key.strip()
+            if not sep:
+                if fields:  # first processor block is enough
+                    break
+                continue
+            if key in ("flags", "Features") and not flags:
+                flags = value.split()
+            elif key not in fields:
+                fields[key] = value.strip()
+    except OSError:
+        pass
+    present = set(flags)
+    versions: dict[str, str | None] = {}
+    for dist in dists:
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            versions[dist] = None
+    dot = [f for f in DOT_PRODUCT_FLAGS if f in present]
+    return {
+        "cpu": fields.get("model name") or fields.get("Model") or platform.processor() or platform.machine(),
+        "vendor": fields.get("vendor_id") or fields.get("CPU implementer"),
+        "cpu_family": fields.get("cpu family"), "cpu_model": fields.get("model") or fields.get("CPU part"),
+        "stepping": fields.get("stepping"), "virtualized": "hypervisor" in present,
+        "machine": platform.machine(), "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "isa_flags": [f for f in isa_flags if f in present],
+        "int8_dot_product": dot,
+        "int8_summary": (f"int8 dot-product instructions present ({', '.join(dot)})" if dot
+                         else "no int8 dot-product instructions (no VNNI / AMX / asimddp / i8mm)"),
+        "python": platform.python_version(), "os": f"{platform.system()} {platform.release()}",
+        "versions": versions,
+    }
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []

@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from agent.fsutil import write_atomic
 from packager.errors import ConversionError
 
 logger = logging.getLogger(__name__)
@@ -171,27 +171,6 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
     finally:
         if switched:
             module.train(was_training)
-
-
-def _write_atomic(data: bytes, out_path: Path) -> None:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(out_path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def _check_loadable(content: bytes) -> list[str]:
@@ -368,7 +347,8 @@ def convert_int8_tflite(
     with _CONVERT_LOCK, _quiet_conversion():
         content = _convert(module, args, calib_batches, per_channel)
     try:
-        _write_atomic(content, out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_path, content)
     except OSError as e:
         raise ConversionError(f"TFLite conversion failed: cannot write {out_path}: {e.strerror or e}") from e
     logger.info("wrote int8 TFLite model %s (%d bytes) in %.1f s", out_path, len(content), time.monotonic() - start)

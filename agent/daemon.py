@@ -50,6 +50,7 @@ from agent.state_store import StateStore
 
 log = logging.getLogger(__name__)
 
+MAX_BEFORE_CONNECT = 64  # events kept for the broker while it was never reachable yet; later ones are dropped
 EXIT_HUNG = 70  # the agent exits when a model hangs it; systemd restarts it and the crash counter decides
 
 
@@ -89,6 +90,8 @@ class Daemon:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.mqtt: Any = None
+        self._before_connect: list[tuple[str, dict[str, Any], bool]] = []  # published once connected
+        self._before_connect_lock = threading.Lock()
         self.source: BundleSource | None = None
         self.candidate: Candidate | None = None  # in memory only: CHECK is re-run after a restart
         self.downloaded: Path | None = None
@@ -122,7 +125,13 @@ class Daemon:
         self._publish(f"devices/{self.cfg.agent.device_id}/events", event, retain=False)
 
     def _publish(self, leaf: str, payload: dict[str, Any], retain: bool) -> None:
-        if self.mqtt is None or not self.mqtt.is_connected:
+        if self.mqtt is None:  # e.g. start() records the restart's transition before connecting: send it later
+            with self._before_connect_lock:
+                if self.mqtt is None:
+                    if len(self._before_connect) < MAX_BEFORE_CONNECT:
+                        self._before_connect.append((leaf, payload, retain))
+                    return
+        if not self.mqtt.is_connected:
             return
         try:
             self.mqtt.publish(self.mqtt.topics.prefix + leaf, json.dumps(payload).encode(), retain=retain, qos=1,
@@ -364,23 +373,54 @@ class Daemon:
         self.http.start()
         log.info("serving OIP v2 on http://%s:%d", host or "127.0.0.1", self.http.port)
 
-    def _connect(self) -> None:
+    def _new_client(self) -> Any:
         from agent.mqtt_client import MqttClient, Topics, Will
 
         dev = self.cfg.agent.device_id
         topics = Topics(self.cfg.topic_prefix)
         will = Will(topics.prefix + f"devices/{dev}/state",
                     json.dumps({"status": "offline", "device": dev}).encode(), retain=True, qos=1)
-        client = MqttClient(self.cfg.mqtt.url, f"edge-agent-{dev}", prefix=topics,
-                            ca_file=self.cfg.mqtt.ca_file or None, will=will)
+        return MqttClient(self.cfg.mqtt.url, f"edge-agent-{dev}", prefix=topics,
+                          ca_file=self.cfg.mqtt.ca_file or None, will=will)
+
+    def _connect(self) -> None:
+        client = self._new_client()
         try:
             client.connect(timeout=self.cfg.mqtt.connect_timeout_s)
         except TransportError as e:
+            # paho reconnects on its own only after a first successful connect: until then, retry here
             log.warning("broker unreachable (%s); serving locally, retrying in the background", e)
-        self.mqtt = client
-        self._notify_sub = client.subscribe_stream([topics.notify]) if client.is_connected else None
-        self._infer_sub = client.subscribe_stream([topics.prefix + f"devices/{dev}/infer/request"]) \
-            if client.is_connected else None
+            threading.Thread(target=self._connect_later, name="mqtt-connect", daemon=True).start()
+            return
+        self._attach(client)
+
+    def _connect_later(self) -> None:
+        delay = 1.0
+        while not self.stopping.wait(delay):
+            client = self._new_client()
+            try:
+                client.connect(timeout=self.cfg.mqtt.connect_timeout_s)
+                self._attach(client)
+            except TransportError as e:
+                client.close()
+                log.debug("broker still unreachable: %s", e)
+                delay = min(2 * delay, 30.0)
+                continue
+            log.info("connected to the broker")
+            self._birth(self.store.load())
+            self.wake.set()  # check for a deployment now
+            return
+
+    def _attach(self, client: Any) -> None:
+        """Use a connected client: subscribe, send what was recorded before, serve MQTT requests."""
+        topics, dev = client.topics, self.cfg.agent.device_id
+        self._notify_sub = client.subscribe_stream([topics.notify])
+        self._infer_sub = client.subscribe_stream([topics.prefix + f"devices/{dev}/infer/request"])
+        with self._before_connect_lock:
+            self.mqtt = client
+            pending, self._before_connect = self._before_connect, []
+        for leaf, payload, retain in pending:
+            self._publish(leaf, payload, retain)
         threading.Thread(target=self._notify_loop, name="notify", daemon=True).start()
         threading.Thread(target=self._infer_loop, name="mqtt-infer", daemon=True).start()
 
@@ -429,7 +469,12 @@ class Daemon:
         """Run transitions until the machine rests in IDLE (or the agent is asked to stop)."""
         self.store.save(ds)  # persist, then act
         while ds.state is not State.IDLE and not self.stopping.is_set():
-            ds = self.step(ds)
+            try:
+                ds = self.step(ds)
+            except SystemExit:
+                if not self.stopping.is_set():
+                    raise
+                break  # a stop request ended probation early: shut down cleanly; PROBATION resumes after restart
         return ds
 
     def shutdown(self, ds: DeployState) -> None:

@@ -199,6 +199,9 @@ class Daemon:
         if ref is None:
             self.holder.swap(None)
             return
+        serving = self.holder.get()
+        if serving is not None and serving is self.models.get(ref.sha256):
+            return  # already serving it: no swap, the request stats keep their window
         model = self.models.get(ref.sha256)
         if model is None:
             model = self._loaded(ref, self._stage(ref, warm_runs=5, timing_runs=20))
@@ -208,24 +211,23 @@ class Daemon:
 
     def step(self, ds: DeployState) -> DeployState:
         """Do the work of `ds.state` and persist the resulting state (one transition)."""
-        at = self.clock()
         state = ds.state
         try:
             if state is State.CHECK:
-                return self._save(ds, self._check(ds, at))
+                return self._save(ds, self._check(ds))
             if state is State.DOWNLOAD:
                 self.downloaded = self._source().download(self._candidate(ds))
-                return self._save(ds, apply(ds, Event.OK, at=at))
+                return self._save(ds, apply(ds, Event.OK, at=self.clock()))
             if state is State.VERIFY:
                 cand = self._candidate(ds)
                 path = self.downloaded or self._source().download(cand)
                 assert ds.candidate is not None
                 self._source().verify(cand, path, extract_to=Path(ds.candidate.path))
-                return self._save(ds, apply(ds, Event.OK, at=at))
+                return self._save(ds, apply(ds, Event.OK, at=self.clock()))
             if state is State.STAGE:
                 assert ds.candidate is not None
                 self.staged = self._stage(ds.candidate, warm_runs=20, timing_runs=100)
-                new = on_staged(ds, self.staged.fmt, at=at)
+                new = on_staged(ds, self.staged.fmt, at=self.clock())
                 self.store.save(new)
                 self._emit(state, new, {"staging": self.staged.to_event()})
                 return new
@@ -236,18 +238,20 @@ class Daemon:
                     self._serve(ds.candidate)
                 else:
                     self.holder.swap(model)
-                return self._save(ds, apply(ds, Event.OK, at=at))
+                return self._save(ds, apply(ds, Event.OK, at=self.clock()))
             if state is State.PROBATION:
                 self._probation(ds)
                 return self._save(ds, apply(ds, Event.PASSED, at=self.clock()))
             if state is State.COMMIT:
-                new = self._save(ds, apply(ds, Event.OK, at=at, keep=self.cfg.deploy.keep))
+                new = self._save(ds, apply(ds, Event.OK, at=self.clock(), keep=self.cfg.deploy.keep))
+                # only the serving model stays loaded; a rollback to an older kept bundle reloads it from disk
+                self.models = {k: m for k, m in self.models.items() if m is self.holder.get()}
                 self._birth(new)
                 return new
             if state is State.ROLLBACK:
                 self._serve(ds.current)
                 self.staged = None
-                new = self._save(ds, apply(ds, Event.OK, at=at))
+                new = self._save(ds, apply(ds, Event.OK, at=self.clock()))
                 self._birth(new)
                 return new
         except ProbationFailed as e:
@@ -256,6 +260,9 @@ class Daemon:
         except Exception as e:
             event, reason = failure_event(state, e)
             log.warning("%s failed: %s (%s)", state.value, e, reason)
+            if state is State.CHECK:
+                # nothing was being deployed: a failed check is "no update this time", not a rollback
+                return self._save(ds, apply(ds, Event.NO_UPDATE, f"check_failed: {reason}", at=self.clock()))
             if state in (State.ACTIVATE,):
                 self._serve_current_quietly(ds)
             return self._save(ds, apply(ds, event, reason, at=self.clock()))
@@ -277,17 +284,17 @@ class Daemon:
             self.source = BundleSource(self.cfg, fetcher, "mqtt")
         return self.source
 
-    def _check(self, ds: DeployState, at: float) -> DeployState:
+    def _check(self, ds: DeployState) -> DeployState:
         try:
             cand = self._source().check()
         except BundleRejected as e:
             if e.reason == "not_found":  # no deployment for this group yet
-                return on_update_found(ds, None, at=at)
+                return on_update_found(ds, None, at=self.clock())
             raise
         self.candidate, self.downloaded, self.staged = cand, None, None
         ref = BundleRef(cand.name, cand.version, cand.sha256,
                         str(release_dir(self.state_dir, cand.name, cand.version, cand.sha256)))
-        return on_update_found(ds, ref, at=at)
+        return on_update_found(ds, ref, at=self.clock())
 
     def _candidate(self, ds: DeployState) -> Candidate:
         """The candidate's signed info: from this run's CHECK, or a fresh CHECK after a restart."""

@@ -114,8 +114,11 @@ class BundleSource:
     def verify(self, cand: Candidate, path: Path, extract_to: Path | None = None) -> Manifest:
         """Check the bundle's own manifest and hashes (and unpack it); only then record the deployment."""
         try:
-            if extract_to is not None and extract_to.exists():
-                shutil.rmtree(extract_to)  # a half-finished earlier attempt: verify_bundle never merges
+            if extract_to is not None:
+                # leftovers of an attempt killed midway: the final directory, or verify_bundle's staging one
+                for stale in [extract_to, *extract_to.parent.glob(f".{extract_to.name}.*")]:
+                    if stale.is_dir():
+                        shutil.rmtree(stale)
             manifest = verify_bundle(path, dest=extract_to, max_bytes=self.cfg.limits.max_bundle_bytes).manifest
             if (manifest.name, manifest.version) != (cand.name, cand.version):
                 raise BundleRejected(f"{cand.bundle_tf.path} holds {manifest.name} v{manifest.version}, signed as "

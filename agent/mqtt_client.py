@@ -16,6 +16,7 @@ For a device daemon: a last `Will` (sent by the broker when the connection dies 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import re
@@ -24,7 +25,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -54,7 +55,14 @@ _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # 3.1.1 CONNA
 
 
 class ConnectionLost(TransportError):
-    """The broker connection dropped while an operation was waiting; paho reconnects on its own."""
+    """The broker connection dropped while an operation was waiting; paho reconnects on its own.
+
+    `bytes_received`: payload bytes the interrupted operation had already received (a retained read cut short by a
+    reconnect still cost them on the wire)."""
+
+    def __init__(self, message: str, bytes_received: int = 0) -> None:
+        super().__init__(message)
+        self.bytes_received = bytes_received
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -230,7 +238,7 @@ class _Route:
 
     exact: frozenset[str]
     wild: tuple[str, ...]
-    queue: queue.SimpleQueue[Message | None]
+    queue: queue.SimpleQueue[Message | TransportError | None]  # None: connection dropped or closed
     max_payload: int | None = None
     closed: bool = False  # set by MqttClient.close(): streams on it end
     oversize: dict[str, int] = field(default_factory=dict)  # topic -> refused payload size
@@ -245,6 +253,91 @@ class RetainedResult:
     messages: dict[str, bytes]
     oversize: dict[str, int]  # topics whose payload exceeded max_payload and was dropped unbuffered
     bytes_received: int
+
+
+class RetainedRead:
+    """One retained read in progress (`MqttClient.start_retained`): SUBSCRIBE sent, the barrier token published
+    once the SUBACK arrives. Take its messages in arrival order with `get()` or by iterating, until the token echoes
+    back; `close()` (always, also after an error) unsubscribes. Several may be open at once on one client: the
+    broker queues each one's messages behind the previous one's token, so the next read's data is already on its way
+    while the caller still works on this one.
+
+    `bytes_received` counts every payload byte delivered to this read so far (refused oversize ones too, not the
+    barrier token), whatever happens later: a read cut short by a reconnect still cost those bytes.
+    """
+
+    def __init__(self, client: MqttClient, route: _Route, topics: list[str], token: bytes, timeout: float) -> None:
+        self._client = client
+        self._route = route
+        self.topics = topics
+        self._token = token
+        self.timeout = timeout
+        self._deadline: float | None = None  # the timeout runs from the first take, not from the subscribe
+        self._seen: dict[str, bool] = {}  # topic -> holds a retained payload (False after a live delete)
+        self.done = False  # the barrier echoed: every retained message of `topics` came before it
+        self._closed = False
+        self._mids: list[int] = []  # SUBSCRIBEs whose SUBACK had not arrived when they were sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._route.bytes_received
+
+    @property
+    def oversize(self) -> dict[str, int]:
+        """Topics whose payload exceeded `max_payload` (dropped unbuffered) and had no acceptable one after."""
+        return {t: n for t, n in self._route.oversize.items() if not self._seen.get(t)}
+
+    def get(self, block: bool = True) -> Message | None:
+        """The next retained message (an empty payload is a live delete), or None once the barrier echoed.
+        `block=False`: None also when nothing is queued yet (for salvaging what already arrived). Raises
+        ConnectionLost when the connection dropped, TransportError when the barrier is late."""
+        if self.done:
+            return None
+        if self._closed:
+            raise TransportError("retained read already closed")
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.timeout
+        while True:
+            remaining = self._deadline - time.monotonic()
+            try:
+                item = self._route.queue.get(block, max(0.0, remaining))
+            except queue.Empty:
+                if not block:
+                    return None
+                raise TransportError(
+                    f"barrier echo did not arrive within {self.timeout:g}s reading {len(self.topics)} topics from "
+                    f"{self._client.url}"
+                ) from None
+            if item is None or isinstance(item, ConnectionLost):
+                raise ConnectionLost(
+                    f"connection to {self._client.url} lost while reading retained messages", self.bytes_received
+                )
+            if isinstance(item, TransportError):
+                raise item
+            if item.topic == self._client.barrier_topic:
+                if item.payload == self._token:
+                    self.done = True
+                    return None
+                continue  # another read's barrier
+            self._seen[item.topic] = bool(item.payload)
+            return item
+
+    def __iter__(self) -> Iterator[Message]:
+        while (item := self.get()) is not None:
+            yield item
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._client._remove_route(self._route)
+            self._client._forget_subacks(self)
+            self._client._unsubscribe(self.topics)
+
+    def __enter__(self) -> RetainedRead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class PublishHandle:
@@ -299,7 +392,7 @@ class Subscription:
                 item = self._route.queue.get(timeout=remaining)
             except queue.Empty:
                 return None
-            if item is not None and not self.closed:
+            if isinstance(item, Message) and not self.closed:
                 return item
         return None
 
@@ -406,6 +499,8 @@ class MqttClient:
         self._publish_failures: dict[int, str] = {}
         self._routes: list[_Route] = []
         self._sub_refs: dict[str, int] = {}
+        self._suback_hooks: dict[int, Callable[[list[int]], None]] = {}  # SUBSCRIBE mid -> what its SUBACK starts
+        self._barriers_due: set[int] = set()  # ids of retained reads whose barrier token is not published yet
         self.bytes_received = 0  # every payload byte that reached on_message
 
     # ---- lifecycle
@@ -503,6 +598,8 @@ class MqttClient:
             routes = list(self._routes)
             self._routes.clear()
             self._sub_refs.clear()  # a later connect() starts without stale subscriptions
+            self._suback_hooks.clear()
+            self._barriers_due.clear()
             for r in routes:
                 r.closed = True
             self._cond.notify_all()
@@ -565,6 +662,8 @@ class MqttClient:
             self._generation += 1
             routes = list(self._routes)
             self._acks.clear()
+            self._suback_hooks.clear()  # their reads get the None below
+            self._barriers_due.clear()
             self._ignored_acks.clear()
             self._cond.notify_all()
         for r in routes:
@@ -609,8 +708,26 @@ class MqttClient:
             if mid in self._ignored_acks:
                 self._ignored_acks.discard(mid)
                 return
-            # stored even before the caller registered interest: the ack can beat paho's subscribe() return
-            self._acks[mid] = codes
+            hook = self._suback_hooks.pop(mid, None)
+            if hook is None:
+                # stored even before the caller registered interest: the ack can beat paho's subscribe() return
+                self._acks[mid] = codes
+                self._cond.notify_all()
+                return
+        hook(codes)
+
+    def _forget_subacks(self, read: RetainedRead) -> None:
+        """Nobody waits for the SUBACKs of `read` any more (it was closed)."""
+        with self._cond:
+            for mid in read._mids:
+                if self._suback_hooks.pop(mid, None) is not None:
+                    self._ignored_acks.add(mid)
+            self._barrier_out(read)
+
+    def _barrier_out(self, read: RetainedRead) -> None:
+        """`read` no longer holds back later reads (its barrier was published, or it failed); hold the lock."""
+        if id(read) in self._barriers_due:
+            self._barriers_due.discard(id(read))
             self._cond.notify_all()
 
     def _ignore_ack(self, mid: int | None) -> None:
@@ -718,47 +835,115 @@ class MqttClient:
 
     # ---- public operations
 
-    def fetch_retained(
+    def start_retained(
         self, topics: list[str], timeout: float = 10.0, max_payload: int | None = None
+    ) -> RetainedRead:
+        """Begin a retained read of `topics` and return at once, without waiting for the broker (see
+        `RetainedRead`): the caller can go on taking the messages of an earlier read meanwhile.
+
+        Subscribe to all at once; when the SUBACK arrives, publish a token to our barrier topic (from paho's thread):
+        the broker delivers a connection's messages in order, so once the token echoes every retained message of
+        `topics` is here. Payloads larger than `max_payload` are dropped before they are queued (see `oversize`).
+        A refused subscription, a lost connection or a late barrier is raised by the read's `get()`.
+        """
+        topics = list(dict.fromkeys(validate_topic(t) for t in topics))
+        token = uuid.uuid4().hex.encode()
+        route = self._add_route([*topics, self.barrier_topic], max_payload)
+        read = RetainedRead(self, route, topics, token, timeout)
+        if not topics:
+            read.done = True
+            read.close()
+            return read
+        parts = [topics[i : i + MAX_TOPICS_PER_SUBSCRIBE] for i in range(0, len(topics), MAX_TOPICS_PER_SUBSCRIBE)]
+        waiting = [len(parts)]  # SUBACKs still to come, counted down on paho's thread
+
+        def on_suback(part: list[str], codes: list[int]) -> None:
+            refused = [f for f, c in zip(part, codes, strict=False) if c >= 0x80]
+            if refused:
+                route.queue.put(TransportError(
+                    f"broker refused subscription to {refused[0]} (and {len(refused) - 1} more)"))
+            else:
+                with self._lock:
+                    waiting[0] -= 1
+                    if waiting[0] > 0:
+                        return
+                try:
+                    self.publish(self.barrier_topic, token, retain=False, qos=1, wait=False)
+                except TransportError as e:
+                    route.queue.put(e)
+            with self._cond:
+                self._barrier_out(read)
+
+        # Keep this SUBSCRIBE behind the barrier of any read still waiting for its SUBACK: the broker then sends
+        # read after read (messages, token, next messages, ...), never a later read's messages before an earlier
+        # read's token. Usually nothing to wait for: the earlier read's SUBACK came while its caller was busy.
+        deadline = time.monotonic() + timeout
+        failure: TransportError | None = None
+        with self._cond:
+            generation = self._generation
+            while self._barriers_due and failure is None:
+                remaining = deadline - time.monotonic()
+                if self._generation != generation:
+                    failure = ConnectionLost(f"connection to {self.url} lost before reading retained messages")
+                elif remaining <= 0:
+                    failure = TransportError(f"no SUBACK from {self.url} within {timeout:g}s for an earlier read")
+                else:
+                    self._cond.wait(remaining)
+            if failure is None:
+                self._barriers_due.add(id(read))
+                for t in topics:  # read.close() drops these again
+                    self._sub_refs[t] = self._sub_refs.get(t, 0) + 1
+        if failure is not None:
+            read._closed = True  # nothing to unsubscribe
+            self._remove_route(route)
+            raise failure
+        try:
+            client = self._client()
+            for part in parts:
+                rc, mid = client.subscribe(self._sub_spec(part))
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+                    raise ConnectionLost(f"cannot subscribe on {self.url}: {paho.error_string(rc)}")
+                with self._lock:
+                    codes = self._acks.pop(mid, None)  # already here: paho's thread was quicker than this one
+                    if codes is None:
+                        self._suback_hooks[mid] = functools.partial(on_suback, part)
+                        read._mids.append(mid)
+                if codes is not None:
+                    on_suback(part, codes)
+        except BaseException as e:
+            read.close()
+            if isinstance(e, ConnectionLost):
+                raise ConnectionLost(str(e), route.bytes_received) from e
+            raise
+        return read
+
+    def fetch_retained(
+        self,
+        topics: list[str],
+        timeout: float = 10.0,
+        max_payload: int | None = None,
+        on_message: Callable[[Message], None] | None = None,
     ) -> RetainedResult:
         """Retained messages of `topics`, with what was refused for exceeding `max_payload` and the byte count.
 
-        Subscribe to all at once, wait for SUBACK, publish a token to our barrier topic and read until it echoes:
-        the broker delivers a connection's messages in order, so by then every retained message is here.
+        `on_message`, when given, is called in the caller's thread with each message as it is taken from the queue
+        (before the barrier: the caller can act on every message the moment it arrives); those messages are then
+        not kept in the result, whose `messages` stays empty. A live delete arrives as an empty payload.
+        `ConnectionLost` carries the bytes received before the connection dropped.
         """
-        topics = list(dict.fromkeys(validate_topic(t) for t in topics))
-        if not topics:
-            return RetainedResult({}, {}, 0)
-        token = uuid.uuid4().hex.encode()
-        route = self._add_route([*topics, self.barrier_topic], max_payload)
-        deadline = time.monotonic() + timeout
+        read = self.start_retained(topics, timeout, max_payload)
         messages: dict[str, bytes] = {}
         try:
-            self._subscribe(topics, timeout)
-            self.publish(self.barrier_topic, token, retain=False, qos=1, wait=False)
-            while True:
-                remaining = deadline - time.monotonic()
-                try:
-                    item = route.queue.get(timeout=max(0.0, remaining))
-                except queue.Empty:
-                    raise TransportError(
-                        f"barrier echo did not arrive within {timeout:g}s reading {len(topics)} topics from {self.url}"
-                    ) from None
-                if item is None:
-                    raise ConnectionLost(f"connection to {self.url} lost while reading retained messages")
-                if item.topic == self.barrier_topic:
-                    if item.payload == token:
-                        break
-                    continue  # another caller's barrier
-                if item.payload:
+            for item in read:
+                if on_message is not None:
+                    on_message(item)
+                elif item.payload:
                     messages[item.topic] = item.payload
                 else:
                     messages.pop(item.topic, None)  # a live delete
         finally:
-            self._remove_route(route)
-            self._unsubscribe(topics)
-        oversize = {t: n for t, n in route.oversize.items() if t not in messages}
-        return RetainedResult(messages, oversize, route.bytes_received)
+            read.close()
+        return RetainedResult(messages, read.oversize, read.bytes_received)
 
     def get_retained(self, topics: list[str], timeout: float = 10.0) -> dict[str, bytes]:
         """Topic -> retained payload; topics without a retained message are absent."""

@@ -2,16 +2,26 @@
 
 Metadata `mqtt:///tuf/<file>` is the retained message on `<prefix>tuf/<file>`; none there is a 404. A target
 `mqtt:///targets/<dir>/<sha256>.<name>` is the chunks `<prefix>targets/<sha256>/<i>`, checked one by one against the
-signed chunk plan the caller registers with `expect()` first. Verified chunks are kept under `chunk_dir/<sha256>/<i>`,
-so an interrupted download (cut connection, agent restart) only fetches what is still missing.
+signed chunk plan the caller registers with `expect()` first.
+
+Each chunk that verifies is stored as `chunk_dir/<sha256>/<i>` the moment it is taken from the queue (before the next
+one is taken), then handed on from memory; an interrupted download (cut connection, agent killed) fetches again only
+what had not been stored.
+
+Chunks are read in batches, `pipeline` batches subscribed at once: the broker already sends the next batch while the
+agent works on this one, and the messages outstanding stay few (mosquitto drops QoS 1 messages queued for a client
+beyond its inflight + queue limits). Per-batch barriers still tell a chunk missing on the broker from one still on its
+way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -20,11 +30,13 @@ from tuf.ngclient.fetcher import FetcherInterface
 
 from agent.chunks import MAX_CHUNK_SIZE, ChunkPlan, is_sha256
 from agent.errors import TransportError
-from agent.mqtt_client import ConnectionLost, MqttClient, RetainedResult, Topics
+from agent.mqtt_client import ConnectionLost, Message, MqttClient, RetainedRead, RetainedResult, Topics
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH = 16  # chunks subscribed at once: bounds memory (16 x 128 KiB) and the broker's per-client queue
+DEFAULT_BATCH = 16  # chunks per subscription (and per barrier)
+DEFAULT_PIPELINE = 2  # batches subscribed at once: at most 2 x 16 x 128 KiB outstanding, well inside the broker's
+# per-client limits (mosquitto: 20 inflight + 100 queued in 1.x, + 1000 in 2.x)
 
 
 class FetchError(TransportError, DownloadError):
@@ -50,8 +62,8 @@ def parse_tuf_url(url: str) -> tuple[str, str]:
 class MqttFetcher(FetcherInterface):
     """Fetch TUF metadata and chunked targets from retained MQTT topics.
 
-    `bytes_received` counts every payload byte that came over the wire (refused ones too); `chunks_stored` counts
-    verified chunks written to `chunk_dir`.
+    `bytes_received` counts every payload byte that came over the wire (refused ones too, and those of reads cut
+    short by a reconnect); `chunks_stored` counts verified chunks written to `chunk_dir`.
     """
 
     def __init__(
@@ -64,14 +76,18 @@ class MqttFetcher(FetcherInterface):
         batch_size: int = DEFAULT_BATCH,
         max_chunk_size: int = MAX_CHUNK_SIZE,
         reconnect_attempts: int = 3,
+        pipeline: int = DEFAULT_PIPELINE,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if pipeline < 1:
+            raise ValueError("pipeline must be >= 1")
         self.client = client
         self.topics = topics or client.topics
         self.chunk_dir = Path(chunk_dir)
         self.timeout = timeout
         self.batch_size = batch_size
+        self.pipeline = pipeline
         self.max_chunk_size = max_chunk_size
         self.reconnect_attempts = reconnect_attempts
         self.bytes_received = 0
@@ -124,16 +140,18 @@ class MqttFetcher(FetcherInterface):
             raise DownloadHTTPError(f"{url} not found: no retained message on {topic}", 404)
         return payload
 
-    # ---- targets
+    def _wait_connected(self, what: str) -> None:
+        if not self.client.is_connected and not self.client.wait_connected(self.timeout):
+            raise FetchError(f"not connected to {self.client.url} (waited {self.timeout:g}s) fetching {what}")
 
     def _retained(self, topics: list[str], max_payload: int | None, what: str) -> RetainedResult:
         """fetch_retained, waiting out broker reconnects (paho reconnects by itself) a few times."""
         for attempt in range(self.reconnect_attempts + 1):
             try:
-                if not self.client.is_connected and not self.client.wait_connected(self.timeout):
-                    raise FetchError(f"not connected to {self.client.url} (waited {self.timeout:g}s) fetching {what}")
+                self._wait_connected(what)
                 result = self.client.fetch_retained(topics, self.timeout, max_payload=max_payload)
             except ConnectionLost as e:
+                self.bytes_received += e.bytes_received
                 if attempt == self.reconnect_attempts:
                     raise FetchError(f"connection to {self.client.url} kept dropping while fetching {what}") from e
                 log.info("connection lost while fetching %s; retrying after reconnect", what)
@@ -146,10 +164,7 @@ class MqttFetcher(FetcherInterface):
             return result
         raise AssertionError("unreachable")
 
-    def _dir(self, plan: ChunkPlan) -> Path:
-        d = self.chunk_dir / plan.sha256
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+    # ---- targets: chunk files
 
     def _scan(self, plan: ChunkPlan) -> set[int]:
         """Chunks on disk with the right size; stray temp files and wrong sizes are removed."""
@@ -165,81 +180,180 @@ class MqttFetcher(FetcherInterface):
                 f.unlink(missing_ok=True)
         return have
 
-    def _store(self, plan: ChunkPlan, index: int, data: bytes) -> None:
-        d = self._dir(plan)
-        tmp = d / f".{index}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        # No fsync per chunk: after a power cut a torn chunk fails its hash when read back and is fetched again.
-        os.replace(tmp, d / str(index))
-        self.chunks_stored += 1
-
-    def _download(self, plan: ChunkPlan, indices: list[int]) -> None:
-        """Fetch `indices`, store those matching their signed hash; raise if any is missing or bad."""
-        topics = self.topics.chunks(plan.sha256, indices)
-        result = self._retained(topics, plan.chunk_size, f"target {plan.sha256[:12]} chunks {indices[0]}..")
-        problems: list[str] = []
-        reasons: set[str] = set()
-        for index, topic in zip(indices, topics, strict=True):
-            payload = result.messages.get(topic)
-            expected = plan.chunk_length(index)
-            if payload is None:
-                if topic in result.oversize:
-                    reasons.add("too_large")
-                    problems.append(
-                        f"chunk {index} is {result.oversize[topic]} bytes, more than the signed chunk size "
-                        f"{plan.chunk_size}: refused"
-                    )
-                else:
-                    reasons.add("not_found")
-                    problems.append(f"chunk {index} is missing on the broker")
-            elif len(payload) != expected:
-                reasons.add("too_large" if len(payload) > expected else "hash_mismatch")
-                problems.append(f"chunk {index} is {len(payload)} bytes, the signed plan says {expected}: discarded")
-            elif hashlib.sha256(payload).hexdigest() != plan.chunk_hashes[index]:
-                reasons.add("hash_mismatch")
-                problems.append(f"chunk {index} does not match its signed hash: discarded")
-            else:
-                self._store(plan, index, payload)
-        if problems:
-            for p in problems:
-                log.warning("target %s: %s", plan.sha256[:12], p)
-            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-            reason = next(r for r in ("too_large", "hash_mismatch", "not_found") if r in reasons)
-            raise FetchError(f"target {plan.sha256[:12]}: " + "; ".join(problems[:3]) + more, reason)
-
-    def _read(self, plan: ChunkPlan, index: int, just_stored: bool) -> bytes:
-        path = self.chunk_dir / plan.sha256 / str(index)
-        if just_stored:  # hashed on arrival moments ago; chunks from an earlier run are hashed again below
-            return path.read_bytes()
-        for attempt in range(2):
+    def _verified(self, plan: ChunkPlan) -> set[int]:
+        """Chunks stored by an earlier run that still match their signed hash. Chunks are written without fsync, so
+        after a crash or power cut one may be torn or empty: it is re-hashed here (cheap next to fetching it) and a
+        damaged one is deleted and fetched again."""
+        good: set[int] = set()
+        for index in sorted(self._scan(plan)):
+            path = self.chunk_dir / plan.sha256 / str(index)
             try:
                 data = path.read_bytes()
             except FileNotFoundError:
-                data = b""
-            if hashlib.sha256(data).hexdigest() == plan.chunk_hashes[index] and len(data) == plan.chunk_length(index):
-                return data
-            # damaged on disk (torn write, bit rot): fetch that one chunk again
-            path.unlink(missing_ok=True)
-            if attempt == 0:
+                continue
+            if hashlib.sha256(data).hexdigest() == plan.chunk_hashes[index]:
+                good.add(index)
+            else:
                 log.warning("stored chunk %d of %s is damaged; fetching it again", index, plan.sha256[:12])
-                self._download(plan, [index])
-        raise FetchError(f"target {plan.sha256[:12]}: chunk {index} keeps failing its hash on disk")
+                path.unlink(missing_ok=True)
+        return good
+
+    def _read_stored(self, plan: ChunkPlan, index: int) -> bytes:
+        path = self.chunk_dir / plan.sha256 / str(index)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        if len(data) != plan.chunk_length(index) or hashlib.sha256(data).hexdigest() != plan.chunk_hashes[index]:
+            path.unlink(missing_ok=True)  # changed on disk after it was checked: the next attempt fetches it
+            raise FetchError(f"target {plan.sha256[:12]}: stored chunk {index} changed on disk while in use")
+        return data
+
+    # ---- targets: download
 
     def _fetch_target(self, plan: ChunkPlan) -> Iterator[bytes]:
-        have = self._scan(plan)
-        missing = [i for i in range(plan.count) if i not in have]
-        if have:
-            log.info("target %s: resuming, %d of %d chunks already stored", plan.sha256[:12], len(have), plan.count)
-        pending = set(missing)
-        fresh = set(missing)
+        stored = self._verified(plan)
+        if stored:
+            log.info("target %s: resuming, %d of %d chunks already stored", plan.sha256[:12], len(stored), plan.count)
+        missing = [i for i in range(plan.count) if i not in stored]
+        ready: dict[int, bytes] = {}  # arrived, verified and stored in this run; not handed on yet
         position = 0
-        batches = [missing[k : k + self.batch_size] for k in range(0, len(missing), self.batch_size)]
-        for batch in [*batches, []]:
-            if batch:
-                self._download(plan, batch)
-                pending.difference_update(batch)
-            # yield in order whatever is now contiguous, straight from disk
-            while position < plan.count and position not in pending:
-                yield self._read(plan, position, position in fresh)
-                position += 1
+        if missing:
+            # closing(): a consumer that stops early (or an error) closes the reads still open at once
+            with contextlib.closing(self._receive(plan, missing, stored, ready)) as arrivals:
+                for _ in arrivals:
+                    # hand on in order whatever is now contiguous: fresh chunks from memory, older ones from disk
+                    while position < plan.count and position in stored:
+                        yield ready.pop(position) if position in ready else self._read_stored(plan, position)
+                        position += 1
+        while position < plan.count:
+            yield ready.pop(position) if position in ready else self._read_stored(plan, position)
+            position += 1
+
+    def _receive(
+        self, plan: ChunkPlan, missing: list[int], stored: set[int], ready: dict[int, bytes]
+    ) -> Generator[None, None, None]:
+        """Fetch `missing`, `pipeline` batches subscribed at once; store every chunk that verifies as soon as it is
+        taken from the queue (adding it to `stored` and `ready`) and yield after each. After a reconnect only what
+        is still missing is asked for. A batch whose barrier came with chunks missing or bad stops new batches; the
+        open ones are finished (their good chunks kept), then FetchError names the problems."""
+        label = f"target {plan.sha256[:12]}"
+        directory = self.chunk_dir / plan.sha256
+        directory.mkdir(parents=True, exist_ok=True)
+        todo = deque(self._batches(missing))
+        problems: list[tuple[str, str]] = []  # (reason, message)
+        drops = 0  # connection drops in a row without a chunk stored in between
+        while todo and not problems:
+            reads: deque[tuple[list[int], RetainedRead]] = deque()
+            progress = len(stored)
+            try:
+                self._wait_connected(f"{label} chunks {todo[0][0]}..")
+                while reads or (todo and not problems):
+                    while todo and not problems and len(reads) < self.pipeline:
+                        batch = todo.popleft()
+                        try:
+                            read = self.client.start_retained(
+                                self.topics.chunks(plan.sha256, batch), self.timeout, max_payload=plan.chunk_size
+                            )
+                        except BaseException:
+                            todo.appendleft(batch)
+                            raise
+                        reads.append((batch, read))
+                    batch, read = reads[0]
+                    names = dict(zip(read.topics, batch, strict=True))
+                    bad: dict[int, tuple[str, str]] = {}
+                    for msg in read:
+                        if self._accept(plan, names, msg, directory, stored, ready, bad):
+                            yield
+                    problems += self._batch_problems(plan, batch, read, stored, bad)
+                    reads.popleft()
+                    self._close(read)
+            except ConnectionLost as e:
+                for batch, read in reads:  # keep what already arrived for the open batches
+                    self._salvage(plan, batch, read, directory, stored, ready)
+                drops = 0 if len(stored) > progress else drops + 1
+                if drops > self.reconnect_attempts:
+                    raise FetchError(f"connection to {self.client.url} kept dropping while fetching {label}") from e
+                log.info("connection lost while fetching %s; %d of %d chunks stored, going on after reconnect",
+                         label, len(stored), plan.count)
+                problems = []  # asked again after the reconnect
+                todo = deque(self._batches([i for i in missing if i not in stored]))
+            except FetchError:
+                raise
+            except TransportError as e:
+                raise FetchError(f"fetching {label}: {e}") from e
+            finally:
+                for _, read in reads:
+                    self._close(read)
+        if problems:
+            for _, p in problems:
+                log.warning("%s: %s", label, p)
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            reasons = {r for r, _ in problems}
+            reason = next(r for r in ("too_large", "hash_mismatch", "not_found") if r in reasons)
+            raise FetchError(f"{label}: " + "; ".join(p for _, p in problems[:3]) + more, reason)
+
+    def _batches(self, indices: list[int]) -> list[list[int]]:
+        return [indices[k : k + self.batch_size] for k in range(0, len(indices), self.batch_size)]
+
+    def _close(self, read: RetainedRead) -> None:
+        read.close()
+        self.bytes_received += read.bytes_received
+
+    def _accept(
+        self, plan: ChunkPlan, names: dict[str, int], msg: Message, directory: Path, stored: set[int],
+        ready: dict[int, bytes], bad: dict[int, tuple[str, str]],
+    ) -> bool:
+        """Verify one chunk message against the signed plan; store it if it matches. True when it was stored."""
+        index = names.get(msg.topic)
+        payload = msg.payload
+        if index is None or not payload or index in stored:  # a live delete, or a chunk we already hold
+            return False
+        expected = plan.chunk_length(index)
+        if len(payload) != expected:
+            reason = "too_large" if len(payload) > expected else "hash_mismatch"
+            bad[index] = (reason, f"chunk {index} is {len(payload)} bytes, the signed plan says {expected}: discarded")
+            return False
+        if hashlib.sha256(payload).hexdigest() != plan.chunk_hashes[index]:
+            bad[index] = ("hash_mismatch", f"chunk {index} does not match its signed hash: discarded")
+            return False
+        # Whole under its name or not at all (a temporary file renamed). No fsync: after a crash a chunk file may be
+        # torn, and `_verified` re-hashes stored chunks on resume.
+        tmp = directory / f".{index}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, directory / str(index))
+        self.chunks_stored += 1
+        stored.add(index)
+        ready[index] = payload
+        bad.pop(index, None)
+        return True
+
+    def _salvage(
+        self, plan: ChunkPlan, batch: list[int], read: RetainedRead, directory: Path, stored: set[int],
+        ready: dict[int, bytes],
+    ) -> None:
+        """After a connection drop: store the chunks of `read` that had already arrived (they verify like any)."""
+        names = dict(zip(read.topics, batch, strict=True))
+        with contextlib.suppress(TransportError):  # ConnectionLost at the drop's marker in the queue
+            while (msg := read.get(block=False)) is not None:
+                self._accept(plan, names, msg, directory, stored, ready, {})
+
+    @staticmethod
+    def _batch_problems(
+        plan: ChunkPlan, batch: list[int], read: RetainedRead, stored: set[int], bad: dict[int, tuple[str, str]]
+    ) -> list[tuple[str, str]]:
+        """What is wrong with the chunks of a batch whose barrier arrived: refused, bad or missing on the broker."""
+        out: list[tuple[str, str]] = []
+        oversize = read.oversize
+        for index, topic in zip(batch, read.topics, strict=True):
+            if index in stored:
+                continue
+            if index in bad:
+                out.append(bad[index])
+            elif topic in oversize:
+                out.append(("too_large", f"chunk {index} is {oversize[topic]} bytes, more than the signed chunk size "
+                                         f"{plan.chunk_size}: refused"))
+            else:
+                out.append(("not_found", f"chunk {index} is missing on the broker"))
+        return out

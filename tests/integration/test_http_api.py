@@ -416,12 +416,36 @@ def test_malformed_framing_and_methods(served: InferenceServer, client: requests
     assert r.status_code == 200 and r.json()["model_version"] == "1"
 
 
-def test_model_failure_is_a_500_and_counted(served: InferenceServer, client: requests.Session,
-                                            stats: RequestStats) -> None:
-    # id 7 is past the embedding table: validation cannot know, onnxruntime fails inside the graph.
+def test_ids_past_the_vocabulary_are_a_400(served: InferenceServer, client: requests.Session,
+                                           stats: RequestStats) -> None:
+    # id 7 is past the embedding table: validation cannot know, onnxruntime refuses it inside the graph
     r = client.post(f"{served.url}/v2/models/{NAME}/infer", json=_body(ids=np.array([7])))
-    assert r.status_code == 500 and "failed to run" in r.json()["error"] and "Traceback" not in r.text
-    assert client.post(f"{served.url}/v2/models/{NAME}/infer", json=_body()).status_code == 200
+    assert r.status_code == 400 and "refused the inputs" in r.json()["error"]
+    snap = stats.snapshot()
+    assert (snap["rejected"], snap["errors"]) == (1, 0)  # the client's fault: not held against the model
+
+
+class _Breaks:
+    """A session whose runtime fails the way a broken native kernel does (not a bad-input ValueError)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.format, self.inputs, self.outputs = inner.format, inner.inputs, inner.outputs
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if int(np.asarray(feeds["ids"]).ravel()[0]) == 3:
+            raise RuntimeError("kernel exploded")
+        return list(self.inner.run(feeds))
+
+
+def test_model_failure_is_a_500_and_counted(models: tuple[LoadedModel, LoadedModel], stats: RequestStats,
+                                            client: requests.Session) -> None:
+    m = models[0]
+    holder = ModelHolder(LoadedModel(m.name, m.version, m.fmt, _Breaks(m.session)), stats=stats)
+    with InferenceServer(holder, stats, "127.0.0.1", 0, max_body=MAX_BODY, timeout=TIMEOUT_S) as served:
+        r = client.post(f"{served.url}/v2/models/{NAME}/infer", json=_body(ids=np.array([3])))
+        assert r.status_code == 500 and "failed to run" in r.json()["error"] and "Traceback" not in r.text
+        assert client.post(f"{served.url}/v2/models/{NAME}/infer", json=_body(ids=np.array([1]))).status_code == 200
     snap = stats.snapshot()
     assert (snap["count"], snap["ok"], snap["errors"], snap["error_rate"]) == (2, 1, 1, 0.5)
     assert snap["p50_ms"] is not None and snap["p50_ms"] > 0

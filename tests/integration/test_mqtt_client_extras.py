@@ -1,5 +1,6 @@
 """What the device daemon needs from MqttClient, against a real mosquitto: last will (and birth), MQTT 5
-request/response, streams across reconnects and on close, and a fire-and-forget publish that never blocks."""
+request/response, streams across reconnects and on close, a fire-and-forget publish that never blocks, and retained
+reads that hand over each message as it is taken, overlap, and keep their byte count when a reconnect cuts them."""
 
 from __future__ import annotations
 
@@ -276,6 +277,78 @@ def test_qos0_publish_never_blocks_when_the_broker_is_down(
     assert client.get_retained([telemetry], timeout=5) == {}
     client.publish(telemetry, b"back", retain=True, qos=1)
     assert client.get_retained([telemetry], timeout=5) == {telemetry: b"back"}
+
+
+# ---- retained reads: per-message callback, reads open at once, bytes of a read cut short
+
+
+def test_fetch_retained_hands_each_message_to_the_caller_as_it_is_taken(
+    mosquitto: Mosquitto, topics: Topics, connect: Callable[..., MqttClient]
+) -> None:
+    client = connect(mosquitto.url, topics, "dev")
+    names = [topics.device("dev-9", f"blob/{i}") for i in range(5)]
+    for i, name in enumerate(names):
+        client.publish(name, bytes([i]) * (1000 + i))
+    client.publish(names[4], b"x" * 5000)  # refused: larger than max_payload
+    seen: list[tuple[str, int, str]] = []
+    result = client.fetch_retained(
+        [*names, topics.device("dev-9", "blob/none")], timeout=5, max_payload=2000,
+        on_message=lambda m: seen.append((m.topic, len(m.payload), threading.current_thread().name)),
+    )
+    assert [(t, n) for t, n, _ in seen] == [(names[i], 1000 + i) for i in range(4)]  # in order, before the barrier
+    assert {thread for _, _, thread in seen} == {threading.current_thread().name}  # the caller's thread, not paho's
+    assert result.messages == {}  # handed over, not kept
+    assert result.oversize == {names[4]: 5000}
+    assert result.bytes_received == sum(1000 + i for i in range(4)) + 5000
+
+
+def test_retained_reads_overlap_and_count_their_own_bytes(
+    mosquitto: Mosquitto, topics: Topics, connect: Callable[..., MqttClient]
+) -> None:
+    client = connect(mosquitto.url, topics, "dev")
+    first = [topics.device("dev-10", f"a/{i}") for i in range(3)]
+    second = [topics.device("dev-10", f"b/{i}") for i in range(3)]
+    for name in first + second:
+        client.publish(name, name.encode())
+    a = client.start_retained(first, timeout=5)
+    b = client.start_retained(second, timeout=5)  # subscribed while a's messages are still queued
+    try:
+        assert [m.topic for m in a] == first and a.done
+        assert [m.topic for m in b] == second and b.done  # b's messages never went to a, nor a's barrier to b
+        assert a.bytes_received == sum(len(t) for t in first) and b.bytes_received == sum(len(t) for t in second)
+        assert b.get() is None  # stays finished
+    finally:
+        a.close()
+        b.close()
+    assert not client._routes  # closed reads are forgotten
+    client.publish(first[0], b"new")  # and unsubscribed: a later read sees only its own messages
+    assert client.fetch_retained(first[:1], timeout=5).messages == {first[0]: b"new"}
+
+
+def test_connection_lost_keeps_the_bytes_already_received(
+    mosquitto: Mosquitto, topics: Topics, connect: Callable[..., MqttClient]
+) -> None:
+    publisher = connect(mosquitto.url, topics, "pub")
+    names = [topics.device("dev-11", f"c/{i}") for i in range(40)]
+    for name in names:
+        publisher.publish(name, os.urandom(64 * 1024), wait=False)
+    publisher.publish(topics.notify, b"done")  # PUBACKed after every earlier publish
+    with _CuttableProxy(mosquitto.port) as proxy:
+        device = connect(proxy.url, topics, "dev")
+        seen: list[int] = []
+
+        def cut_at_first(msg: Message) -> None:
+            if not seen:
+                proxy.cut()  # the network dies while the read is under way
+            seen.append(len(msg.payload))
+
+        with pytest.raises(ConnectionLost) as err:
+            device.fetch_retained(names, timeout=10, on_message=cut_at_first)
+        # everything that arrived before the drop was handed over, and its bytes are on the exception
+        assert 0 < len(seen) < len(names)
+        assert err.value.bytes_received == sum(seen) > 0
+        assert device.wait_connected(10)
+        assert len(device.fetch_retained(names, timeout=10).messages) == len(names)
 
 
 # ---- helpers

@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python benchmarks/agent_bench.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks._machine import load_average, machine_info  # noqa: E402 - needs REPO on sys.path
+from benchmarks._common import Target, load_average, machine_info  # noqa: E402 - needs REPO on sys.path
 
 log = logging.getLogger("agent_bench")
 
@@ -92,38 +92,6 @@ MB = float(1 << 20)  # memory figures are MiB (what `ps`/psutil users read as MB
 
 
 # --------------------------------------------------------------------------------------------- targets
-
-
-@dataclass(frozen=True)
-class Target:
-    id: str
-    description: str
-    measured: float
-    limit: float
-    op: str  # "<=" or ">="
-    unit: str
-    note: str = ""
-
-    @property
-    def passed(self) -> bool:
-        return self.measured <= self.limit if self.op == "<=" else self.measured >= self.limit
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "description": self.description, "measured": self.measured, "op": self.op,
-                "limit": self.limit, "unit": self.unit, "pass": self.passed, "note": self.note}
-
-    def line(self) -> str:
-        verdict = "PASS" if self.passed else "MISS"
-        note = f"  -- {self.note}" if self.note and not self.passed else ""
-        unit = self.unit if self.unit in ("", "x") else f" {self.unit}"
-        return (f"{verdict}  {self.id:<24} {self.description}: measured {_fmt(self.measured)}{unit}, "
-                f"target {self.op} {_fmt(self.limit)}{unit}{note}")
-
-
-def _fmt(v: float) -> str:
-    if v != v:  # NaN
-        return "n/a"
-    return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
 
 
 # --------------------------------------------------------------------------------------------- helpers

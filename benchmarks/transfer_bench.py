@@ -67,7 +67,7 @@ from agent.fetch import fetch, fetch_with  # noqa: E402
 from agent.http_fetcher import HttpFetcher  # noqa: E402
 from agent.mqtt_client import MqttClient, RetainedRead, Topics  # noqa: E402
 from agent.mqtt_fetcher import DEFAULT_BATCH, DEFAULT_PIPELINE, MqttFetcher  # noqa: E402
-from benchmarks._machine import load_average, machine_info  # noqa: E402
+from benchmarks._common import Target, load_average, machine_info  # noqa: E402
 from examples.local_broker import Mosquitto, MosquittoMissing, find_mosquitto  # noqa: E402
 from packager import tuf_repo  # noqa: E402
 from packager.publish import CHUNK_SIZE, publish, topics_for  # noqa: E402
@@ -91,36 +91,6 @@ MB = 1e6
 
 
 # --------------------------------------------------------------------------------------------- targets
-
-
-@dataclass(frozen=True)
-class Target:
-    id: str
-    description: str
-    measured: float
-    limit: float
-    op: str  # "<=" or ">="
-    unit: str
-    note: str = ""
-
-    @property
-    def passed(self) -> bool:
-        return self.measured <= self.limit if self.op == "<=" else self.measured >= self.limit
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "description": self.description, "measured": self.measured, "op": self.op,
-                "limit": self.limit, "unit": self.unit, "pass": self.passed, "note": self.note}
-
-    def line(self) -> str:
-        verdict = "PASS" if self.passed else "MISS"
-        note = f"  -- {self.note}" if self.note and not self.passed else ""
-        unit = self.unit if self.unit in ("", "x") else f" {self.unit}"
-        return (f"{verdict}  {self.id:<28} {self.description}: measured {_fmt(self.measured)}{unit}, "
-                f"target {self.op} {_fmt(self.limit)}{unit}{note}")
-
-
-def _fmt(v: float) -> str:
-    return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
 
 
 # --------------------------------------------------------------------------------------------- helpers

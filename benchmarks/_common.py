@@ -1,6 +1,7 @@
-"""What machine a benchmark ran on: shared by the scripts in `benchmarks/`, recorded in every results JSON.
+"""Shared by the scripts in `benchmarks/`: what machine a benchmark ran on (recorded in every results JSON) and
+how a target is judged and printed.
 
-Import it as `benchmarks._machine` after putting the repository root on `sys.path` (the scripts do that first).
+Import it as `benchmarks._common` after putting the repository root on `sys.path` (the scripts do that first).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -68,3 +70,37 @@ def load_average() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
+
+
+@dataclass(frozen=True)
+class Target:
+    """One measured figure against its limit; a benchmark prints PASS/MISS lines and writes `to_json()`."""
+
+    id: str
+    description: str
+    measured: float
+    limit: float
+    op: str  # "<=" or ">="
+    unit: str
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.measured <= self.limit if self.op == "<=" else self.measured >= self.limit
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "description": self.description, "measured": self.measured, "op": self.op,
+                "limit": self.limit, "unit": self.unit, "pass": self.passed, "note": self.note}
+
+    def line(self) -> str:
+        verdict = "PASS" if self.passed else "MISS"
+        note = f"  -- {self.note}" if self.note and not self.passed else ""
+        unit = self.unit if self.unit in ("", "x") else f" {self.unit}"
+        return (f"{verdict}  {self.id:<34} {self.description}: measured {fmt(self.measured)}{unit}, "
+                f"target {self.op} {fmt(self.limit)}{unit}{note}")
+
+
+def fmt(v: float) -> str:
+    if v != v:  # NaN: the figure could not be measured
+        return "n/a"
+    return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"

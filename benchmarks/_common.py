@@ -6,8 +6,11 @@ Import it as `benchmarks._common` after putting the repository root on `sys.path
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import re
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -104,3 +107,36 @@ def fmt(v: float) -> str:
     if v != v:  # NaN: the figure could not be measured
         return "n/a"
     return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mosquitto_version(binary: str) -> str | None:
+    try:
+        out = subprocess.run([binary, "-h"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"mosquitto version (\S+)", out)
+    return m.group(1) if m else None
+
+
+def code_state() -> dict[str, Any]:
+    """The commit measured, and which files of the measured code paths differed from it (uncommitted work)."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.rstrip("\n") if out.returncode == 0 else None  # keep porcelain's leading columns
+
+    status = git("status", "--porcelain", "--", "agent", "packager", "examples")
+    return {"commit": git("rev-parse", "HEAD"),
+            "uncommitted": [line[3:] for line in status.splitlines()] if status else []}
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

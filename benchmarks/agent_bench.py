@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python benchmarks/agent_bench.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import Target, load_average, machine_info  # noqa: E402 - needs REPO on sys.path
+from benchmarks._common import Target, code_state, load_average, machine_info, mosquitto_version, write_json  # noqa: E402 - needs REPO on sys.path
 
 log = logging.getLogger("agent_bench")
 
@@ -99,36 +99,6 @@ MB = float(1 << 20)  # memory figures are MiB (what `ps`/psutil users read as MB
 
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("EDGESHIP_")}  # only the config file counts
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def code_state() -> dict[str, Any]:
-    """The commit measured, and which files of the measured code paths differed from it (uncommitted work)."""
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.rstrip("\n") if out.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--", "agent", "packager", "examples")
-    return {"commit": git("rev-parse", "HEAD"),
-            "uncommitted": [line[3:] for line in status.splitlines()] if status else []}
-
-
-def mosquitto_version(binary: str) -> str | None:
-    try:
-        out = subprocess.run([binary, "-h"], capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"mosquitto version (\S+)", out)
-    return m.group(1) if m else None
 
 
 def summary(values: Sequence[float]) -> dict[str, Any]:
@@ -1090,7 +1060,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "swap": swap,
         "http_overhead": overhead,
     }
-    _write_json(args.out, result)
+    write_json(args.out, result)
     print(table(mem, breakdown, swap, overhead) + "\n", flush=True)
     print("== targets")
     for t in targets:

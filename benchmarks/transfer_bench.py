@@ -67,7 +67,7 @@ from agent.fetch import fetch, fetch_with  # noqa: E402
 from agent.http_fetcher import HttpFetcher  # noqa: E402
 from agent.mqtt_client import MqttClient, RetainedRead, Topics  # noqa: E402
 from agent.mqtt_fetcher import DEFAULT_BATCH, DEFAULT_PIPELINE, MqttFetcher  # noqa: E402
-from benchmarks._common import Target, load_average, machine_info  # noqa: E402
+from benchmarks._common import Target, code_state, load_average, machine_info, mosquitto_version, write_json  # noqa: E402
 from examples.local_broker import Mosquitto, MosquittoMissing, find_mosquitto  # noqa: E402
 from packager import tuf_repo  # noqa: E402
 from packager.publish import CHUNK_SIZE, publish, topics_for  # noqa: E402
@@ -146,29 +146,6 @@ class TimedMqttClient(MqttClient):
 
         read.get = timed_get  # type: ignore[method-assign]
         return read
-
-
-def mosquitto_version(binary: str) -> str | None:
-    try:
-        out = subprocess.run([binary, "-h"], capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"mosquitto version (\S+)", out)
-    return m.group(1) if m else None
-
-
-def code_state() -> dict[str, Any]:
-    """The commit measured, and which files of the measured code paths differed from it (uncommitted work)."""
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.rstrip("\n") if out.returncode == 0 else None  # keep porcelain's leading columns
-
-    status = git("status", "--porcelain", "--", "agent", "packager", "examples")
-    return {"commit": git("rev-parse", "HEAD"),
-            "uncommitted": [line[3:] for line in status.splitlines()] if status else []}
 
 
 def filesystem_of(path: Path) -> str | None:
@@ -874,13 +851,6 @@ def table(s: Setup, pub: dict[str, Any], rounds: dict[str, list[dict[str, Any]]]
     return "\n".join(lines)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -1025,7 +995,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "resume": {"mqtt": resume, "mqtt_paced": resume_paced, "http": http_resume},
         "broker_log_tail": broker_log_tail,
     }
-    _write_json(args.out, result)
+    write_json(args.out, result)
     print(table(s, pub, rounds, resume + resume_paced, http_resume, components) + "\n", flush=True)
     print("== targets")
     for t in targets:

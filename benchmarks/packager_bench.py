@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -384,13 +382,6 @@ def model_table(name: str, s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _parse_only(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
     unknown = [n for n in names if n not in MODELS]
@@ -444,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "targets": [t.to_json() for t in targets],
         "models": models,
     }
-    _write_json(args.out, result)
+    write_json(args.out, result)
     print("== targets")
     for t in targets:
         print(t.line())

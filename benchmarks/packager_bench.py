@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python benchmarks/packager_bench.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import Target, load_average, machine_info  # noqa: E402 - needs REPO on sys.path
+from benchmarks._common import Target, load_average, machine_info, write_json  # noqa: E402 - needs REPO on sys.path
 
 log = logging.getLogger("packager_bench")
 

@@ -53,12 +53,21 @@ def _installed_version(module: str, dist: str) -> str | None:
     """The runtime's version if its module can be found, without importing it: an imported runtime stays in
     memory for good (LiteRT alone is ~8 MiB of RSS on a device that only ever runs ONNX). A broken install is
     caught later, when STAGE opens a session, as a load failure of that artifact."""
+    top, _, sub = module.partition(".")
     try:
-        if importlib.util.find_spec(module) is None:
-            return None
-    except (ImportError, ValueError) as e:  # a parent package that is missing or broken
+        # find_spec on "pkg.sub" would execute pkg/__init__.py (ai_edge_litert's loads libLiteRt.so): look only
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError) as e:
         log.debug("runtime module %s is not importable: %s", module, e)
         return None
+    if spec is None:
+        return None
+    if sub:
+        places = [Path(p) for p in (spec.submodule_search_locations or [])]
+        leaf = sub.replace(".", "/")
+        if not any((p / f"{leaf}.py").exists() or (p / leaf).is_dir() or any(p.glob(f"{leaf}.*.so"))
+                   for p in places):
+            return None
     try:
         return version(dist)
     except PackageNotFoundError:

@@ -16,10 +16,13 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +46,7 @@ from agent.deploy_state import (
     serving_after_restart,
 )
 from agent.errors import BundleRejected, EdgeshipError, TransportError
-from agent.fetch import BundleSource, Candidate
+from agent.fetch_worker import config_document
 from agent.serving import LoadedModel, ModelHolder, RequestStats
 from agent.stage import DeviceProfile, StagedModel, parity_check, stage_bundle
 from agent.state_store import StateStore
@@ -52,12 +55,27 @@ log = logging.getLogger(__name__)
 
 MAX_BEFORE_CONNECT = 64  # events kept for the broker while it was never reachable yet; later ones are dropped
 EXIT_HUNG = 70  # the agent exits when a model hangs it; systemd restarts it and the crash counter decides
+FETCH_CONFIG = "fetch-config.json"  # the configuration the fetch worker reads, in the state directory
 
 
 class ProbationFailed(EdgeshipError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the group's signed deployment names, as the fetch worker's CHECK reported it."""
+
+    name: str
+    version: int
+    sha256: str
+    chunks: int = 1  # of the signed chunk plan: bounds how long a download may take
+
+
+class FetchStepError(EdgeshipError):
+    """An unexpected error in the fetch worker; subclassed per original class name (see `_worker_error`)."""
 
 
 def release_dir(state_dir: Path, name: str, version: int, sha256: str) -> Path:
@@ -92,7 +110,8 @@ class Daemon:
         self.mqtt: Any = None
         self._before_connect: list[tuple[str, dict[str, Any], bool]] = []  # published once connected
         self._before_connect_lock = threading.Lock()
-        self.source: BundleSource | None = None
+        self._fetch_config: Path | None = None
+        self._prechecked: tuple[Candidate | None, Exception | None] | None = None
         self.candidate: Candidate | None = None  # in memory only: CHECK is re-run after a restart
         self.downloaded: Path | None = None
         self.staged: StagedModel | None = None
@@ -216,13 +235,14 @@ class Daemon:
             if state is State.CHECK:
                 return self._save(ds, self._check(ds))
             if state is State.DOWNLOAD:
-                self.downloaded = self._source().download(self._candidate(ds))
+                cand = self._candidate(ds)
+                out = self._fetch_step("download", cand.sha256, chunks=cand.chunks)
+                self.downloaded = Path(out["path"])
                 return self._save(ds, apply(ds, Event.OK, at=self.clock()))
             if state is State.VERIFY:
                 cand = self._candidate(ds)
-                path = self.downloaded or self._source().download(cand)
                 assert ds.candidate is not None
-                self._source().verify(cand, path, extract_to=Path(ds.candidate.path))
+                self._fetch_step("verify", cand.sha256, chunks=cand.chunks, extract_to=Path(ds.candidate.path))
                 return self._save(ds, apply(ds, Event.OK, at=self.clock()))
             if state is State.STAGE:
                 assert ds.candidate is not None
@@ -274,23 +294,103 @@ class Daemon:
         except Exception as e:  # ROLLBACK retries; the candidate keeps serving meanwhile rather than nothing
             log.error("could not reload %s: %s", ds.current, e)
 
-    def _source(self) -> BundleSource:
-        if self.source is None:
-            if self.mqtt is None:
-                raise TransportError("not connected to the broker")
-            from agent.mqtt_fetcher import MqttFetcher
+    # --- CHECK, DOWNLOAD and VERIFY: in a short-lived `agent.fetch_worker` process ---------------------------
+    # The TUF stack (tuf, securesystemslib, cryptography, requests) is never imported here: it would stay resident
+    # for the daemon's whole life for a few seconds of work per deployment.
 
-            fetcher = MqttFetcher(self.mqtt, self.state_dir / "chunks", timeout=self.cfg.limits.chunk_timeout_s)
-            self.source = BundleSource(self.cfg, fetcher, "mqtt")
-        return self.source
+    def _fetch_timeout(self, chunks: int) -> float:
+        """How long one worker may run: connecting (MQTT, then the mirror), the metadata refresh and the deployment
+        document, and every chunk of the bundle, each bounded by the configured per-chunk timeout."""
+        lim, mq = self.cfg.limits, self.cfg.mqtt
+        fetches = 8 + max(1, chunks)
+        tries = 2 if self.cfg.mirror.http else 1
+        return 5.0 + tries * (mq.connect_timeout_s + fetches * lim.chunk_timeout_s)
 
-    def _check(self, ds: DeployState) -> DeployState:
+    def _worker_config(self) -> Path:
+        if self._fetch_config is None:
+            path = self.state_dir / FETCH_CONFIG
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(config_document(self.cfg)))
+            os.replace(tmp, path)
+            self._fetch_config = path
+        return self._fetch_config
+
+    def _fetch_step(self, step: str, sha256: str | None = None, *, chunks: int = 1,
+                    extract_to: Path | None = None) -> dict[str, Any]:
+        """Run `step` in a worker process and return its result; its errors are raised here as BundleRejected or
+        TransportError with the worker's reason, so `failure_event` sees what an in-process step would raise."""
+        if self.mqtt is None and not self.cfg.mirror.http:
+            raise TransportError("not connected to the broker")
+        cmd = [sys.executable, "-m", "agent.fetch_worker", "--config", str(self._worker_config()), "--step", step,
+               "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel())]
+        if sha256 is not None:
+            cmd += ["--sha256", sha256]
+        if extract_to is not None:
+            cmd += ["--extract-to", str(extract_to)]
+        timeout = self._fetch_timeout(chunks)
+        deadline = time.monotonic() + timeout
         try:
-            cand = self._source().check()
+            # stderr is inherited: the worker's log lines go where the daemon's go
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        except OSError as e:
+            raise TransportError(f"could not start the fetch worker: {e}", reason="fetch_worker") from e
+        with proc:
+            while True:
+                try:
+                    stdout, _ = proc.communicate(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    if self.stopping.is_set():
+                        proc.kill()
+                        proc.communicate()
+                        raise SystemExit(0) from None  # the persisted step is retried after the restart
+                    if time.monotonic() >= deadline:
+                        proc.kill()
+                        proc.communicate()
+                        raise TransportError(f"{step} did not finish within {timeout:g}s", reason="timeout") from None
+        log.info("fetch worker %s exited with %s after %.2fs", step, proc.returncode,
+                 timeout - (deadline - time.monotonic()))
+        lines = stdout.decode(errors="replace").strip().splitlines()
+        try:
+            doc = json.loads(lines[-1]) if lines else None
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise TransportError(f"the fetch worker for {step} exited with {proc.returncode} and no answer",
+                                 reason="fetch_worker")
+        if "error" in doc:
+            raise _worker_error(doc)
+        return doc
+
+    def _check_worker(self) -> Candidate | None:
+        """The group's deployment (None when there is none yet), from a worker's CHECK."""
+        try:
+            out = self._fetch_step("check")
         except BundleRejected as e:
             if e.reason == "not_found":  # no deployment for this group yet
-                return on_update_found(ds, None, at=self.clock())
+                return None
             raise
+        return _candidate_from(out)
+
+    def _precheck(self) -> None:
+        """A due check's worker runs while IDLE is still the persisted state; CHECK's step then only applies its
+        outcome. So a periodic check that finds nothing does not leave IDLE for the worker's start-up time; a crash
+        meanwhile restarts in IDLE, which checks at once, just as a restart in CHECK would."""
+        try:
+            self._prechecked = (self._check_worker(), None)
+        except Exception as e:
+            self._prechecked = (None, e)
+
+    def _check(self, ds: DeployState) -> DeployState:
+        pre, self._prechecked = self._prechecked, None
+        if pre is None:
+            cand = self._check_worker()
+        elif pre[1] is not None:
+            raise pre[1]
+        else:
+            cand = pre[0]
+        if cand is None:
+            return on_update_found(ds, None, at=self.clock())
         self.candidate, self.downloaded, self.staged = cand, None, None
         ref = BundleRef(cand.name, cand.version, cand.sha256,
                         str(release_dir(self.state_dir, cand.name, cand.version, cand.sha256)))
@@ -300,7 +400,7 @@ class Daemon:
         """The candidate's signed info: from this run's CHECK, or a fresh CHECK after a restart."""
         assert ds.candidate is not None
         if self.candidate is None or self.candidate.sha256 != ds.candidate.sha256:
-            cand = self._source().check()
+            cand = _candidate_from(self._fetch_step("check"))
             if cand.sha256 != ds.candidate.sha256:
                 raise BundleRejected(f"the deployment changed to {cand.name} v{cand.version} meanwhile",
                                      reason="superseded")
@@ -467,7 +567,15 @@ class Daemon:
                 self.wake.clear()
                 if self.stopping.is_set():
                     break
-                ds = self.drive(begin_check(ds, at=self.clock()) if ds.state is State.IDLE else ds)
+                if ds.state is State.IDLE:
+                    try:
+                        self._precheck()
+                    except SystemExit:  # a stop request ended the worker: nothing was persisted for it
+                        if not self.stopping.is_set():
+                            raise
+                        break
+                    ds = begin_check(ds, at=self.clock())
+                ds = self.drive(ds)
                 next_check = time.monotonic() + self.cfg.deploy.poll_interval_s
         self.shutdown(ds)
         return 0
@@ -502,6 +610,26 @@ def _read_manifest(release: Path) -> Manifest:
         return Manifest.from_json(json.loads((release / "manifest.json").read_text()))
     except (OSError, ValueError) as e:
         raise BundleRejected(f"release {release.name} is unreadable: {e}", reason="unreadable") from e
+
+
+def _candidate_from(out: dict[str, Any]) -> Candidate:
+    try:
+        return Candidate(str(out["name"]), int(out["version"]), str(out["sha256"]), int(out.get("chunks", 1)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise TransportError(f"the fetch worker's check answer is malformed: {e}", reason="fetch_worker") from e
+
+
+def _worker_error(doc: dict[str, Any]) -> Exception:
+    """The exception a fetch worker's error document stands for."""
+    message, reason, kind = str(doc.get("error", "")), str(doc.get("reason", "")), doc.get("kind")
+    if kind == "rejected":
+        return BundleRejected(message, reason=reason or "invalid")
+    if kind == "transport":
+        return TransportError(message, reason=reason or "transport")
+    # failure_event() reports other errors by class name: keep the worker's
+    name = str(doc.get("type") or reason or "FetchStepError")
+    cls = type(name if name.isidentifier() else "FetchStepError", (FetchStepError,), {})
+    return cls(message)
 
 
 def _run_safely(model: LoadedModel, inputs: dict[str, np.ndarray]) -> Any:

@@ -1,0 +1,143 @@
+"""One deployment step (CHECK, DOWNLOAD or VERIFY) in a short-lived process.
+
+The daemon (`agent/daemon.py`) runs these steps here rather than in its own process so that the TUF stack
+(python-tuf, securesystemslib, cryptography, requests) never stays resident beside the serving model:
+
+    python -m agent.fetch_worker --config FILE --step check|download|verify [--sha256 HEX] [--extract-to DIR]
+
+`--config` is a JSON document of the agent configuration's sections (what `config_document` writes; values are
+final, `EDGESHIP_*` overrides are not applied again). The worker connects its own MQTT client
+(`edge-agent-<id>-fetch`) and falls back to the HTTP mirror like `agent.fetch.fetch`. Every step but `check`
+first re-reads the signed deployment and refuses to go on ("superseded") when it no longer names `--sha256`.
+
+It prints exactly one JSON line on stdout:
+    check     {"name", "version", "sha256", "length", "chunks"}
+    download  {"name", "version", "sha256", "path"}
+    verify    {"name", "version", "sha256", "path"}
+    failure   {"error": message, "reason": reason, "kind": "rejected" | "transport" | "error", "type": class name}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from agent.config import AgentConfig, parse_config
+from agent.errors import BundleRejected, TransportError
+
+if TYPE_CHECKING:
+    from agent.fetch import BundleSource, Candidate
+
+log = logging.getLogger(__name__)
+
+STEPS = ("check", "download", "verify")
+_T = TypeVar("_T")
+
+
+def config_document(cfg: AgentConfig) -> dict[str, dict[str, Any]]:
+    """The configuration as JSON-able sections that `parse_config` reads back into an equal AgentConfig."""
+    doc: dict[str, dict[str, Any]] = {}
+    for section in fields(cfg):
+        value = getattr(cfg, section.name)
+        doc[section.name] = {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    return doc
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
+
+
+def read_config(path: Path) -> AgentConfig:
+    return parse_config(json.loads(path.read_text()), env={})
+
+
+def error_document(e: BaseException) -> dict[str, Any]:
+    if isinstance(e, BundleRejected):
+        kind, reason = "rejected", e.reason
+    elif isinstance(e, TransportError):
+        kind, reason = "transport", e.reason
+    else:
+        kind, reason = "error", type(e).__name__
+    return {"error": str(e), "reason": reason, "kind": kind, "type": type(e).__name__}
+
+
+def run_step(step: str, source: BundleSource, sha256: str | None, extract_to: Path | None) -> dict[str, Any]:
+    """Do `step` with `source`; the result document (errors propagate)."""
+    cand = source.check()
+    if step == "check":
+        plan = source.client.chunk_plan(cand.bundle_tf)
+        return {"name": cand.name, "version": cand.version, "sha256": cand.sha256, "length": cand.bundle_tf.length,
+                "chunks": len(plan.chunk_hashes)}
+    _require(cand, sha256)
+    path = source.download(cand)
+    if step == "verify":
+        source.verify(cand, path, extract_to=extract_to)
+    return {"name": cand.name, "version": cand.version, "sha256": cand.sha256, "path": str(path)}
+
+
+def _require(cand: Candidate, sha256: str | None) -> None:
+    if sha256 is not None and cand.sha256 != sha256:
+        raise BundleRejected(f"the deployment changed to {cand.name} v{cand.version} meanwhile", reason="superseded")
+
+
+def with_source(cfg: AgentConfig, work: Callable[[BundleSource], _T]) -> _T:
+    """`work` over MQTT (this process's own client); on a transport failure, over the HTTP mirror if configured."""
+    from agent.fetch import BundleSource
+    from agent.mqtt_client import MqttClient, Topics
+    from agent.mqtt_fetcher import MqttFetcher
+
+    state = cfg.agent.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    try:
+        with MqttClient(cfg.mqtt.url, f"edge-agent-{cfg.agent.device_id}-fetch",
+                        prefix=Topics(cfg.topic_prefix), ca_file=cfg.mqtt.ca_file or None) as mqtt:
+            mqtt.connect(timeout=cfg.mqtt.connect_timeout_s)
+            fetcher = MqttFetcher(mqtt, state / "chunks", timeout=cfg.limits.chunk_timeout_s)
+            return work(BundleSource(cfg, fetcher, "mqtt"))
+    except TransportError as e:
+        if not cfg.mirror.http:
+            raise
+        log.warning("MQTT fetch failed (%s); trying the HTTP mirror %s", e, cfg.mirror.http)
+    from agent.http_fetcher import HttpFetcher
+
+    return work(BundleSource(cfg, HttpFetcher(state / "partial", base_url=cfg.mirror.http), "http"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m agent.fetch_worker", description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, required=True, help="the configuration as JSON (config_document)")
+    p.add_argument("--step", choices=STEPS, required=True)
+    p.add_argument("--sha256", help="the candidate the daemon is deploying (download, verify)")
+    p.add_argument("--extract-to", type=Path, help="the release directory to unpack the bundle to (verify)")
+    p.add_argument("--log-level", default="WARNING")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
+    args = _parser().parse_args(argv)
+    out = sys.stdout if out is None else out
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(levelname)s %(name)s [fetch-worker]: %(message)s")
+    result: Mapping[str, Any]
+    try:
+        if args.step != "check" and not args.sha256:
+            raise BundleRejected(f"--step {args.step} needs --sha256", reason="usage")
+        cfg = read_config(args.config)
+        result = with_source(cfg, lambda source: run_step(args.step, source, args.sha256, args.extract_to))
+        code = 0
+    except Exception as e:
+        log.debug("%s failed", args.step, exc_info=True)
+        result, code = error_document(e), 1
+    out.write(json.dumps(result) + "\n")
+    out.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The fetch worker's JSON protocol: the config it is handed, the one line it prints, and how the daemon reads it."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from agent.config import AgentConfig, parse_config
+from agent.daemon import FetchStepError, _worker_error
+from agent.deploy_state import Event, State, failure_event
+from agent.errors import BundleRejected, TransportError
+from agent.fetch_worker import config_document, error_document, main, read_config
+
+
+def _cfg(tmp_path: Path, **mqtt: object) -> AgentConfig:
+    return parse_config({"agent": {"device_id": "dev-1", "state_dir": str(tmp_path / "state"), "group": "g"},
+                         "trust": {"root": str(tmp_path / "root.json")},
+                         "mqtt": {"url": "mqtt://127.0.0.1:1883", **mqtt},
+                         "limits": {"chunk_timeout_s": 2.5}, "deploy": {"probation_s": 7}}, env={})
+
+
+def test_config_document_round_trips(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, topic_prefix="x/y/")
+    path = tmp_path / "fetch-config.json"
+    path.write_text(json.dumps(config_document(cfg)))
+    assert read_config(path) == cfg
+
+
+@pytest.mark.parametrize("exc, kind, reason", [
+    (BundleRejected("gone", reason="not_found"), "rejected", "not_found"),
+    (TransportError("slow", reason="hash_mismatch"), "transport", "hash_mismatch"),
+    (OSError("disk"), "error", "OSError"),
+])
+def test_errors_map_back_to_the_same_failure_event(exc: Exception, kind: str, reason: str) -> None:
+    doc = json.loads(json.dumps(error_document(exc)))
+    assert (doc["kind"], doc["reason"], doc["error"]) == (kind, reason, str(exc))
+    back = _worker_error(doc)
+    assert type(back) is type(exc) or isinstance(back, FetchStepError)
+    for state in (State.CHECK, State.DOWNLOAD, State.VERIFY):
+        assert failure_event(state, back) == failure_event(state, exc)
+    assert failure_event(State.DOWNLOAD, _worker_error(error_document(TransportError("x"))))[0] is Event.ABORTED
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unreachable_broker_prints_one_transport_error_line(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, url=f"mqtt://127.0.0.1:{_free_port()}", connect_timeout_s=1.0)
+    path = tmp_path / "fetch-config.json"
+    path.write_text(json.dumps(config_document(cfg)))
+    out = io.StringIO()
+    assert main(["--config", str(path), "--step", "check"], out=out) == 1
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    doc = json.loads(lines[0])
+    assert doc["kind"] == "transport" and isinstance(_worker_error(doc), TransportError)
+
+
+def test_download_without_a_candidate_is_refused(tmp_path: Path) -> None:
+    out = io.StringIO()
+    assert main(["--config", str(tmp_path / "missing.json"), "--step", "download"], out=out) == 1
+    assert json.loads(out.getvalue())["kind"] == "rejected"

@@ -144,7 +144,8 @@ def test_publish_and_fetch(
         fetcher.download_bytes("mqtt:///tuf/3.root.json", 10_000)
     not_found = time.perf_counter() - started
     assert err.value.status_code == 404
-    assert not_found < 0.5, f"404 took {not_found:.3f}s: the barrier should answer at once"
+    # without the barrier "not found" would mean waiting out the fetch timeout (10 s and more)
+    assert not_found < 3.0, f"404 took {not_found:.3f}s: the barrier should answer at once"
 
     before = fetcher.bytes_received
     started = time.perf_counter()

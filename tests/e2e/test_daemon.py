@@ -794,7 +794,9 @@ def test_offline_on_sigterm_and_last_will_on_sigkill(device: Device) -> None:
     assert device.terminate() == 0
     offline = device.wait_retained(lambda s: s["status"] == "offline", "offline after SIGTERM")
     # the agent's own goodbye (the last will carries only status and device)
-    assert offline["device"] == device.id and offline["bundle"] == served and offline["state"] == "idle", offline
+    # (a SIGTERM can land during a periodic check: the agent stops between steps and says so)
+    assert offline["device"] == device.id and offline["bundle"] == served, offline
+    assert offline["state"] in ("idle", "check"), offline
     assert offline["serving"] == served
 
     device.start()

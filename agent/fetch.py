@@ -16,9 +16,10 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import FetcherInterface
@@ -30,6 +31,7 @@ from agent.fsutil import fsync_dir
 from agent.trust import TrustedClient
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 METADATA_URL = "mqtt:///tuf/"
 TARGETS_URL = "mqtt:///targets/"
@@ -136,16 +138,20 @@ class BundleSource:
         return manifest
 
 
-def fetch_with(cfg: AgentConfig, fetcher: FetcherInterface, transport: str) -> FetchResult:
-    source = BundleSource(cfg, fetcher, transport)
+def fetch_all(source: BundleSource) -> FetchResult:
+    """CHECK, DOWNLOAD and VERIFY in one go (the one-shot `edge-agent fetch`)."""
     cand = source.check()
     path = source.download(cand)
     source.verify(cand, path)
-    return FetchResult(cand.name, cand.version, cand.sha256, path, transport)
+    return FetchResult(cand.name, cand.version, cand.sha256, path, source.transport)
 
 
-def fetch(cfg: AgentConfig) -> FetchResult:
-    """Fetch over MQTT; when that fails for transport reasons and a mirror is configured, over HTTP."""
+def fetch_with(cfg: AgentConfig, fetcher: FetcherInterface, transport: str) -> FetchResult:
+    return fetch_all(BundleSource(cfg, fetcher, transport))
+
+
+def with_source(cfg: AgentConfig, work: Callable[[BundleSource], _T]) -> _T:
+    """`work` over MQTT (this process's own client); on a transport failure, over the HTTP mirror if configured."""
     from agent.mqtt_client import MqttClient, Topics
     from agent.mqtt_fetcher import MqttFetcher
 
@@ -156,11 +162,16 @@ def fetch(cfg: AgentConfig) -> FetchResult:
                         prefix=Topics(cfg.topic_prefix), ca_file=cfg.mqtt.ca_file or None) as mqtt:
             mqtt.connect(timeout=cfg.mqtt.connect_timeout_s)
             fetcher = MqttFetcher(mqtt, state / "chunks", timeout=cfg.limits.chunk_timeout_s)
-            return fetch_with(cfg, fetcher, "mqtt")
+            return work(BundleSource(cfg, fetcher, "mqtt"))
     except TransportError as e:
         if not cfg.mirror.http:
             raise
         log.warning("MQTT fetch failed (%s); trying the HTTP mirror %s", e, cfg.mirror.http)
     from agent.http_fetcher import HttpFetcher
 
-    return fetch_with(cfg, HttpFetcher(state / "partial", base_url=cfg.mirror.http), "http")
+    return work(BundleSource(cfg, HttpFetcher(state / "partial", base_url=cfg.mirror.http), "http"))
+
+
+def fetch(cfg: AgentConfig) -> FetchResult:
+    """Fetch over MQTT; when that fails for transport reasons and a mirror is configured, over HTTP."""
+    return with_source(cfg, fetch_all)

@@ -23,10 +23,10 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig, parse_config
 from agent.errors import BundleRejected, TransportError
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STEPS = ("check", "download", "verify")
-_T = TypeVar("_T")
 
 
 def config_document(cfg: AgentConfig) -> dict[str, dict[str, Any]]:
@@ -86,29 +85,6 @@ def _require(cand: Candidate, sha256: str | None) -> None:
         raise BundleRejected(f"the deployment changed to {cand.name} v{cand.version} meanwhile", reason="superseded")
 
 
-def with_source(cfg: AgentConfig, work: Callable[[BundleSource], _T]) -> _T:
-    """`work` over MQTT (this process's own client); on a transport failure, over the HTTP mirror if configured."""
-    from agent.fetch import BundleSource
-    from agent.mqtt_client import MqttClient, Topics
-    from agent.mqtt_fetcher import MqttFetcher
-
-    state = cfg.agent.state_dir
-    state.mkdir(parents=True, exist_ok=True)
-    try:
-        with MqttClient(cfg.mqtt.url, f"edge-agent-{cfg.agent.device_id}-fetch",
-                        prefix=Topics(cfg.topic_prefix), ca_file=cfg.mqtt.ca_file or None) as mqtt:
-            mqtt.connect(timeout=cfg.mqtt.connect_timeout_s)
-            fetcher = MqttFetcher(mqtt, state / "chunks", timeout=cfg.limits.chunk_timeout_s)
-            return work(BundleSource(cfg, fetcher, "mqtt"))
-    except TransportError as e:
-        if not cfg.mirror.http:
-            raise
-        log.warning("MQTT fetch failed (%s); trying the HTTP mirror %s", e, cfg.mirror.http)
-    from agent.http_fetcher import HttpFetcher
-
-    return work(BundleSource(cfg, HttpFetcher(state / "partial", base_url=cfg.mirror.http), "http"))
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m agent.fetch_worker", description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, required=True, help="the configuration as JSON (config_document)")
@@ -128,6 +104,8 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
     try:
         if args.step != "check" and not args.sha256:
             raise BundleRejected(f"--step {args.step} needs --sha256", reason="usage")
+        from agent.fetch import with_source
+
         cfg = read_config(args.config)
         result = with_source(cfg, lambda source: run_step(args.step, source, args.sha256, args.extract_to))
         code = 0

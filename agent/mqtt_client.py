@@ -11,6 +11,11 @@ For a device daemon: a last `Will` (sent by the broker when the connection dies 
 `close()` does not trigger it, so publish your own "offline" first), an optional `birth` message republished on every
 (re)connect, and MQTT 5 request/response (`publish(response_topic=..., correlation_data=...)`, the same fields on
 `Message`; both are ignored / None under MQTT 3.1.1).
+
+Flow control for bulk reads (`receive_window`): MQTT 5's Receive Maximum caps the QoS 1 messages the broker has in
+flight to us, and a message is acknowledged only once the caller is done with it (`Message.ack()`, or its next
+`RetainedRead.get()`). The broker holds the rest, so a process killed mid-download loses at most `receive_window`
+messages it had received but not yet stored, instead of whatever the socket buffers held.
 """
 
 from __future__ import annotations
@@ -180,6 +185,30 @@ class Message:
     retain: bool
     response_topic: str | None = None
     correlation_data: bytes | None = None
+    acker: _Ack | None = field(default=None, compare=False, repr=False)
+
+    def ack(self) -> None:
+        """Done with this message: let the broker send the next one (only a client with a `receive_window` defers
+        acknowledgements; otherwise paho acknowledged it on arrival). Idempotent."""
+        if self.acker is not None:
+            self.acker.send()
+
+
+class _Ack:
+    """The deferred PUBACK of one received QoS 1 message: sent once, and only on the connection it came on."""
+
+    def __init__(self, client: MqttClient, paho_client: paho.Client, mid: int, qos: int, generation: int) -> None:
+        self._client, self._paho, self.mid, self.qos, self._generation = client, paho_client, mid, qos, generation
+        self._sent = False
+
+    def send(self) -> None:
+        with self._client._lock:
+            if self._sent:
+                return
+            self._sent = True
+            live = self._client._paho is self._paho and self._client._generation == self._generation
+        if live:  # after a reconnect the broker forgot this message (clean start): nothing to acknowledge
+            self._paho.ack(self.mid, self.qos)
 
 
 @dataclass(frozen=True)
@@ -240,6 +269,7 @@ class _Route:
     wild: tuple[str, ...]
     queue: queue.SimpleQueue[Message | TransportError | None]  # None: connection dropped or closed
     max_payload: int | None = None
+    defers_ack: bool = False  # a retained read: its messages are acknowledged when taken, not on arrival
     closed: bool = False  # set by MqttClient.close(): streams on it end
     oversize: dict[str, int] = field(default_factory=dict)  # topic -> refused payload size
     bytes_received: int = 0  # payload bytes that reached us, refused ones included
@@ -277,6 +307,7 @@ class RetainedRead:
         self.done = False  # the barrier echoed: every retained message of `topics` came before it
         self._closed = False
         self._mids: list[int] = []  # SUBSCRIBEs whose SUBACK had not arrived when they were sent
+        self._taken: Message | None = None  # the message last returned: acknowledged at the next get() at the latest
 
     @property
     def bytes_received(self) -> int:
@@ -290,7 +321,13 @@ class RetainedRead:
     def get(self, block: bool = True) -> Message | None:
         """The next retained message (an empty payload is a live delete), or None once the barrier echoed.
         `block=False`: None also when nothing is queued yet (for salvaging what already arrived). Raises
-        ConnectionLost when the connection dropped, TransportError when the barrier is late."""
+        ConnectionLost when the connection dropped, TransportError when the barrier is late.
+
+        With a `receive_window`, coming back for the next message acknowledges the one returned before (if the
+        caller did not `ack()` it already)."""
+        if self._taken is not None:
+            self._taken.ack()
+            self._taken = None
         if self.done:
             return None
         if self._closed:
@@ -315,11 +352,13 @@ class RetainedRead:
             if isinstance(item, TransportError):
                 raise item
             if item.topic == self._client.barrier_topic:
+                item.ack()
                 if item.payload == self._token:
                     self.done = True
                     return None
                 continue  # another read's barrier
             self._seen[item.topic] = bool(item.payload)
+            self._taken = item
             return item
 
     def __iter__(self) -> Iterator[Message]:
@@ -332,6 +371,14 @@ class RetainedRead:
             self._client._remove_route(self._route)
             self._client._forget_subacks(self)
             self._client._unsubscribe(self.topics)
+            # what nobody will take any more must not hold the broker's window shut
+            if self._taken is not None:
+                self._taken.ack()
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    item = self._route.queue.get_nowait()
+                    if isinstance(item, Message):
+                        item.ack()
 
     def __enter__(self) -> RetainedRead:
         return self
@@ -463,14 +510,21 @@ class MqttClient:
         protocol: str = "auto",
         will: Will | None = None,
         birth: Will | None = None,
+        receive_window: int | None = None,
     ) -> None:
         """`will`: published by the broker if the connection dies without DISCONNECT (set on every CONNECT, so
         also after paho's automatic reconnects). `birth`: published by us (not awaited) after every successful
-        CONNACK, e.g. "online" on the will's topic so a reconnect undoes the will."""
+        CONNACK, e.g. "online" on the will's topic so a reconnect undoes the will.
+
+        `receive_window`: at most this many QoS 1 messages in flight to us (MQTT 5 Receive Maximum), each
+        acknowledged only when a retained read's caller is done with it (see the module doc). Under MQTT 3.1.1,
+        which has no such property, the broker's own inflight limit applies. None: paho acknowledges on arrival."""
         if not _CLIENT_ID_RE.fullmatch(client_id):
             raise ValueError(f"client id must be 1-128 chars of [A-Za-z0-9._-]: {client_id!r}")
         if protocol not in ("auto", "5", "3.1.1"):
             raise ValueError(f"protocol must be auto, 5 or 3.1.1: {protocol!r}")
+        if receive_window is not None and not 1 <= receive_window <= 65535:
+            raise ValueError(f"receive_window must be in 1..65535: {receive_window!r}")
         self.address = parse_broker_url(url)
         self.url = url
         self.client_id = client_id
@@ -484,6 +538,7 @@ class MqttClient:
         self.protocol: str | None = None  # "5" or "3.1.1" once connected
         self.will = will
         self.birth = birth
+        self.receive_window = receive_window
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -525,7 +580,8 @@ class MqttClient:
         proto = MQTTProtocolVersion.MQTTv5 if version == "5" else MQTTProtocolVersion.MQTTv311
         kwargs: dict[str, Any] = {} if version == "5" else {"clean_session": True}
         client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=proto, **kwargs
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=proto,
+            manual_ack=self.receive_window is not None, **kwargs
         )
         if self.address.tls:
             client.tls_set(ca_certs=self.ca_file, cert_reqs=ssl.CERT_REQUIRED)
@@ -557,6 +613,8 @@ class MqttClient:
         if version == "5":
             props = Properties(PacketTypes.CONNECT)
             props.MaximumPacketSize = self.max_packet_size
+            if self.receive_window is not None:
+                props.ReceiveMaximum = self.receive_window
             kwargs = {"clean_start": True, "properties": props}
         a = self.address
         try:
@@ -681,6 +739,15 @@ class MqttClient:
         with self._lock:
             self.bytes_received += size
             routes = [r for r in self._routes if r.wants(topic)]
+            generation = self._generation
+        acker = None
+        if self.receive_window is not None and msg.qos > 0:
+            acker = _Ack(self, client, msg.mid, msg.qos, generation)
+            # only a retained read's caller says when it is done; anything else is acknowledged on arrival
+            deferred = [r for r in routes if r.defers_ack and (r.max_payload is None or size <= r.max_payload)]
+            if not deferred:
+                acker.send()
+                acker = None
         if not routes:
             return
         props = getattr(msg, "properties", None)  # MQTT 5 only
@@ -692,6 +759,7 @@ class MqttClient:
             bool(msg.retain),
             str(response_topic) if response_topic is not None else None,
             bytes(correlation) if correlation is not None else None,
+            acker,
         )
         counted = size if topic != self.barrier_topic else 0  # our own barrier tokens are not data
         for r in routes:
@@ -820,10 +888,10 @@ class MqttClient:
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._ignore_ack(mid)
 
-    def _add_route(self, filters: Iterable[str], max_payload: int | None = None) -> _Route:
+    def _add_route(self, filters: Iterable[str], max_payload: int | None = None, defers_ack: bool = False) -> _Route:
         exact = frozenset(f for f in filters if "+" not in f and "#" not in f)
         wild = tuple(f for f in filters if "+" in f or "#" in f)
-        route = _Route(exact, wild, queue.SimpleQueue(), max_payload)
+        route = _Route(exact, wild, queue.SimpleQueue(), max_payload, defers_ack)
         with self._lock:
             self._routes.append(route)
         return route
@@ -848,7 +916,7 @@ class MqttClient:
         """
         topics = list(dict.fromkeys(validate_topic(t) for t in topics))
         token = uuid.uuid4().hex.encode()
-        route = self._add_route([*topics, self.barrier_topic], max_payload)
+        route = self._add_route([*topics, self.barrier_topic], max_payload, defers_ack=True)
         read = RetainedRead(self, route, topics, token, timeout)
         if not topics:
             read.done = True

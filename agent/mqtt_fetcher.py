@@ -4,19 +4,22 @@ Metadata `mqtt:///tuf/<file>` is the retained message on `<prefix>tuf/<file>`; n
 `mqtt:///targets/<dir>/<sha256>.<name>` is the chunks `<prefix>targets/<sha256>/<i>`, checked one by one against the
 signed chunk plan the caller registers with `expect()` first.
 
-Each chunk that verifies is stored as `chunk_dir/<sha256>/<i>` the moment it is taken from the queue (before the next
-one is taken), then handed on from memory; an interrupted download (cut connection, agent killed) fetches again only
-what had not been stored.
+Each chunk that verifies is written at its offset in one preallocated file, `chunk_dir/<sha256>.partial`, the moment
+it is taken from the queue, then acknowledged and handed on from memory. An interrupted download (cut connection,
+agent killed) resumes by re-hashing the partial file's chunk slots against the signed plan: what matches is kept,
+anything else (never written, torn by a crash) is fetched again. No separate index can disagree with the data.
 
-Chunks are read in batches, `pipeline` batches subscribed at once: the broker already sends the next batch while the
-agent works on this one, and the messages outstanding stay few (mosquitto drops QoS 1 messages queued for a client
-beyond its inflight + queue limits). Per-batch barriers still tell a chunk missing on the broker from one still on its
-way.
+Chunks are read in batches, `pipeline` batches subscribed at once: the broker queues the next batch while the agent
+works on this one, and the messages outstanding stay few (mosquitto drops QoS 1 messages queued for a client beyond
+its inflight + queue limits). Per-batch barriers still tell a chunk missing on the broker from one still on its way.
+Give the client a small `receive_window` (`FETCH_RECEIVE_WINDOW`): the broker then has at most that many chunks on
+their way to us, each acknowledged only once stored, so a SIGKILL loses at most that many received chunks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH = 16  # chunks per subscription (and per barrier)
 DEFAULT_PIPELINE = 2  # batches subscribed at once: at most 2 x 16 x 128 KiB outstanding, well inside the broker's
 # per-client limits (mosquitto: 20 inflight + 100 queued in 1.x, + 1000 in 2.x)
+FETCH_RECEIVE_WINDOW = 1  # MqttClient(receive_window=...) for a fetch: a kill loses at most one received chunk
 
 
 class FetchError(TransportError, DownloadError):
@@ -63,7 +67,7 @@ class MqttFetcher(FetcherInterface):
     """Fetch TUF metadata and chunked targets from retained MQTT topics.
 
     `bytes_received` counts every payload byte that came over the wire (refused ones too, and those of reads cut
-    short by a reconnect); `chunks_stored` counts verified chunks written to `chunk_dir`.
+    short by a reconnect); `chunks_stored` counts verified chunks written to the partial file in this process.
     """
 
     def __init__(
@@ -102,18 +106,25 @@ class MqttFetcher(FetcherInterface):
         self._plans[sha256] = plan
         return plan
 
+    def partial_path(self, sha256: str) -> Path:
+        return self.chunk_dir / f"{sha256}.partial"
+
     def discard(self, sha256: str) -> None:
         """Forget a plan and delete its stored chunks (after the target was installed, or given up)."""
         self._plans.pop(sha256, None)
-        d = self.chunk_dir / sha256
-        if d.is_dir():
-            for f in d.iterdir():
-                f.unlink(missing_ok=True)
-            d.rmdir()
+        self.partial_path(sha256).unlink(missing_ok=True)
 
     def stored_chunks(self, sha256: str) -> list[int]:
-        """Indices of chunks already on disk for a registered target (size-checked, not re-hashed)."""
-        return sorted(self._scan(self._plans[sha256]))
+        """Indices of the chunks of a registered target that are on disk and match their signed hash."""
+        plan = self._plans[sha256]
+        try:
+            fd = os.open(self.partial_path(sha256), os.O_RDONLY)
+        except FileNotFoundError:
+            return []
+        try:
+            return sorted(stored_slots(fd, plan))
+        finally:
+            os.close(fd)
 
     # ---- FetcherInterface
 
@@ -164,82 +175,68 @@ class MqttFetcher(FetcherInterface):
             return result
         raise AssertionError("unreachable")
 
-    # ---- targets: chunk files
+    # ---- targets: the partial file
 
-    def _scan(self, plan: ChunkPlan) -> set[int]:
-        """Chunks on disk with the right size; stray temp files and wrong sizes are removed."""
-        d = self.chunk_dir / plan.sha256
-        have: set[int] = set()
-        if not d.is_dir():
-            return have
-        for f in d.iterdir():
-            ok = f.name.isdigit() and int(f.name) < plan.count and f.stat().st_size == plan.chunk_length(int(f.name))
-            if ok:
-                have.add(int(f.name))
-            else:
-                f.unlink(missing_ok=True)
-        return have
-
-    def _verified(self, plan: ChunkPlan) -> set[int]:
-        """Chunks stored by an earlier run that still match their signed hash. Chunks are written without fsync, so
-        after a crash or power cut one may be torn or empty: it is re-hashed here (cheap next to fetching it) and a
-        damaged one is deleted and fetched again."""
-        good: set[int] = set()
-        for index in sorted(self._scan(plan)):
-            path = self.chunk_dir / plan.sha256 / str(index)
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                continue
-            if hashlib.sha256(data).hexdigest() == plan.chunk_hashes[index]:
-                good.add(index)
-            else:
-                log.warning("stored chunk %d of %s is damaged; fetching it again", index, plan.sha256[:12])
-                path.unlink(missing_ok=True)
-        return good
-
-    def _read_stored(self, plan: ChunkPlan, index: int) -> bytes:
-        path = self.chunk_dir / plan.sha256 / str(index)
+    def _open_partial(self, plan: ChunkPlan) -> tuple[int, set[int]]:
+        """Open (or create) the target's partial file at its full length; return it with the chunks it already
+        holds intact. Chunks are written without fsync: after a crash or power cut a slot may be torn or empty,
+        and re-hashing every slot here (cheap next to fetching) finds it."""
+        self.chunk_dir.mkdir(parents=True, exist_ok=True)
+        path = self.partial_path(plan.sha256)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            data = b""
-        if len(data) != plan.chunk_length(index) or hashlib.sha256(data).hexdigest() != plan.chunk_hashes[index]:
-            path.unlink(missing_ok=True)  # changed on disk after it was checked: the next attempt fetches it
+            size = os.fstat(fd).st_size
+            have = stored_slots(fd, plan) if size else set()
+            if size != plan.length:
+                os.ftruncate(fd, plan.length)
+            if not size and plan.length:
+                _reserve(fd, plan.length, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, have
+
+    def _read_stored(self, fd: int, plan: ChunkPlan, index: int, stored: set[int]) -> bytes:
+        data = os.pread(fd, plan.chunk_length(index), index * plan.chunk_size)
+        if hashlib.sha256(data).hexdigest() != plan.chunk_hashes[index]:
+            stored.discard(index)  # changed on disk after it was checked: the next attempt fetches it
             raise FetchError(f"target {plan.sha256[:12]}: stored chunk {index} changed on disk while in use")
         return data
 
     # ---- targets: download
 
     def _fetch_target(self, plan: ChunkPlan) -> Iterator[bytes]:
-        stored = self._verified(plan)
-        if stored:
-            log.info("target %s: resuming, %d of %d chunks already stored", plan.sha256[:12], len(stored), plan.count)
-        missing = [i for i in range(plan.count) if i not in stored]
-        ready: dict[int, bytes] = {}  # arrived, verified and stored in this run; not handed on yet
-        position = 0
-        if missing:
-            # closing(): a consumer that stops early (or an error) closes the reads still open at once
-            with contextlib.closing(self._receive(plan, missing, stored, ready)) as arrivals:
-                for _ in arrivals:
-                    # hand on in order whatever is now contiguous: fresh chunks from memory, older ones from disk
-                    while position < plan.count and position in stored:
-                        yield ready.pop(position) if position in ready else self._read_stored(plan, position)
-                        position += 1
-        while position < plan.count:
-            yield ready.pop(position) if position in ready else self._read_stored(plan, position)
-            position += 1
+        fd, stored = self._open_partial(plan)
+        try:
+            if stored:
+                log.info("target %s: resuming, %d of %d chunks already stored", plan.sha256[:12], len(stored),
+                         plan.count)
+            missing = [i for i in range(plan.count) if i not in stored]
+            ready: dict[int, bytes] = {}  # arrived, verified and stored in this run; not handed on yet
+            position = 0
+            if missing:
+                # closing(): a consumer that stops early (or an error) closes the reads still open at once
+                with contextlib.closing(self._receive(plan, fd, missing, stored, ready)) as arrivals:
+                    for _ in arrivals:
+                        # hand on in order whatever is now contiguous: fresh chunks from memory, older ones from disk
+                        while position < plan.count and position in stored:
+                            yield ready.pop(position) if position in ready else self._read_stored(
+                                fd, plan, position, stored)
+                            position += 1
+            while position < plan.count:
+                yield ready.pop(position) if position in ready else self._read_stored(fd, plan, position, stored)
+                position += 1
+        finally:
+            os.close(fd)
 
     def _receive(
-        self, plan: ChunkPlan, missing: list[int], stored: set[int], ready: dict[int, bytes]
+        self, plan: ChunkPlan, fd: int, missing: list[int], stored: set[int], ready: dict[int, bytes]
     ) -> Generator[None, None, None]:
         """Fetch `missing`, `pipeline` batches subscribed at once; store every chunk that verifies as soon as it is
         taken from the queue (adding it to `stored` and `ready`) and yield after each. After a reconnect only what
         is still missing is asked for. A batch whose barrier came with chunks missing or bad stops new batches; the
         open ones are finished (their good chunks kept), then FetchError names the problems."""
         label = f"target {plan.sha256[:12]}"
-        directory = self.chunk_dir / plan.sha256
-        directory.mkdir(parents=True, exist_ok=True)
         todo = deque(self._batches(missing))
         problems: list[tuple[str, str]] = []  # (reason, message)
         drops = 0  # connection drops in a row without a chunk stored in between
@@ -263,14 +260,14 @@ class MqttFetcher(FetcherInterface):
                     names = dict(zip(read.topics, batch, strict=True))
                     bad: dict[int, tuple[str, str]] = {}
                     for msg in read:
-                        if self._accept(plan, names, msg, directory, stored, ready, bad):
+                        if self._accept(plan, names, msg, fd, stored, ready, bad):
                             yield
                     problems += self._batch_problems(plan, batch, read, stored, bad)
                     reads.popleft()
                     self._close(read)
             except ConnectionLost as e:
                 for batch, read in reads:  # keep what already arrived for the open batches
-                    self._salvage(plan, batch, read, directory, stored, ready)
+                    self._salvage(plan, batch, read, fd, stored, ready)
                 drops = 0 if len(stored) > progress else drops + 1
                 if drops > self.reconnect_attempts:
                     raise FetchError(f"connection to {self.client.url} kept dropping while fetching {label}") from e
@@ -301,10 +298,20 @@ class MqttFetcher(FetcherInterface):
         self.bytes_received += read.bytes_received
 
     def _accept(
-        self, plan: ChunkPlan, names: dict[str, int], msg: Message, directory: Path, stored: set[int],
+        self, plan: ChunkPlan, names: dict[str, int], msg: Message, fd: int, stored: set[int],
         ready: dict[int, bytes], bad: dict[int, tuple[str, str]],
     ) -> bool:
-        """Verify one chunk message against the signed plan; store it if it matches. True when it was stored."""
+        """Verify one chunk message against the signed plan; store it if it matches, then acknowledge it (with a
+        receive window, the broker sends the next chunk only now). True when it was stored."""
+        try:
+            return self._check_and_store(plan, names, msg, fd, stored, ready, bad)
+        finally:
+            msg.ack()
+
+    def _check_and_store(
+        self, plan: ChunkPlan, names: dict[str, int], msg: Message, fd: int, stored: set[int],
+        ready: dict[int, bytes], bad: dict[int, tuple[str, str]],
+    ) -> bool:
         index = names.get(msg.topic)
         payload = msg.payload
         if index is None or not payload or index in stored:  # a live delete, or a chunk we already hold
@@ -317,12 +324,8 @@ class MqttFetcher(FetcherInterface):
         if hashlib.sha256(payload).hexdigest() != plan.chunk_hashes[index]:
             bad[index] = ("hash_mismatch", f"chunk {index} does not match its signed hash: discarded")
             return False
-        # Whole under its name or not at all (a temporary file renamed). No fsync: after a crash a chunk file may be
-        # torn, and `_verified` re-hashes stored chunks on resume.
-        tmp = directory / f".{index}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, directory / str(index))
+        # No fsync: after a crash the slot may be torn, and `_open_partial` re-hashes every slot on resume.
+        os.pwrite(fd, payload, index * plan.chunk_size)
         self.chunks_stored += 1
         stored.add(index)
         ready[index] = payload
@@ -330,14 +333,14 @@ class MqttFetcher(FetcherInterface):
         return True
 
     def _salvage(
-        self, plan: ChunkPlan, batch: list[int], read: RetainedRead, directory: Path, stored: set[int],
+        self, plan: ChunkPlan, batch: list[int], read: RetainedRead, fd: int, stored: set[int],
         ready: dict[int, bytes],
     ) -> None:
         """After a connection drop: store the chunks of `read` that had already arrived (they verify like any)."""
         names = dict(zip(read.topics, batch, strict=True))
         with contextlib.suppress(TransportError):  # ConnectionLost at the drop's marker in the queue
             while (msg := read.get(block=False)) is not None:
-                self._accept(plan, names, msg, directory, stored, ready, {})
+                self._accept(plan, names, msg, fd, stored, ready, {})
 
     @staticmethod
     def _batch_problems(
@@ -357,3 +360,26 @@ class MqttFetcher(FetcherInterface):
             else:
                 out.append(("not_found", f"chunk {index} is missing on the broker"))
         return out
+
+
+def stored_slots(fd: int, plan: ChunkPlan) -> set[int]:
+    """The chunk slots of a partial file that hold exactly their signed bytes."""
+    size = os.fstat(fd).st_size
+    have: set[int] = set()
+    for index in range(plan.count):
+        offset, n = index * plan.chunk_size, plan.chunk_length(index)
+        if offset + n > size:
+            break
+        if hashlib.sha256(os.pread(fd, n, offset)).hexdigest() == plan.chunk_hashes[index]:
+            have.add(index)
+    return have
+
+
+def _reserve(fd: int, length: int, path: Path) -> None:
+    """Allocate the whole file now, so a full disk fails the download at its start rather than half way."""
+    try:
+        os.posix_fallocate(fd, 0, length)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise FetchError(f"no space for {length} bytes at {path}", "no_space") from e
+        # the filesystem cannot preallocate (EOPNOTSUPP, EINVAL): the sparse file still works

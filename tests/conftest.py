@@ -40,3 +40,14 @@ def mosquitto_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Call
     yield make
     for broker in brokers:
         broker.stop()
+
+
+def stored_chunks(state_dir: Path, sha256: str, chunk_size: int = 128 * 1024) -> dict[int, bytes]:
+    """What an agent's MQTT fetcher holds of a target: the written slots of `chunks/<sha256>.partial` (index ->
+    bytes); never-written slots read as zeros and are left out."""
+    try:
+        data = (state_dir / "chunks" / f"{sha256}.partial").read_bytes()
+    except FileNotFoundError:
+        return {}
+    slots = (data[i : i + chunk_size] for i in range(0, len(data), chunk_size))
+    return {index: slot for index, slot in enumerate(slots) if slot.count(0) != len(slot)}

@@ -41,6 +41,7 @@ from examples.local_broker import Mosquitto, free_port
 from packager import tuf_repo
 from packager.build import BuildOptions, Progress, build
 from packager.publish import CHUNK_SIZE, topics_for
+from tests.conftest import stored_chunks
 
 pytestmark = pytest.mark.slow
 
@@ -719,14 +720,12 @@ def test_killed_agent_resumes_and_converges(own_device: Callable[..., Device], b
     # SIGKILL in DOWNLOAD (10% of a big bundle's chunks on disk), then as VERIFY and STAGE begin
     sha = sha256_file(bundles.v3_big)
     total = math.ceil(bundles.v3_big.stat().st_size / CHUNK_SIZE)
-    chunk_dir = dev.state_dir / "chunks" / sha
     kills: list[float] = []
     restarts: list[float] = []
     landed: list[State] = []
     with Prober(dev.port, bundles.x) as probe:
         dev.publish(bundles.v3_big)
-        dev.wait(lambda: chunk_dir.is_dir() and sum(p.name.isdigit() for p in chunk_dir.iterdir()) >= total // 10,
-                 "10% of the chunks")
+        dev.wait(lambda: len(stored_chunks(dev.state_dir, sha)) >= total // 10, "10% of the chunks")
         kills.append(dev.kill())
         landed.append(dev.state().state)
         for step in ("verify", "stage"):
@@ -742,7 +741,7 @@ def test_killed_agent_resumes_and_converges(own_device: Callable[..., Device], b
     assert landed[0] is State.DOWNLOAD, landed
     assert landed[1] in (State.VERIFY, State.STAGE), landed
     assert landed[2] in (State.STAGE, State.ACTIVATE, State.PROBATION), landed
-    assert probe.violations(list(zip(kills, restarts))) == []
+    assert probe.violations(list(zip(kills, restarts, strict=True))) == []
     assert runs(probe.infer_versions()) == [2, 3]
     st = dev.status()
     assert (st["version"], st["state"]) == (3, "idle")

@@ -42,6 +42,7 @@ from agent.runtime import TensorSpec
 from examples.local_broker import Mosquitto, free_port
 from packager import publish as pub
 from packager import tuf_repo
+from tests.conftest import stored_chunks
 
 pytestmark = pytest.mark.slow
 
@@ -234,11 +235,8 @@ class Fleet:
     def trusted(self) -> Trusted:
         return Trusted(files(self.state / "tuf"), files(self.state / "bundles"), files(self.state / "deployments"))
 
-    def stored_chunks(self, sha: str) -> dict[int, Path]:
-        d = self.state / "chunks" / sha
-        with contextlib.suppress(FileNotFoundError):
-            return {int(p.name): p for p in d.iterdir() if p.name.isdigit()}
-        return {}
+    def stored_chunks(self, sha: str) -> dict[int, bytes]:
+        return stored_chunks(self.state, sha)
 
 
 def make_fleet(tmp: Path, broker_url: str) -> Fleet:
@@ -299,8 +297,8 @@ def assert_bundles_kept(fleet: Fleet, before: Trusted) -> None:
 
 def assert_only_genuine_chunks(fleet: Fleet, bundle: Path) -> None:
     """Whatever the device kept of an interrupted download is verified chunks, nothing else."""
-    for index, path in fleet.stored_chunks(sha256_file(bundle)).items():
-        assert path.read_bytes() == chunk_of(bundle, index), f"chunk {index} on the device is not genuine"
+    for index, data in fleet.stored_chunks(sha256_file(bundle)).items():
+        assert data == chunk_of(bundle, index), f"chunk {index} on the device is not genuine"
 
 
 # --- the normal paths ------------------------------------------------------------------------------------------

@@ -404,3 +404,59 @@ class _CuttableProxy:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+
+# ---- receive window (flow control for bulk reads)
+
+
+def _queued(read: object) -> int:
+    return read._route.queue.qsize()  # type: ignore[attr-defined]
+
+
+def _wait_queued(read: object, n: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _queued(read) < n:
+        assert time.monotonic() < deadline, f"{_queued(read)} messages queued, expected {n}"
+        time.sleep(0.01)
+
+
+def test_receive_window_holds_the_rest_on_the_broker_until_the_caller_acks(
+    mosquitto: Mosquitto, topics: Topics, connect: Callable[..., MqttClient]
+) -> None:
+    publisher = connect(mosquitto.url, topics, "pub")
+    names = [topics.chunk("a" * 64, i) for i in range(8)]
+    for i, t in enumerate(names):
+        publisher.publish(t, bytes([i]) * 1000)
+
+    # Without a window the broker pushes them all at once, whether the caller is ready or not.
+    eager = connect(mosquitto.url, topics, "eager")
+    with eager.start_retained(names, timeout=10) as read:
+        _wait_queued(read, len(names) + 1)  # and the barrier token
+
+    device = connect(mosquitto.url, topics, "dev", receive_window=1)
+    with device.start_retained(names, timeout=10) as read:
+        first = read.get()
+        assert first is not None and first.payload == b"\0" * 1000
+        time.sleep(0.5)  # the broker could send the other seven now, if it were allowed to
+        assert _queued(read) == 0
+        first.ack()
+        _wait_queued(read, 1)
+        assert [m.payload[0] for m in read] == list(range(1, 8))  # get() acknowledges the one taken before
+    # what a window client leaves unread does not keep its window shut: the next read gets everything
+    assert device.get_retained(names, timeout=10) == {t: bytes([i]) * 1000 for i, t in enumerate(names)}
+
+
+def test_receive_window_acks_stream_messages_on_arrival_and_works_under_mqtt_311(
+    mosquitto: Mosquitto, topics: Topics, connect: Callable[..., MqttClient]
+) -> None:
+    publisher = connect(mosquitto.url, topics, "pub")
+    names = [topics.tuf(f"{i}.root.json") for i in range(5)]
+    for t in names:
+        publisher.publish(t, t.encode())
+    for protocol in ("5", "3.1.1"):
+        device = connect(mosquitto.url, topics, "dev", receive_window=1, protocol=protocol)
+        with device.subscribe_stream([topics.prefix + "live/#"]) as sub:
+            for i in range(3):  # nobody acks these: the client does on arrival, or the retained read below stalls
+                publisher.publish(topics.prefix + f"live/{i}", b"x", retain=False)
+            assert next_payload(sub, b"x").topic == topics.prefix + "live/0"
+            assert device.get_retained(names, timeout=10) == {t: t.encode() for t in names}

@@ -123,9 +123,10 @@ def test_falls_back_to_mqtt_311(mosquitto: Mosquitto, topics: Topics) -> None:
 # ---- publish + fetch
 
 
+@pytest.mark.parametrize("window", [None, 1, 4])
 def test_publish_and_fetch(
     mosquitto: Mosquitto, topics: Topics, connect: Callable[..., MqttClient], target: TargetSpec,
-    metadata: dict[str, bytes], tmp_path: Path,
+    metadata: dict[str, bytes], tmp_path: Path, window: int | None,
 ) -> None:
     publisher = connect(mosquitto, topics, "pub")
     seen: list[tuple[str, int, int]] = []
@@ -133,7 +134,7 @@ def test_publish_and_fetch(
     assert (stats.chunks_published, stats.chunks_skipped, stats.bytes_published) == (8, 0, LENGTH)
     assert stats.metadata_published == 5 and seen[-1] == ("metadata", 5, 5)
 
-    device = connect(mosquitto, topics, "dev")
+    device = connect(mosquitto, topics, "dev", receive_window=window)
     fetcher = fetcher_for(device, tmp_path / "chunks", target)
     for name, blob in metadata.items():
         assert fetcher.download_bytes(f"mqtt:///tuf/{name}", 10_000) == blob
@@ -156,7 +157,7 @@ def test_publish_and_fetch(
     print(f"\nMQTT: 404 in {not_found * 1000:.1f} ms; {LENGTH} bytes in {elapsed * 1000:.1f} ms "
           f"({LENGTH / elapsed / 1e6:.0f} MB/s)")
 
-    # Fetched again: everything comes from chunk_dir, nothing from the wire.
+    # Fetched again: everything comes from the partial file, nothing from the wire.
     before = fetcher.bytes_received
     assert fetcher.download_bytes(target_url(target), LENGTH) == data
     assert fetcher.bytes_received == before
@@ -246,7 +247,7 @@ def test_resume_after_agent_restart_fetches_only_missing_chunks(
     metadata: dict[str, bytes], tmp_path: Path,
 ) -> None:
     publish_tree(connect(mosquitto, topics, "pub"), topics, metadata, [target])
-    first = fetcher_for(connect(mosquitto, topics, "dev"), tmp_path, target, batch_size=2)
+    first = fetcher_for(connect(mosquitto, topics, "dev", receive_window=1), tmp_path, target, batch_size=2)
     stream = first.fetch(target_url(target))
     got = [next(stream) for _ in range(3)]  # the agent dies after 3 chunks, each stored before it was handed on
     stream.close()  # type: ignore[attr-defined]
@@ -254,15 +255,17 @@ def test_resume_after_agent_restart_fetches_only_missing_chunks(
     assert b"".join(got) == target.path.read_bytes()[: 3 * CHUNK]
     assert not first.client._routes  # the reads still open when the consumer stopped were closed with it
 
-    # A new process: new connection, new fetcher, same chunk directory.
-    second = fetcher_for(connect(mosquitto, topics, "dev2"), tmp_path, target, batch_size=2)
+    # A new process: new connection, new fetcher, same partial file.
+    second = fetcher_for(connect(mosquitto, topics, "dev2", receive_window=1), tmp_path, target, batch_size=2)
     data = second.download_bytes(target_url(target), LENGTH)
     assert hashlib.sha256(data).hexdigest() == target.sha256
     assert second.bytes_received == LENGTH - 3 * CHUNK
 
-    # A stored chunk damaged on disk is noticed when read back and fetched again (just that one).
-    path = tmp_path / target.sha256 / "1"
-    path.write_bytes(b"\0" * CHUNK)
+    # A stored chunk damaged on disk is noticed and fetched again (just that one).
+    with open(second.partial_path(target.sha256), "r+b") as f:
+        f.seek(1 * CHUNK)
+        f.write(b"\0" * CHUNK)
+    assert second.stored_chunks(target.sha256) == [0, 2, 3, 4, 5, 6, 7]
     before = second.bytes_received
     assert second.download_bytes(target_url(target), LENGTH) == data
     assert second.bytes_received - before == CHUNK
@@ -283,7 +286,7 @@ def test_pipelined_batches_stop_at_a_missing_chunk(
     # missing: the open batch [4, 5] was still finished and kept, [6, 7] never asked for.
     assert fetcher.stored_chunks(target.sha256) == [0, 1, 3, 4, 5]
     assert fetcher.bytes_received == 5 * CHUNK
-    assert sorted(p.name for p in (tmp_path / target.sha256).iterdir()) == ["0", "1", "3", "4", "5"]  # no temp files
+    assert [p.name for p in tmp_path.iterdir()] == [f"{target.sha256}.partial"]  # one file, no temporary ones
 
     publish_tree(publisher, topics, metadata, [target])
     before = fetcher.bytes_received
@@ -301,7 +304,7 @@ def test_download_survives_broker_restart(
     publish_tree(publisher, topics, metadata, [target])
     publisher.close()
 
-    fetcher = fetcher_for(connect(broker, topics, "dev"), tmp_path, target, batch_size=2)
+    fetcher = fetcher_for(connect(broker, topics, "dev", receive_window=1), tmp_path, target, batch_size=2)
     stream = fetcher.fetch(target_url(target))
     head = [next(stream), next(stream)]
     broker.restart()  # connection cut mid-download; retained messages survive (persistence)

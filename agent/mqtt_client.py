@@ -15,7 +15,9 @@ For a device daemon: a last `Will` (sent by the broker when the connection dies 
 Flow control for bulk reads (`receive_window`): MQTT 5's Receive Maximum caps the QoS 1 messages the broker has in
 flight to us, and a message is acknowledged only once the caller is done with it (`Message.ack()`, or its next
 `RetainedRead.get()`). The broker holds the rest, so a process killed mid-download loses at most `receive_window`
-messages it had received but not yet stored, instead of whatever the socket buffers held.
+messages it had received but not yet stored, instead of whatever the socket buffers held. A read's `on_arrival`
+hook can store each message on the network thread, which then acknowledges it at once: the round trip to the next
+message no longer waits for the caller's thread to wake up.
 """
 
 from __future__ import annotations
@@ -270,6 +272,7 @@ class _Route:
     queue: queue.SimpleQueue[Message | TransportError | None]  # None: connection dropped or closed
     max_payload: int | None = None
     defers_ack: bool = False  # a retained read: its messages are acknowledged when taken, not on arrival
+    on_arrival: Callable[[Message], None] | None = None  # run on the network thread before the message is queued
     closed: bool = False  # set by MqttClient.close(): streams on it end
     oversize: dict[str, int] = field(default_factory=dict)  # topic -> refused payload size
     bytes_received: int = 0  # payload bytes that reached us, refused ones included
@@ -767,6 +770,13 @@ class MqttClient:
             if r.max_payload is not None and size > r.max_payload:
                 r.oversize[topic] = size  # refused before it is queued for anyone
                 continue
+            if r.on_arrival is not None and topic != self.barrier_topic:
+                try:
+                    r.on_arrival(message)
+                except Exception:  # the caller sees the message anyway and deals with it in its own thread
+                    log.exception("on_arrival hook failed for %s", topic)
+                else:
+                    message.ack()  # the hook is done with it (stored it): let the broker send the next one
             r.queue.put(message)
 
     def _on_ack(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
@@ -888,10 +898,13 @@ class MqttClient:
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._ignore_ack(mid)
 
-    def _add_route(self, filters: Iterable[str], max_payload: int | None = None, defers_ack: bool = False) -> _Route:
+    def _add_route(
+        self, filters: Iterable[str], max_payload: int | None = None, defers_ack: bool = False,
+        on_arrival: Callable[[Message], None] | None = None,
+    ) -> _Route:
         exact = frozenset(f for f in filters if "+" not in f and "#" not in f)
         wild = tuple(f for f in filters if "+" in f or "#" in f)
-        route = _Route(exact, wild, queue.SimpleQueue(), max_payload, defers_ack)
+        route = _Route(exact, wild, queue.SimpleQueue(), max_payload, defers_ack, on_arrival)
         with self._lock:
             self._routes.append(route)
         return route
@@ -904,7 +917,8 @@ class MqttClient:
     # ---- public operations
 
     def start_retained(
-        self, topics: list[str], timeout: float = 10.0, max_payload: int | None = None
+        self, topics: list[str], timeout: float = 10.0, max_payload: int | None = None,
+        on_arrival: Callable[[Message], None] | None = None,
     ) -> RetainedRead:
         """Begin a retained read of `topics` and return at once, without waiting for the broker (see
         `RetainedRead`): the caller can go on taking the messages of an earlier read meanwhile.
@@ -913,10 +927,14 @@ class MqttClient:
         the broker delivers a connection's messages in order, so once the token echoes every retained message of
         `topics` is here. Payloads larger than `max_payload` are dropped before they are queued (see `oversize`).
         A refused subscription, a lost connection or a late barrier is raised by the read's `get()`.
+
+        `on_arrival(message)`, when given, runs on paho's network thread for each message of `topics` (payload
+        within `max_payload`) before it is queued; it must be quick and thread-safe. With a `receive_window` the
+        message is acknowledged as soon as the hook returns (unless it raised: then when the caller takes it).
         """
         topics = list(dict.fromkeys(validate_topic(t) for t in topics))
         token = uuid.uuid4().hex.encode()
-        route = self._add_route([*topics, self.barrier_topic], max_payload, defers_ack=True)
+        route = self._add_route([*topics, self.barrier_topic], max_payload, defers_ack=True, on_arrival=on_arrival)
         read = RetainedRead(self, route, topics, token, timeout)
         if not topics:
             read.done = True

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
@@ -177,7 +179,7 @@ class MqttFetcher(FetcherInterface):
 
     # ---- targets: the partial file
 
-    def _open_partial(self, plan: ChunkPlan) -> tuple[int, set[int]]:
+    def _open_partial(self, plan: ChunkPlan) -> tuple[_PartialFile, set[int]]:
         """Open (or create) the target's partial file at its full length; return it with the chunks it already
         holds intact. Chunks are written without fsync: after a crash or power cut a slot may be torn or empty,
         and re-hashing every slot here (cheap next to fetching) finds it."""
@@ -194,10 +196,10 @@ class MqttFetcher(FetcherInterface):
         except BaseException:
             os.close(fd)
             raise
-        return fd, have
+        return _PartialFile(fd, plan), have
 
-    def _read_stored(self, fd: int, plan: ChunkPlan, index: int, stored: set[int]) -> bytes:
-        data = os.pread(fd, plan.chunk_length(index), index * plan.chunk_size)
+    def _read_stored(self, part: _PartialFile, plan: ChunkPlan, index: int, stored: set[int]) -> bytes:
+        data = part.read(index)
         if hashlib.sha256(data).hexdigest() != plan.chunk_hashes[index]:
             stored.discard(index)  # changed on disk after it was checked: the next attempt fetches it
             raise FetchError(f"target {plan.sha256[:12]}: stored chunk {index} changed on disk while in use")
@@ -206,7 +208,7 @@ class MqttFetcher(FetcherInterface):
     # ---- targets: download
 
     def _fetch_target(self, plan: ChunkPlan) -> Iterator[bytes]:
-        fd, stored = self._open_partial(plan)
+        part, stored = self._open_partial(plan)
         try:
             if stored:
                 log.info("target %s: resuming, %d of %d chunks already stored", plan.sha256[:12], len(stored),
@@ -216,21 +218,21 @@ class MqttFetcher(FetcherInterface):
             position = 0
             if missing:
                 # closing(): a consumer that stops early (or an error) closes the reads still open at once
-                with contextlib.closing(self._receive(plan, fd, missing, stored, ready)) as arrivals:
+                with contextlib.closing(self._receive(plan, part, missing, stored, ready)) as arrivals:
                     for _ in arrivals:
                         # hand on in order whatever is now contiguous: fresh chunks from memory, older ones from disk
                         while position < plan.count and position in stored:
                             yield ready.pop(position) if position in ready else self._read_stored(
-                                fd, plan, position, stored)
+                                part, plan, position, stored)
                             position += 1
             while position < plan.count:
-                yield ready.pop(position) if position in ready else self._read_stored(fd, plan, position, stored)
+                yield ready.pop(position) if position in ready else self._read_stored(part, plan, position, stored)
                 position += 1
         finally:
-            os.close(fd)
+            part.close()
 
     def _receive(
-        self, plan: ChunkPlan, fd: int, missing: list[int], stored: set[int], ready: dict[int, bytes]
+        self, plan: ChunkPlan, part: _PartialFile, missing: list[int], stored: set[int], ready: dict[int, bytes]
     ) -> Generator[None, None, None]:
         """Fetch `missing`, `pipeline` batches subscribed at once; store every chunk that verifies as soon as it is
         taken from the queue (adding it to `stored` and `ready`) and yield after each. After a reconnect only what
@@ -248,9 +250,11 @@ class MqttFetcher(FetcherInterface):
                 while reads or (todo and not problems):
                     while todo and not problems and len(reads) < self.pipeline:
                         batch = todo.popleft()
+                        topics = self.topics.chunks(plan.sha256, batch)
                         try:
                             read = self.client.start_retained(
-                                self.topics.chunks(plan.sha256, batch), self.timeout, max_payload=plan.chunk_size
+                                topics, self.timeout, max_payload=plan.chunk_size,
+                                on_arrival=functools.partial(part.store_arrival, dict(zip(topics, batch, strict=True))),
                             )
                         except BaseException:
                             todo.appendleft(batch)
@@ -260,14 +264,14 @@ class MqttFetcher(FetcherInterface):
                     names = dict(zip(read.topics, batch, strict=True))
                     bad: dict[int, tuple[str, str]] = {}
                     for msg in read:
-                        if self._accept(plan, names, msg, fd, stored, ready, bad):
+                        if self._accept(plan, names, msg, part, stored, ready, bad):
                             yield
                     problems += self._batch_problems(plan, batch, read, stored, bad)
                     reads.popleft()
                     self._close(read)
             except ConnectionLost as e:
                 for batch, read in reads:  # keep what already arrived for the open batches
-                    self._salvage(plan, batch, read, fd, stored, ready)
+                    self._salvage(plan, batch, read, part, stored, ready)
                 drops = 0 if len(stored) > progress else drops + 1
                 if drops > self.reconnect_attempts:
                     raise FetchError(f"connection to {self.client.url} kept dropping while fetching {label}") from e
@@ -298,24 +302,28 @@ class MqttFetcher(FetcherInterface):
         self.bytes_received += read.bytes_received
 
     def _accept(
-        self, plan: ChunkPlan, names: dict[str, int], msg: Message, fd: int, stored: set[int],
+        self, plan: ChunkPlan, names: dict[str, int], msg: Message, part: _PartialFile, stored: set[int],
         ready: dict[int, bytes], bad: dict[int, tuple[str, str]],
     ) -> bool:
-        """Verify one chunk message against the signed plan; store it if it matches, then acknowledge it (with a
-        receive window, the broker sends the next chunk only now). True when it was stored."""
+        """Take one chunk message: already verified and stored by the network thread (`store_arrival`), or else
+        verified against the signed plan and stored now; then acknowledge it (with a receive window the broker
+        sends the next chunk only now, if the network thread has not already). True when it was stored."""
         try:
-            return self._check_and_store(plan, names, msg, fd, stored, ready, bad)
+            return self._check_and_store(plan, names, msg, part, stored, ready, bad)
         finally:
             msg.ack()
 
     def _check_and_store(
-        self, plan: ChunkPlan, names: dict[str, int], msg: Message, fd: int, stored: set[int],
+        self, plan: ChunkPlan, names: dict[str, int], msg: Message, part: _PartialFile, stored: set[int],
         ready: dict[int, bytes], bad: dict[int, tuple[str, str]],
     ) -> bool:
         index = names.get(msg.topic)
         payload = msg.payload
         if index is None or not payload or index in stored:  # a live delete, or a chunk we already hold
             return False
+        if part.take_arrival(index):
+            self._took(index, payload, stored, ready, bad)
+            return True
         expected = plan.chunk_length(index)
         if len(payload) != expected:
             reason = "too_large" if len(payload) > expected else "hash_mismatch"
@@ -324,23 +332,27 @@ class MqttFetcher(FetcherInterface):
         if hashlib.sha256(payload).hexdigest() != plan.chunk_hashes[index]:
             bad[index] = ("hash_mismatch", f"chunk {index} does not match its signed hash: discarded")
             return False
-        # No fsync: after a crash the slot may be torn, and `_open_partial` re-hashes every slot on resume.
-        os.pwrite(fd, payload, index * plan.chunk_size)
+        part.write(index, payload)
+        self._took(index, payload, stored, ready, bad)
+        return True
+
+    def _took(
+        self, index: int, payload: bytes, stored: set[int], ready: dict[int, bytes], bad: dict[int, tuple[str, str]]
+    ) -> None:
         self.chunks_stored += 1
         stored.add(index)
         ready[index] = payload
         bad.pop(index, None)
-        return True
 
     def _salvage(
-        self, plan: ChunkPlan, batch: list[int], read: RetainedRead, fd: int, stored: set[int],
+        self, plan: ChunkPlan, batch: list[int], read: RetainedRead, part: _PartialFile, stored: set[int],
         ready: dict[int, bytes],
     ) -> None:
         """After a connection drop: store the chunks of `read` that had already arrived (they verify like any)."""
         names = dict(zip(read.topics, batch, strict=True))
         with contextlib.suppress(TransportError):  # ConnectionLost at the drop's marker in the queue
             while (msg := read.get(block=False)) is not None:
-                self._accept(plan, names, msg, fd, stored, ready, {})
+                self._accept(plan, names, msg, part, stored, ready, {})
 
     @staticmethod
     def _batch_problems(
@@ -360,6 +372,54 @@ class MqttFetcher(FetcherInterface):
             else:
                 out.append(("not_found", f"chunk {index} is missing on the broker"))
         return out
+
+
+class _PartialFile:
+    """A target's open partial file, written from two threads: the caller's, and paho's network thread storing
+    chunks as they arrive (`store_arrival`, the read's on_arrival hook). Writes hold one lock, and once closed a late
+    hook writes nothing (the descriptor's number may already belong to another file). No fsync: after a crash a slot
+    may be torn, and `_open_partial` re-hashes every slot on resume."""
+
+    def __init__(self, fd: int, plan: ChunkPlan) -> None:
+        self._fd, self._plan = fd, plan
+        self._lock = threading.Lock()
+        self._closed = False
+        self._arrived: set[int] = set()  # verified and written by the hook, not yet taken by the caller
+
+    def store_arrival(self, names: dict[str, int], msg: Message) -> None:
+        """on_arrival hook: write the chunk at once if it is exactly what the plan signed (else leave it to the
+        caller, who reports it)."""
+        index = names.get(msg.topic)
+        payload = msg.payload
+        if index is None or len(payload) != self._plan.chunk_length(index):
+            return
+        if hashlib.sha256(payload).hexdigest() != self._plan.chunk_hashes[index]:
+            return
+        with self._lock:
+            if not self._closed:
+                os.pwrite(self._fd, payload, index * self._plan.chunk_size)
+                self._arrived.add(index)
+
+    def take_arrival(self, index: int) -> bool:
+        """True (once) when the hook verified and wrote chunk `index`."""
+        with self._lock:
+            if index in self._arrived:
+                self._arrived.discard(index)
+                return True
+            return False
+
+    def write(self, index: int, payload: bytes) -> None:
+        with self._lock:
+            os.pwrite(self._fd, payload, index * self._plan.chunk_size)
+
+    def read(self, index: int) -> bytes:
+        return os.pread(self._fd, self._plan.chunk_length(index), index * self._plan.chunk_size)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._fd)
 
 
 def stored_slots(fd: int, plan: ChunkPlan) -> set[int]:

@@ -251,7 +251,8 @@ def test_resume_after_agent_restart_fetches_only_missing_chunks(
     stream = first.fetch(target_url(target))
     got = [next(stream) for _ in range(3)]  # the agent dies after 3 chunks, each stored before it was handed on
     stream.close()  # type: ignore[attr-defined]
-    assert first.stored_chunks(target.sha256) == [0, 1, 2]  # not the 4th, although its batch had arrived
+    kept = first.stored_chunks(target.sha256)  # and maybe more: the network thread stores chunks as they arrive
+    assert kept[:3] == [0, 1, 2] and kept == list(range(len(kept))) and len(kept) <= 4  # 2 batches of 2 asked for
     assert b"".join(got) == target.path.read_bytes()[: 3 * CHUNK]
     assert not first.client._routes  # the reads still open when the consumer stopped were closed with it
 
@@ -259,7 +260,7 @@ def test_resume_after_agent_restart_fetches_only_missing_chunks(
     second = fetcher_for(connect(mosquitto, topics, "dev2", receive_window=1), tmp_path, target, batch_size=2)
     data = second.download_bytes(target_url(target), LENGTH)
     assert hashlib.sha256(data).hexdigest() == target.sha256
-    assert second.bytes_received == LENGTH - 3 * CHUNK
+    assert second.bytes_received == LENGTH - len(kept) * CHUNK
 
     # A stored chunk damaged on disk is noticed and fetched again (just that one).
     with open(second.partial_path(target.sha256), "r+b") as f:

@@ -37,6 +37,9 @@ class MqttSection:
     topic_prefix: str = ""  # default: edgeship/<fleet>/
     ca_file: str = ""  # for mqtts:// with a private CA
     connect_timeout_s: float = 10.0
+    # chunks the broker may have on their way to a fetch at once (MQTT 5 Receive Maximum), each acknowledged once
+    # stored: a killed fetch re-fetches at most this many, but a link carries at most this many per round trip
+    receive_window: int = 1
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ _SECTIONS: dict[str, type] = {"agent": AgentSection, "mqtt": MqttSection, "trust
                               "mirror": MirrorSection, "serve": ServeSection, "limits": LimitsSection,
                               "deploy": DeploySection}
 _BOUNDS = {"max_bundle_bytes": (1 << 10, 64 << 30), "max_metadata_bytes": (1 << 10, 64 << 20),
-           "chunk_timeout_s": (0.1, 3600.0), "connect_timeout_s": (0.1, 600.0),
+           "chunk_timeout_s": (0.1, 3600.0), "connect_timeout_s": (0.1, 600.0), "receive_window": (1, 1024),
            "poll_interval_s": (1.0, 86400.0), "probation_s": (0.0, 86400.0), "probation_requests": (0, 10**9),
            "max_error_rate": (0.0, 1.0), "min_requests_for_rate": (1, 10**6), "stage_timeout_s": (1.0, 3600.0),
            "keep": (1, 64), "max_restarts": (1, 100), "threads": (1, 256)}

@@ -12,8 +12,10 @@ anything else (never written, torn by a crash) is fetched again. No separate ind
 Chunks are read in batches, `pipeline` batches subscribed at once: the broker queues the next batch while the agent
 works on this one, and the messages outstanding stay few (mosquitto drops QoS 1 messages queued for a client beyond
 its inflight + queue limits). Per-batch barriers still tell a chunk missing on the broker from one still on its way.
-Give the client a small `receive_window` (`FETCH_RECEIVE_WINDOW`): the broker then has at most that many chunks on
-their way to us, each acknowledged only once stored, so a SIGKILL loses at most that many received chunks.
+Give the client a small `receive_window` (`[mqtt] receive_window`, default 1): the broker then has at most that many
+chunks on their way to us, each stored and acknowledged on paho's network thread as it arrives (the read's
+`on_arrival` hook), so a SIGKILL loses at most that many received chunks. The price is at most that many chunks per
+round trip to the broker (docs/transport.md).
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH = 16  # chunks per subscription (and per barrier)
 DEFAULT_PIPELINE = 2  # batches subscribed at once: at most 2 x 16 x 128 KiB outstanding, well inside the broker's
 # per-client limits (mosquitto: 20 inflight + 100 queued in 1.x, + 1000 in 2.x)
-FETCH_RECEIVE_WINDOW = 1  # MqttClient(receive_window=...) for a fetch: a kill loses at most one received chunk
 
 
 class FetchError(TransportError, DownloadError):

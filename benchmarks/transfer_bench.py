@@ -63,12 +63,12 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/transfer_bench.py` fr
 
 from agent.bundle import Artifact, Manifest, TensorSpec, sha256_file, verify_bundle, write_bundle  # noqa: E402
 from agent.chunks import chunk_hashes  # noqa: E402
-from agent.config import AgentConfig, parse_config  # noqa: E402
+from agent.config import AgentConfig, MqttSection, parse_config  # noqa: E402
 from agent.errors import EdgeshipError  # noqa: E402
 from agent.fetch import fetch, fetch_with  # noqa: E402
 from agent.http_fetcher import HttpFetcher  # noqa: E402
 from agent.mqtt_client import Message, MqttClient, RetainedRead, Topics  # noqa: E402
-from agent.mqtt_fetcher import DEFAULT_BATCH, DEFAULT_PIPELINE, FETCH_RECEIVE_WINDOW, MqttFetcher  # noqa: E402
+from agent.mqtt_fetcher import DEFAULT_BATCH, DEFAULT_PIPELINE, MqttFetcher  # noqa: E402
 from benchmarks._common import Target, code_state, load_average, machine_info, mosquitto_version, write_json  # noqa: E402
 from examples.local_broker import Mosquitto, MosquittoMissing, find_mosquitto  # noqa: E402
 from packager import tuf_repo  # noqa: E402
@@ -82,6 +82,7 @@ MBPS_MIN = 100.0  # device path, MB/s (10^6 bytes per second)
 WIRE_RATIO_MAX = 1.05  # payload bytes received / bundle bytes
 RESUME_REFETCH_MAX = 1  # chunks that reach the device twice after a cut at ~50 %
 WIDE_BATCH = 64  # a second batch size for the raw ceiling
+RECEIVE_WINDOW = MqttSection().receive_window  # the agent's default `[mqtt] receive_window`
 PACED_MBPS = 50.0  # resume trials through a proxy paced to this rate: a link slower than the agent stores chunks
 CEILING_BATCHES = (DEFAULT_BATCH, WIDE_BATCH)
 FLEET = "bench"
@@ -609,12 +610,12 @@ def run_rounds(s: Setup, server: MirrorServer, rounds: int) -> dict[str, list[di
         for kind in order:
             state = s.work / "rounds" / f"{kind}-{i}"
             if kind == "mqtt":
-                r = mqtt_round(s, state, FETCH_RECEIVE_WINDOW, f"{i}")
+                r = mqtt_round(s, state, RECEIVE_WINDOW, f"{i}")
             elif kind == "mqtt_tmpfs":  # diagnostic: the same path without this disk's file and fsync costs
                 assert shm is not None
                 state = Path(tempfile.mkdtemp(prefix="edgeship-transfer-", dir=shm))
                 try:
-                    r = mqtt_round(s, state / "state", FETCH_RECEIVE_WINDOW, f"{i}-tmpfs")
+                    r = mqtt_round(s, state / "state", RECEIVE_WINDOW, f"{i}-tmpfs")
                 finally:
                     shutil.rmtree(state, ignore_errors=True)
             elif kind == "http":
@@ -684,7 +685,7 @@ def mqtt_resume_trial(s: Setup, tap: WireTap, fraction: float, tag: str, rate: f
 
     cfg = config(data)
     with MqttClient(tap.url, f"bench-resume-{tag}", prefix=Topics(cfg.topic_prefix),
-                    receive_window=FETCH_RECEIVE_WINDOW) as client:
+                    receive_window=RECEIVE_WINDOW) as client:
         client.connect(timeout=10)
         fetcher = MqttFetcher(client, state / "chunks", timeout=cfg.limits.chunk_timeout_s)
         t0 = time.perf_counter()
@@ -796,9 +797,9 @@ def table(s: Setup, pub: dict[str, Any], rounds: dict[str, list[dict[str, Any]]]
                  f"{rerun['chunks_skipped']} skipped")
     lines.append(f"| {'publish HTTP mirror tree (http_dir)':<48} | {tree['mbps']:6.1f}{'':11} | "
                  f"{tree['seconds']:6.3f} | {'':>13} | {tree['files_written']} files")
-    for kind, label in (("mqtt", f"device over MQTT (fetch_with, window {FETCH_RECEIVE_WINDOW})"),
+    for kind, label in (("mqtt", f"device over MQTT (fetch_with, window {RECEIVE_WINDOW})"),
                         ("mqtt_no_window", "device over MQTT, no receive window"),
-                        ("mqtt_tmpfs", f"diagnostic: window {FETCH_RECEIVE_WINDOW}, state dir on tmpfs")):
+                        ("mqtt_tmpfs", f"diagnostic: window {RECEIVE_WINDOW}, state dir on tmpfs")):
         rs = rounds.get(kind)
         if not rs:
             continue
@@ -949,7 +950,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Target("mqtt_device_mbps", "device path over MQTT (TUF refresh + deployment + bundle + verify), median",
                mqtt_mbps["median"], MBPS_MIN, ">=", "MB/s",
                f"of {mid['seconds']:.2f} s, {mid['broker_wait_seconds']:.2f} s blocked waiting on the broker (raw "
-               f"ceiling {ceiling:.0f} MB/s; receive window {FETCH_RECEIVE_WINDOW}, without it {no_window:.0f} MB/s) "
+               f"ceiling {ceiling:.0f} MB/s; receive window {RECEIVE_WINDOW}, without it {no_window:.0f} MB/s) "
                f"and {mid['own_work_seconds']:.2f} s the agent's own work: sha256 and a pwrite per chunk "
                f"({stores:.3f} ms each here), TUF's spooled copy, hash and fsynced copy of the whole file, "
                "verify_bundle's hash"),
@@ -958,7 +959,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Target("mqtt_resume_refetch", "chunks delivered twice after a SIGKILL at ~50 %, worst trial", twice,
                RESUME_REFETCH_MAX, "<=", "chunks",
                f"the killed agent had been sent {cut['first_run']['bundle_chunks_delivered']} chunks and had stored "
-               f"{cut['chunks_stored_at_kill']}; with a receive window of {FETCH_RECEIVE_WINDOW} the broker sends a "
+               f"{cut['chunks_stored_at_kill']}; with a receive window of {RECEIVE_WINDOW} the broker sends a "
                "chunk only once the agent acknowledged the one before as stored; with the link paced to "
                f"{PACED_MBPS:.0f} MB/s the worst trial had {twice_paced}"),
     ]
@@ -969,7 +970,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration_seconds": round(time.perf_counter() - t0, 1),
         "code": code_state(), "machine": machine, "load_average": {"start": load_start, "end": load_end},
         "settings": {"mb": args.mb, "rounds": args.rounds, "chunk_size": CHUNK_SIZE, "fetcher_batch": DEFAULT_BATCH,
-                     "fetcher_pipeline": DEFAULT_PIPELINE, "fetch_receive_window": FETCH_RECEIVE_WINDOW,
+                     "fetcher_pipeline": DEFAULT_PIPELINE, "fetch_receive_window": RECEIVE_WINDOW,
                      "paced_resume_mbps": PACED_MBPS,
                      "ceiling_batches": list(CEILING_BATCHES), "units": "MB = 10^6 bytes",
                      "broker": "mosquitto on 127.0.0.1, default limits, no persistence", "fleet": FLEET,

@@ -16,6 +16,7 @@ def test_defaults_are_bounded_and_prefix_follows_fleet() -> None:
     assert cfg.mqtt.url == "mqtt://127.0.0.1:1883"
     assert cfg.limits.max_bundle_bytes == 2 << 30
     assert cfg.serve.http == "127.0.0.1:8501"
+    assert cfg.mqtt.receive_window == 1
 
 
 def test_environment_overrides_file() -> None:
@@ -32,6 +33,7 @@ def test_environment_overrides_file() -> None:
         (dict(MINIMAL, mqtt={"url": "http://x"}), {}, "expected mqtt://"),
         (MINIMAL, {"EDGESHIP_LIMITS_MAX_BUNDLE_BYTES": "12"}, "outside"),
         (MINIMAL, {"EDGESHIP_LIMITS_CHUNK_TIMEOUT_S": "soon"}, "chunk_timeout_s"),
+        (MINIMAL, {"EDGESHIP_MQTT_RECEIVE_WINDOW": "0"}, r"\[mqtt\] receive_window: 0 is outside"),
         (dict(MINIMAL, agent={"device_id": "a/b", "state_dir": "/s"}), {}, "device_id 'a/b'"),
         (dict(MINIMAL, mqtt={"topic_prefix": "edgeship/#/"}), {}, "wildcards"),
         (dict(MINIMAL, agent=dict(MINIMAL["agent"], colour="blue")), {}, "unknown key"),

@@ -33,6 +33,8 @@ MAX_CALIB_ROWS = 256  # calibration rows used, evenly spaced over what was given
 CALIB_BATCH = 32  # rows per calibration batch when the model's batch axis is dynamic
 SENSITIVITY_ROWS = 32  # rows used to measure each node's quantization error
 KEEP_FLOAT_KS = (1, 2, 4)
+# 7-bit weights: x86 without VNNI (AVX2 only) sums u8 x s8 products in saturating 16 bits; docs/packager.md
+REDUCE_RANGE = True
 
 # Node types whose weights or inputs the quantizer turns int8: the candidates for "keep in float".
 _STATIC_NODE_TYPES = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Gather"})
@@ -249,6 +251,7 @@ def _quantize_to(
                     op_types_to_quantize=_DYNAMIC_OP_TYPES,
                     per_channel=recipe.per_channel,
                     weight_type=QuantType.QInt8,
+                    reduce_range=REDUCE_RANGE,
                     nodes_to_quantize=only or None,
                     nodes_to_exclude=exclude or None,
                     extra_options={"MatMulConstBOnly": True},
@@ -269,6 +272,7 @@ def _quantize_to(
                 per_channel=recipe.per_channel,
                 activation_type=QuantType.QUInt8 if recipe.activation_type == "uint8" else QuantType.QInt8,
                 weight_type=QuantType.QInt8,
+                reduce_range=REDUCE_RANGE,
                 nodes_to_quantize=only or None,
                 nodes_to_exclude=exclude or None,
                 calibrate_method=_calibration_method(recipe.calibration),

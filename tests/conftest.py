@@ -51,3 +51,15 @@ def stored_chunks(state_dir: Path, sha256: str, chunk_size: int = 128 * 1024) ->
         return {}
     slots = (data[i : i + chunk_size] for i in range(0, len(data), chunk_size))
     return {index: slot for index, slot in enumerate(slots) if slot.count(0) != len(slot)}
+
+
+def chunk_written(state_dir: Path, sha256: str, index: int, chunk_size: int = 128 * 1024) -> bool:
+    """A cheap progress probe for a download in progress: has chunk `index` (and, as chunks are fetched in order,
+    every one before it) reached the partial file?"""
+    try:
+        with open(state_dir / "chunks" / f"{sha256}.partial", "rb") as f:
+            f.seek(index * chunk_size)
+            slot = f.read(chunk_size)
+    except FileNotFoundError:
+        return False
+    return bool(slot) and slot.count(0) != len(slot)

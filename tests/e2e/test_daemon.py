@@ -41,7 +41,7 @@ from examples.local_broker import Mosquitto, free_port
 from packager import tuf_repo
 from packager.build import BuildOptions, Progress, build
 from packager.publish import CHUNK_SIZE, topics_for
-from tests.conftest import stored_chunks
+from tests.conftest import chunk_written
 
 pytestmark = pytest.mark.slow
 
@@ -725,7 +725,7 @@ def test_killed_agent_resumes_and_converges(own_device: Callable[..., Device], b
     landed: list[State] = []
     with Prober(dev.port, bundles.x) as probe:
         dev.publish(bundles.v3_big)
-        dev.wait(lambda: len(stored_chunks(dev.state_dir, sha)) >= total // 10, "10% of the chunks")
+        dev.wait(lambda: chunk_written(dev.state_dir, sha, total // 10), "10% of the chunks")
         kills.append(dev.kill())
         landed.append(dev.state().state)
         for step in ("verify", "stage"):

@@ -42,7 +42,7 @@ from agent.runtime import TensorSpec
 from examples.local_broker import Mosquitto, free_port
 from packager import publish as pub
 from packager import tuf_repo
-from tests.conftest import stored_chunks
+from tests.conftest import chunk_written, stored_chunks
 
 pytestmark = pytest.mark.slow
 
@@ -681,7 +681,7 @@ def test_agent_killed_mid_download_resumes(mosquitto_factory: Callable[..., Mosq
 
     proc = fleet.start_fetch()
     try:
-        wait_for(lambda: len(fleet.stored_chunks(sha)) >= total // 10, 30, "10% of the chunks", proc)
+        wait_for(lambda: chunk_written(fleet.state, sha, total // 10), 30, "10% of the chunks", proc)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:

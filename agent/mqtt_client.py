@@ -204,13 +204,14 @@ class _Ack:
         self._sent = False
 
     def send(self) -> None:
+        # Under the lock, so a reconnect cannot slip in between the check and the PUBACK (message ids start again
+        # on a new connection). paho's ack() only queues the packet and wakes its thread: safe to call here.
         with self._client._lock:
             if self._sent:
                 return
             self._sent = True
-            live = self._client._paho is self._paho and self._client._generation == self._generation
-        if live:  # after a reconnect the broker forgot this message (clean start): nothing to acknowledge
-            self._paho.ack(self.mid, self.qos)
+            if self._client._paho is self._paho and self._client._generation == self._generation:
+                self._paho.ack(self.mid, self.qos)  # else the broker forgot this message (clean start)
 
 
 @dataclass(frozen=True)
@@ -371,6 +372,8 @@ class RetainedRead:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            with self._client._lock:
+                self._route.closed = True  # a message the network thread queues from now on is acked by it
             self._client._remove_route(self._route)
             self._client._forget_subacks(self)
             self._client._unsubscribe(self.topics)
@@ -736,6 +739,8 @@ class MqttClient:
         try:
             topic = msg.topic
         except UnicodeDecodeError:
+            if self.receive_window is not None and msg.qos > 0:
+                client.ack(msg.mid, msg.qos)  # dropped, but it must not keep the window shut
             return
         payload = bytes(msg.payload)
         size = len(payload)
@@ -778,6 +783,8 @@ class MqttClient:
                 else:
                     message.ack()  # the hook is done with it (stored it): let the broker send the next one
             r.queue.put(message)
+            if r.closed:  # closed after we picked the route: its drain may have missed this message
+                message.ack()
 
     def _on_ack(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
         _quickack(client)

@@ -192,8 +192,8 @@ class MqttFetcher(FetcherInterface):
             have = stored_slots(fd, plan) if size else set()
             if size != plan.length:
                 os.ftruncate(fd, plan.length)
-            if not size and plan.length:
-                _reserve(fd, plan.length, path)
+                if plan.length:
+                    _reserve(fd, plan.length, path)
         except BaseException:
             os.close(fd)
             raise
@@ -322,7 +322,7 @@ class MqttFetcher(FetcherInterface):
         payload = msg.payload
         if index is None or not payload or index in stored:  # a live delete, or a chunk we already hold
             return False
-        if part.take_arrival(index):
+        if part.take_arrival(index, msg):
             self._took(index, payload, stored, ready, bad)
             return True
         expected = plan.chunk_length(index)
@@ -385,7 +385,7 @@ class _PartialFile:
         self._fd, self._plan = fd, plan
         self._lock = threading.Lock()
         self._closed = False
-        self._arrived: set[int] = set()  # verified and written by the hook, not yet taken by the caller
+        self._arrived: dict[int, Message] = {}  # verified and written by the hook, not yet taken by the caller
 
     def store_arrival(self, names: dict[str, int], msg: Message) -> None:
         """on_arrival hook: write the chunk at once if it is exactly what the plan signed (else leave it to the
@@ -399,13 +399,14 @@ class _PartialFile:
         with self._lock:
             if not self._closed:
                 os.pwrite(self._fd, payload, index * self._plan.chunk_size)
-                self._arrived.add(index)
+                self._arrived[index] = msg
 
-    def take_arrival(self, index: int) -> bool:
-        """True (once) when the hook verified and wrote chunk `index`."""
+    def take_arrival(self, index: int, msg: Message) -> bool:
+        """True (once) when the hook verified and wrote this very message as chunk `index` (another message for
+        the same topic, say a bad one that came first, is checked by the caller as usual)."""
         with self._lock:
-            if index in self._arrived:
-                self._arrived.discard(index)
+            if self._arrived.get(index) is msg:
+                del self._arrived[index]
                 return True
             return False
 

@@ -40,6 +40,7 @@ import http.server
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import signal
@@ -85,6 +86,8 @@ WIDE_BATCH = 64  # a second batch size for the raw ceiling
 RECEIVE_WINDOW = MqttSection().receive_window  # the agent's default `[mqtt] receive_window`
 PACED_MBPS = 50.0  # resume trials through a proxy paced to this rate: a link slower than the agent stores chunks
 CEILING_BATCHES = (DEFAULT_BATCH, WIDE_BATCH)
+LATENCY_RTT_S = 0.010  # a link with this round trip (LAN / Wi-Fi class) for the window trials
+LATENCY_WINDOWS = (1, 4, 16)
 FLEET = "bench"
 GROUP = "bench-devices"
 BUNDLE_NAME = "bench"
@@ -383,6 +386,59 @@ class WireTap:
         self.listener.close()
 
 
+# --------------------------------------------------------------------------------------------- delayed link
+
+
+def delay_proxy(upstream_port: int, one_way_s: float) -> int:
+    """Forward 127.0.0.1:<free port> to the broker, holding every byte `one_way_s` in each direction (a link with a
+    round trip of 2 x one_way_s and no bandwidth limit). Runs in its own process (`--delay-proxy`), so its threads
+    do not share the measured agent's GIL; prints its port, then serves until killed."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    print(listener.getsockname()[1], flush=True)
+
+    def reader(src: socket.socket, line: queue.SimpleQueue[tuple[float, bytes]]) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(256 * 1024):
+                line.put((time.monotonic() + one_way_s, data))
+        line.put((time.monotonic() + one_way_s, b""))
+
+    def writer(dst: socket.socket, line: queue.SimpleQueue[tuple[float, bytes]]) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                due, data = line.get()
+                if (wait := due - time.monotonic()) > 0:
+                    time.sleep(wait)
+                if not data:
+                    break
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    while True:
+        down, _ = listener.accept()
+        up = socket.create_connection(("127.0.0.1", upstream_port))
+        for sock in (down, up):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for src, dst in ((down, up), (up, down)):
+            line: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
+            threading.Thread(target=reader, args=(src, line), daemon=True).start()
+            threading.Thread(target=writer, args=(dst, line), daemon=True).start()
+
+
+@contextlib.contextmanager
+def delayed_link(upstream_port: int, rtt_s: float) -> Iterator[str]:
+    """A `delay_proxy` subprocess; yields its mqtt:// URL."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--delay-proxy",
+                             f"{upstream_port}:{rtt_s / 2}"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # --------------------------------------------------------------------------------------------- HTTP mirror
 
 
@@ -533,10 +589,10 @@ def measure_publish(s: Setup) -> dict[str, Any]:
     return out
 
 
-def mqtt_round(s: Setup, state: Path, window: int | None, tag: str) -> dict[str, Any]:
-    cfg = config(device_config(state, s.broker.url, s.repo / "root.json"))
-    client = TimedMqttClient(s.broker.url, f"bench-device-{tag}", prefix=Topics(cfg.topic_prefix),
-                             receive_window=window)
+def mqtt_round(s: Setup, state: Path, window: int | None, tag: str, url: str | None = None) -> dict[str, Any]:
+    url = url or s.broker.url
+    cfg = config(device_config(state, url, s.repo / "root.json"))
+    client = TimedMqttClient(url, f"bench-device-{tag}", prefix=Topics(cfg.topic_prefix), receive_window=window)
     with client:
         t0 = time.perf_counter()
         client.connect(timeout=cfg.mqtt.connect_timeout_s)
@@ -629,6 +685,23 @@ def run_rounds(s: Setup, server: MirrorServer, rounds: int) -> dict[str, list[di
             log.info("round %d %-16s %7.1f MB/s  %.3f s%s", i + 1, kind, r["mbps"], r["seconds"],
                      f"  wire {r['wire_ratio']:.4f}x" if "wire_ratio" in r else "")
             shutil.rmtree(state, ignore_errors=True)
+    return out
+
+
+def latency_trials(s: Setup, rtt_s: float, windows: Sequence[int]) -> list[dict[str, Any]]:
+    """The device path over a link with a round trip of `rtt_s`, once per receive window: what the window costs
+    where the round trip, not the agent, is the bottleneck."""
+    out = []
+    with delayed_link(s.broker.port, rtt_s) as url:
+        for window in windows:
+            state = s.work / "latency" / f"w{window}"
+            r = mqtt_round(s, state, window, f"rtt-w{window}", url)
+            shutil.rmtree(state, ignore_errors=True)
+            r.update(rtt_ms=rtt_s * 1e3, window=window,
+                     window_ceiling_mbps=window * CHUNK_SIZE / rtt_s / MB)  # window x chunk per round trip
+            out.append(r)
+            log.info("latency: RTT %.0f ms, window %d: %.1f MB/s (window ceiling %.1f)", rtt_s * 1e3, window,
+                     r["mbps"], r["window_ceiling_mbps"])
     return out
 
 
@@ -864,7 +937,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
                         help=f"interleaved rounds per path, and MQTT resume trials (default {DEFAULT_ROUNDS})")
     parser.add_argument("--child-fetch", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--delay-proxy", help=argparse.SUPPRESS)  # UPSTREAM_PORT:ONE_WAY_SECONDS
     args = parser.parse_args(argv)
+    if args.delay_proxy is not None:
+        port, one_way = args.delay_proxy.split(":")
+        return delay_proxy(int(port), float(one_way))
     if args.child_fetch is not None:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
         return child_fetch(args.child_fetch)
@@ -916,6 +993,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rounds = run_rounds(s, server, args.rounds)
                 log.info("resume: HTTP mirror, response cut at 50 percent")
                 http_resume = http_resume_trial(s, server, 0.5)
+            latency = latency_trials(s, LATENCY_RTT_S, LATENCY_WINDOWS)
             tap = WireTap(broker.port)
             resume: list[dict[str, Any]] = []
             resume_paced: list[dict[str, Any]] = []
@@ -984,10 +1062,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                    if k != "chunk_store_ms"},
         "chunk_store_ms_per_round": rounds["chunk_store_ms"],
         "resume": {"mqtt": resume, "mqtt_paced": resume_paced, "http": http_resume},
+        "latency": latency,
         "broker_log_tail": broker_log_tail,
     }
     write_json(args.out, result)
     print(table(s, pub, rounds, resume + resume_paced, http_resume, components) + "\n", flush=True)
+    print(f"== device over MQTT through a link with a {LATENCY_RTT_S * 1e3:.0f} ms round trip (a delaying proxy)")
+    print("| receive window | MB/s | window ceiling (window x 128 KiB / RTT) |")
+    print("|---|---|---|")
+    for r in latency:
+        print(f"| {r['window']} | {r['mbps']:.1f} | {r['window_ceiling_mbps']:.1f} |")
+    print(flush=True)
     print("== targets")
     for t in targets:
         print(t.line())

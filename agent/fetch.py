@@ -63,6 +63,12 @@ def parse_deployment(data: bytes, group: str) -> tuple[str, str, int]:
     return path, name, version
 
 
+def _discard(fetcher: FetcherInterface, tf: TargetFile) -> None:
+    discard = getattr(fetcher, "discard", None)
+    if discard is not None:  # the verified file is kept; its chunks are no longer needed
+        discard(tf.hashes["sha256"])
+
+
 def _expect(fetcher: FetcherInterface, client: TrustedClient, tf: TargetFile) -> None:
     plan = client.chunk_plan(tf)
     expect = getattr(fetcher, "expect", None)
@@ -101,6 +107,7 @@ class BundleSource:
         # The deployment document waits in incoming/ until its bundle verified: deployments/ never names a
         # bundle the device does not hold.
         dep_file = self.client.download(dep_tf, self.state / "incoming")
+        _discard(self.fetcher, dep_tf)  # every periodic check reads it: leave no partial file behind
         bundle_path, name, version = parse_deployment(dep_file.read_bytes(), group)
         bundle_tf = self.client.require_target(bundle_path)
         custom: dict[str, Any] = dict(bundle_tf.custom)
@@ -131,10 +138,7 @@ class BundleSource:
         (self.state / "deployments").mkdir(exist_ok=True)
         os.replace(cand.deployment_file, self.state / "deployments" / cand.deployment_file.name)
         fsync_dir(self.state / "deployments")
-        discard = getattr(self.fetcher, "discard", None)
-        if discard is not None:
-            for tf in (cand.deployment_tf, cand.bundle_tf):
-                discard(tf.hashes["sha256"])  # the verified file is kept; its chunks are no longer needed
+        _discard(self.fetcher, cand.bundle_tf)
         return manifest
 
 

@@ -576,6 +576,8 @@ def assert_fetched(fleet: Fleet, out: Outcome, bundle: Path) -> None:
     assert out.ok, out
     assert out.out["sha256"] == sha
     assert sha256_file(Path(out.out["path"])) == sha
+    # nothing of the download is left behind: neither the bundle's partial file nor the deployment document's
+    assert sorted((fleet.state / "chunks").iterdir()) == []
 
 
 class CuttableProxy:

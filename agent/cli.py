@@ -56,7 +56,8 @@ def _status(args: argparse.Namespace) -> int:
     from agent.state_store import StateStore
 
     try:
-        ds = StateStore.in_dir(load_config(args.config).agent.state_dir).load()
+        cfg = load_config(args.config)
+        ds = StateStore.in_dir(cfg.agent.state_dir).load()
     except (ConfigError, DeployStateError) as e:
         return _fail(args, str(e), "config" if isinstance(e, ConfigError) else "state", EXIT_CONFIG)
     serving = ds.candidate if ds.state.value in ("activate", "probation", "commit") else ds.current
@@ -68,13 +69,18 @@ def _status(args: argparse.Namespace) -> int:
         "last_event": None if le is None else {"state": le.state.value, "event": le.event.value,
                                                "reason": le.reason, "at": le.at},
         "rejected": dict(ds.rejected),
+        # crashes counted against the deployment in progress (clean stops are not), and whether the agent's last
+        # run ended in a clean stop it has not started since
+        "restarts": ds.restarts, "max_restarts": cfg.deploy.max_restarts, "clean_stop": ds.clean_stop,
     }
     if args.json:
         print(json.dumps(out))
     else:
         what = f"{out['name']} v{out['version']} ({out['format']})" if serving else "no model"
         previous = ", ".join(f"v{r.version}" for r in ds.previous) or "none"
-        print(f"{what}; state {ds.state.value}; previous {previous}")
+        restarts = f"; restarts {ds.restarts} of {cfg.deploy.max_restarts}" if ds.state.value != "idle" else ""
+        stopped = "; stopped cleanly (the next start is not counted)" if ds.clean_stop else ""
+        print(f"{what}; state {ds.state.value}; previous {previous}{restarts}{stopped}")
         if le is not None:
             print(f"last event: {le.state.value} {le.event.value} {le.reason}".rstrip())
     return 0

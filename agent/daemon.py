@@ -3,7 +3,8 @@
 The deployment state machine's decisions are pure (`agent/deploy_state.py`); this module does each state's work
 and returns an event. The rule everywhere: persist the state, then act. So a crash or power cut at any point
 restarts into exactly the old or the new model (`serving_after_restart`), and a deployment that keeps killing
-the agent is rolled back after `max_restarts` (`on_restart`).
+the agent is rolled back after `max_restarts` (`on_restart`); a clean stop (SIGTERM, SIGINT) is not counted
+(`on_clean_stop`, saved last in `shutdown`).
 
 Threads: the main thread drives the state machine; the HTTP server and paho's network thread serve requests and
 only read the one model reference (`ModelHolder`), so inference never waits for a deployment step.
@@ -40,6 +41,7 @@ from agent.deploy_state import (
     begin_check,
     bundles_to_delete,
     failure_event,
+    on_clean_stop,
     on_restart,
     on_staged,
     on_update_found,
@@ -593,12 +595,20 @@ class Daemon:
         return ds
 
     def shutdown(self, ds: DeployState) -> None:
+        """The normal stop (SIGTERM, SIGINT): `ds` is the last state `drive` persisted."""
         self._birth(ds, status="offline")  # a clean disconnect does not fire the last will
         if self.http is not None:
             self.http.stop()
         if self.mqtt is not None:
             self.mqtt.close()
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        # Last, once nothing serves: a model that crashes the agent before this point still counts as a crash.
+        try:
+            self.store.save(on_clean_stop(ds))
+        except OSError as e:  # the next start then counts this stop as a crash: the safe side
+            log.warning("could not record the clean stop: %s", e)
+            return
+        log.info("stopped cleanly in %s; the next start does not count as a restart", ds.state.value)
 
     def request_stop(self, *_: object) -> None:
         self.stopping.set()

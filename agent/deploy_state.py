@@ -13,17 +13,22 @@ The driver (the I/O edge, not this module) runs it like this, and the order is t
     ds = on_restart(store.load(), at=now())   # a fresh agent first resumes from the persisted state
     store.save(ds)                             # persist BEFORE acting
     serve(serving_after_restart(ds))           # exactly the old or the new model, never none
-    while True:
+    while not stop_requested():
         event, reason = work(ds)               # each state's work returns an event (failure_event() maps errors)
         new = apply(ds, event, reason, at=now())
         store.save(new)                        # persist the new state BEFORE doing its work ...
         delete(bundles_to_delete(ds, new))     # ... and delete files only once no saved state refers to them
         ds = new
+    stop_serving()
+    store.save(on_clean_stop(ds))              # a normal shutdown is not a crash: the next start is not counted
 
 A crash at any point therefore restarts in the state whose work was under way, and `on_restart` decides what that
 work may be trusted with: states before ACTIVATE retry (the old model still serves), ACTIVATE/PROBATION continue
 probation on the candidate (it was, or was about to be, serving), COMMIT and ROLLBACK finish. A crash counter in
-the persisted state turns a crash loop into a rollback with reason `crash_loop`.
+the persisted state turns a crash loop into a rollback with reason `crash_loop`. A clean stop is not a crash: the
+driver's normal shutdown (SIGTERM, after it stopped serving) saves `on_clean_stop(ds)`, and the next on_restart
+resumes without counting and clears that marker, so a crash after it counts again. A stop that never reached that
+save (SIGKILL, a crash, a power cut, the hung-stage exit) leaves no marker and counts.
 
 What each state's work is (for the driver):
     CHECK      refresh trust, read the group's deployment -> on_update_found(ds, ref or None)
@@ -56,6 +61,7 @@ DEFAULT_MAX_RESTARTS = 3
 MAX_REJECTED = 32  # oldest rejections are forgotten first
 MAX_REASON = 200  # characters; longer reasons are clipped by apply()
 CRASH_LOOP = "crash_loop"
+CLEAN_STOP = "clean_stop"  # the reason of a `restarted` event that was not counted
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _T = TypeVar("_T", bound=StrEnum)
@@ -98,7 +104,7 @@ class Event(StrEnum):
     PASSED = "passed"  # the probation window passed
     FAILED = "failed"  # the state's work failed: the candidate is rejected (reason recorded)
     ABORTED = "aborted"  # a transport failure before the candidate is on disk: rolled back, not rejected
-    RESTARTED = "restarted"  # the agent restarted in this state (counted; see on_restart)
+    RESTARTED = "restarted"  # the agent restarted in this state (counted unless it stopped cleanly; on_restart)
     CRASH_LOOP = "crash_loop"  # the agent restarted max_restarts times during this deployment
 
 
@@ -236,7 +242,8 @@ class DeployState:
     """What the agent persists. `current` is the committed, known-good bundle (None on a fresh device);
     `candidate` the bundle being deployed; `previous` older known-good bundles kept on disk, newest first;
     `restarts` the crash counter of the deployment in progress; `rejected` sha256 -> reason for bundles rolled back,
-    which CHECK ignores until a different one is published."""
+    which CHECK ignores until a different one is published; `clean_stop` is set by on_clean_stop (the agent shut
+    down normally and has not started since) and cleared by the next on_restart or transition."""
 
     state: State = State.IDLE
     current: BundleRef | None = None
@@ -246,6 +253,7 @@ class DeployState:
     rejected: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     last_event: LastEvent | None = None
     updated_at: float | None = None
+    clean_stop: bool = False
 
     def __post_init__(self) -> None:
         # freeze the containers: a frozen dataclass holding a dict or list would still be mutable
@@ -268,6 +276,8 @@ class DeployState:
             raise InvalidState(f"restarts must be a non-negative integer, not {self.restarts!r}")
         if s is State.IDLE and self.restarts:
             raise InvalidState("restarts must be 0 in idle")
+        if not isinstance(self.clean_stop, bool):
+            raise InvalidState(f"clean_stop must be a boolean, not {self.clean_stop!r}")
         if s in _NEEDS_CANDIDATE and cand is None:
             raise InvalidState(f"state {s} needs a candidate")
         if s in _NO_CANDIDATE and cand is not None:
@@ -300,7 +310,7 @@ class DeployState:
             raise InvalidState("a kept known-good bundle cannot be rejected")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
             "state": self.state.value,
             "current": self.current.to_json() if self.current else None,
@@ -311,11 +321,16 @@ class DeployState:
             "last_event": self.last_event.to_json() if self.last_event else None,
             "updated_at": self.updated_at,
         }
+        # Written only while set: every other file stays exactly what agents without the marker write and read
+        # (one downgraded past a clean stop falls back to the .bak, which never holds it).
+        if self.clean_stop:
+            doc["clean_stop"] = True
+        return doc
 
     @classmethod
     def from_json(cls, obj: object) -> DeployState:
         d = _exact_keys(obj, {"schema", "state", "current", "candidate", "previous", "restarts", "rejected",
-                              "last_event", "updated_at"}, "deployment state")
+                              "last_event", "updated_at"}, "deployment state", optional={"clean_stop"})
         if d["schema"] != SCHEMA_VERSION or not _is_int(d["schema"]):
             raise InvalidState(f"unsupported deployment state schema {d['schema']!r} (this agent reads "
                                f"{SCHEMA_VERSION})")
@@ -332,14 +347,16 @@ class DeployState:
             rejected=d["rejected"],
             last_event=None if d["last_event"] is None else LastEvent.from_json(d["last_event"]),
             updated_at=d["updated_at"],
+            clean_stop=d.get("clean_stop", False),  # absent in files written before the marker existed
         )
 
 
-def _exact_keys(obj: object, keys: set[str], where: str) -> dict[str, Any]:
+def _exact_keys(obj: object, keys: set[str], where: str, optional: set[str] | None = None) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise InvalidState(f"{where} must be a JSON object")
-    if set(obj) != keys:
-        missing, extra = sorted(keys - set(obj)), sorted(set(obj) - keys)
+    allowed = keys | (optional or set())
+    if not keys <= set(obj) <= allowed:
+        missing, extra = sorted(keys - set(obj)), sorted(set(obj) - allowed)
         raise InvalidState(f"{where}: missing {missing}, unexpected {extra}")
     return obj
 
@@ -408,7 +425,8 @@ def apply(ds: DeployState, event: Event | str, reason: str = "", *, at: float, k
 
     - update_available: `candidate` is the bundle to deploy; the crash counter starts at 0.
     - any other event may pass `candidate` to refine the candidate's ref (same sha256), e.g. STAGE's format.
-    - restarted / crash_loop (see on_restart) count a restart.
+    - restarted / crash_loop (see on_restart) count a restart, unless `ds.clean_stop` (the agent stopped cleanly).
+    - every transition clears `clean_stop`: a crash after it counts again.
     - entering ROLLBACK on failed/crash_loop records the candidate in `rejected` with the reason (and drops it
       from `previous`: it is no longer known-good); `aborted` rolls back without blaming it.
     - COMMIT -ok-> IDLE: the candidate becomes current, the old current goes first in `previous`, which is trimmed
@@ -431,7 +449,7 @@ def apply(ds: DeployState, event: Event | str, reason: str = "", *, at: float, k
             raise InvalidTransition(ds.state, event, "a step may refine the candidate's ref, never replace it")
         cand = candidate
     current, previous, rejected = ds.current, ds.previous, dict(ds.rejected)
-    if event in (Event.RESTARTED, Event.CRASH_LOOP) and ds.state in COUNTED:
+    if event in (Event.RESTARTED, Event.CRASH_LOOP) and ds.state in COUNTED and not ds.clean_stop:
         restarts += 1
     if nxt is State.ROLLBACK and ds.state is not State.ROLLBACK and cand is not None and event in _REJECTING:
         rejected.pop(cand.sha256, None)  # re-inserted as the newest
@@ -479,6 +497,12 @@ def on_staged(ds: DeployState, fmt: str, *, at: float) -> DeployState:
     return apply(ds, Event.OK, at=at, candidate=replace(ds.candidate, format=fmt))
 
 
+def on_clean_stop(ds: DeployState) -> DeployState:
+    """The state to save when the agent shuts down normally, after it stopped serving: `ds` marked `clean_stop`, so
+    the next on_restart does not count that restart. Not a transition: state, last event and time are unchanged."""
+    return ds if ds.clean_stop else replace(ds, clean_stop=True)
+
+
 def on_restart(ds: DeployState, *, at: float, max_restarts: int = DEFAULT_MAX_RESTARTS) -> DeployState:
     """What a freshly started agent does with the state it persisted before it stopped (or crashed).
 
@@ -486,11 +510,15 @@ def on_restart(ds: DeployState, *, at: float, max_restarts: int = DEFAULT_MAX_RE
     CHECK .. STAGE: count a restart and retry the persisted step (the old model serves; STAGE loading a model may
     be what crashed). ACTIVATE / PROBATION: the candidate was serving: count a restart (a crash is a probation
     failure signal) and continue in PROBATION. Once the count reaches `max_restarts`: ROLLBACK, reason crash_loop.
+    After a clean stop (`ds.clean_stop`) the same happens without counting (reason clean_stop), never a
+    crash_loop, and the marker is cleared in every state, so a crash after this start counts again.
     Returns `ds` itself when nothing changes, so `new is ds` tells the driver there is nothing to save."""
     if not _is_int(max_restarts) or max_restarts < 1:
         raise ValueError(f"max_restarts must be a positive integer, not {max_restarts!r}")
     if ds.state not in COUNTED:
-        return ds
+        return replace(ds, clean_stop=False) if ds.clean_stop else ds
+    if ds.clean_stop:
+        return apply(ds, Event.RESTARTED, CLEAN_STOP, at=at)  # not counted: apply() sees the marker
     n = ds.restarts + 1
     if n >= max_restarts:
         return apply(ds, Event.CRASH_LOOP, CRASH_LOOP, at=at)

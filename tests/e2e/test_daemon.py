@@ -8,8 +8,8 @@ HTTP clients. Every wait is bounded and polls a condition; nothing relies on a f
 
 The module's first device goes through one fleet's history in order: v1 commits (1), v2 replaces it under load
 (2), a parity-broken v3 (3) and a too-slow v4 (4) are rolled back, then it is stopped cleanly and killed (7).
-Crash recovery (5), the crash-loop rollback (6), a stop request during probation and a broker that is down when
-the agent starts each get a device of their own.
+Crash recovery (5), the crash-loop rollback (6), clean stops that do not count as crashes, a stop request during
+probation and a broker that is down when the agent starts each get a device of their own.
 """
 
 from __future__ import annotations
@@ -575,7 +575,8 @@ def test_first_deployment_commits_and_serves(device: Device, bundles: Bundles) -
 
     st = device.status()
     assert st == {"name": "digits", "version": 1, "format": "onnx", "state": "idle", "previous": [],
-                  "last_event": st["last_event"], "rejected": {}}
+                  "last_event": st["last_event"], "rejected": {}, "restarts": 0, "max_restarts": 3,
+                  "clean_stop": False}
     assert st["last_event"]["event"] in ("ok", "no_update")
 
     # HTTP: ready, and the same answers as the artifact run directly
@@ -783,6 +784,59 @@ def test_crash_loop_rolls_back(own_device: Callable[..., Device], bundles: Bundl
     assert st["rejected"] == {sha256_file(bundles.v2): "crash_loop"}
     after = dev.events.mark()
     dev.events.wait(is_event(frm="check", to="idle", reason="rejected: crash_loop"), "a later check", after)
+
+
+def test_clean_stops_do_not_count_but_kills_do(own_device: Callable[..., Device], bundles: Bundles) -> None:
+    """systemd stopping the agent (SIGTERM: a reboot, `systemctl restart`) in probation is not a crash: more clean
+    stops than max_restarts leave the candidate serving in probation, uncounted; SIGKILLs still count and roll it
+    back, and a clean stop between them neither counts nor resets the count."""
+    dev = own_device(probation_s=30, probation_requests=PROBATION_REQUESTS, max_restarts=2)
+    dev.start()
+    dev.publish(bundles.v1)
+    dev.commit_with_requests(bundles.x, 1, first=True)
+
+    mark = dev.events.mark()
+    dev.publish(bundles.v2)
+    dev.wait_state(lambda ds: ds.state is State.PROBATION, "v2 in probation")
+
+    def clean_restart(restarts: int) -> None:
+        """SIGTERM, check what status says while stopped, start again and see it resume without counting."""
+        assert dev.terminate() == 0
+        st = dev.status()
+        assert (st["state"], st["version"], st["restarts"], st["clean_stop"]) == ("probation", 2, restarts, True), st
+        resumed = dev.events.mark()
+        dev.start()
+        dev.events.wait(is_event(frm="probation", to="probation", event="restarted", reason="clean_stop",
+                                 version=2), "the resume after a clean stop", resumed)
+        dev.wait_ready()
+        status, doc = dev.infer(bundles.x[:1])
+        assert status == 200 and doc["model_version"] == "2"  # the candidate serves, still in probation
+        st = dev.status()
+        assert (st["state"], st["restarts"], st["clean_stop"]) == ("probation", restarts, False), st
+
+    for _ in range(3):  # one more than max_restarts allows crashes
+        clean_restart(0)
+    assert [describe(e) for e in dev.events.since(mark) if e["to"] == "rollback"] == []
+
+    dev.kill()  # a crash counts ...
+    st = dev.status()
+    assert (st["state"], st["restarts"], st["clean_stop"]) == ("probation", 0, False), st
+    dev.start()
+    dev.events.wait(is_event(event="restarted", reason="restart 1 of 2", version=2), "the counted restart", mark)
+    dev.wait_ready()
+    assert dev.status()["restarts"] == 1
+    clean_restart(1)  # ... a clean stop after it leaves the count alone ...
+    dev.kill()  # ... and the next crash is the crash loop
+    dev.start()
+    failed = dev.events.wait(is_event(to="rollback", version=2), "the crash-loop rollback", mark)
+    assert (failed["from"], failed["event"], failed["reason"]) == ("probation", "crash_loop", "crash_loop")
+    dev.events.wait(is_event(frm="rollback", to="idle"), "the rollback finished", mark)
+    dev.wait_ready()
+    status, doc = dev.infer(bundles.x[:1])
+    assert status == 200 and doc["model_version"] == "1"
+    st = dev.status()
+    assert (st["version"], st["restarts"], st["clean_stop"]) == (1, 0, False), st
+    assert st["rejected"] == {sha256_file(bundles.v2): "crash_loop"}
 
 
 # --- 7: online, offline, last will ----------------------------------------------------------------------------

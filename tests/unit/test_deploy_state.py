@@ -25,6 +25,7 @@ import pytest
 
 from agent import deploy_state as dsm
 from agent.deploy_state import (
+    CLEAN_STOP,
     CRASH_LOOP,
     MAX_REJECTED,
     TRANSITIONS,
@@ -42,6 +43,7 @@ from agent.deploy_state import (
     encode,
     failure_event,
     next_state,
+    on_clean_stop,
     on_restart,
     on_staged,
     on_update_found,
@@ -344,6 +346,89 @@ def test_first_deployment_on_a_fresh_device() -> None:
     assert rb.state is State.ROLLBACK and serving_after_restart(rb) is None  # nothing known-good to go back to
 
 
+# --- clean stops vs crashes -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("state", "resumes", "serves", "restarts", "final"), RESTARTS, ids=lambda v: str(v))
+def test_clean_stop_in_each_state(tmp_path: Path, state: State, resumes: State, serves: str, restarts: int,
+                                  final: str) -> None:
+    """A clean stop resumes exactly as a crash would (same state, same serving bundle) but is not counted, and the
+    marker is gone after the start, so a crash after it counts again."""
+    store = StateStore(tmp_path / "state.json")
+    before = persisted(store, drive(state))
+    stopped = persisted(store, on_clean_stop(before))
+    assert stopped.clean_stop and not before.clean_stop
+    assert replace(stopped, clean_stop=False) == before  # the marker is all a clean stop changes
+    after = persisted(store, on_restart(store.load(), at=T0 + 50))
+    crashed = on_restart(before, at=T0 + 50)
+    assert (after.state, serving_after_restart(after)) == (resumes, serving_after_restart(crashed))
+    assert after.restarts == 0 and crashed.restarts == restarts  # a crash here counts `restarts`, a clean stop 0
+    assert not after.clean_stop
+    if restarts:  # in a deployment: reported, with why it was not counted
+        assert after.last_event == dsm.LastEvent(state, Event.RESTARTED, CLEAN_STOP, T0 + 50)
+    else:  # nothing to resume: only the marker is cleared
+        assert after == before
+    again = on_restart(after, at=T0 + 60)
+    assert again.restarts == restarts
+    assert finish(after)[-1].current == {"old": OLD, "new": replace(NEW, format="onnx")}[final]
+
+
+P, S, RB = State.PROBATION, State.STAGE, State.ROLLBACK
+
+# "term": the daemon shut down normally (on_clean_stop saved), then started; "kill": SIGKILL, a crash, a power
+# cut or the hung-stage exit 70 (nothing saved), then started. max_restarts is 3.
+STOP_SEQUENCES = [
+    # persisted in      stops, each followed by a start        (state, restarts) after each start
+    (P, "term term term term term", [(P, 0)] * 5),  # more clean stops than max_restarts: never a crash loop
+    (S, "term term term term term", [(S, 0)] * 5),
+    (State.ACTIVATE, "term term", [(P, 0), (P, 0)]),
+    (P, "kill term kill term", [(P, 1), (P, 1), (P, 2), (P, 2)]),  # a clean stop neither counts nor resets
+    (P, "term kill kill kill", [(P, 0), (P, 1), (P, 2), (RB, 3)]),  # crashes after a clean stop still count
+    (S, "kill kill term kill", [(S, 1), (S, 2), (S, 2), (RB, 3)]),
+    (P, "kill kill kill", [(P, 1), (P, 2), (RB, 3)]),  # as before: crashes alone
+]
+
+
+@pytest.mark.parametrize(("state", "stops", "expected"), STOP_SEQUENCES,
+                         ids=[f"{s.value}: {stops}" for s, stops, _ in STOP_SEQUENCES])
+def test_clean_stops_and_crashes(tmp_path: Path, state: State, stops: str, expected: list[tuple[State, int]]
+                                 ) -> None:
+    store = StateStore(tmp_path / "state.json")
+    persisted(store, drive(state))
+    seen = []
+    for i, stop in enumerate(stops.split()):
+        if stop == "term":
+            persisted(store, on_clean_stop(store.load()))
+        ds = persisted(store, on_restart(store.load(), at=T0 + i, max_restarts=3))
+        assert not ds.clean_stop
+        seen.append((ds.state, ds.restarts))
+    assert seen == expected
+    if seen[-1][0] is RB:
+        assert ds.last_event is not None and ds.last_event.reason == CRASH_LOOP
+        assert ds.rejected == {NEW.sha256: CRASH_LOOP} and serving_after_restart(ds) == OLD
+    else:
+        assert ds.rejected == {} and finish(ds)[-1].current == replace(NEW, format="onnx")
+
+
+def test_clean_stop_is_cleared_by_any_transition() -> None:
+    stopped = on_clean_stop(drive(State.DOWNLOAD))
+    assert on_clean_stop(stopped) is stopped
+    assert not apply(stopped, Event.OK, at=T0).clean_stop
+    assert not apply(stopped, Event.ABORTED, "transport", at=T0).clean_stop
+    # a crash_loop can only come from counted restarts: applied after a clean stop it does not count one more
+    assert apply(stopped, Event.CRASH_LOOP, CRASH_LOOP, at=T0).restarts == stopped.restarts
+
+
+def test_lost_clean_stop_marker_counts(tmp_path: Path) -> None:
+    """The marker is saved like any state: if that save is lost (the latest file found corrupt, so the backup from
+    before the stop is used), the restart counts, as it did before clean stops were told apart."""
+    store = StateStore(tmp_path / "state.json")
+    before = persisted(store, drive(State.PROBATION))
+    persisted(store, on_clean_stop(before))
+    assert decode(store.backup.read_bytes()) == before
+    store.path.write_bytes(b"{half")
+    assert on_restart(store.load(), at=T0).restarts == 1
+
+
 # --- keep N, deletion, rejected ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("keep", [0, 1, 2, 3])
@@ -415,6 +500,33 @@ def test_json_round_trip(state: State) -> None:
     assert encode(decode(encode(ds))) == encode(ds)  # canonical bytes
 
 
+def test_clean_stop_json_and_files_without_it() -> None:
+    ds = drive(State.PROBATION)
+    assert "clean_stop" not in ds.to_json()  # written only while set: other files are what older agents wrote
+    stopped = on_clean_stop(ds)
+    assert json.loads(encode(stopped))["clean_stop"] is True
+    assert decode(encode(stopped)) == stopped
+    assert encode(decode(encode(stopped))) == encode(stopped)
+    explicit = {**ds.to_json(), "clean_stop": False}
+    assert DeployState.from_json(explicit) == ds
+
+
+def test_state_file_written_before_clean_stops_loads(tmp_path: Path) -> None:
+    """A deploy-state.json as agents wrote it before the marker existed: it loads, and its restart counts."""
+    bundle = {"name": "digits", "version": 2, "sha256": "2" * 64, "path": "bundles/digits-2.bundle",
+              "format": "onnx"}
+    old_file = {"schema": 1, "state": "probation", "current": {**bundle, "version": 1, "sha256": "1" * 64,
+                                                                "path": "bundles/digits-1.bundle"},
+                "candidate": bundle, "previous": [], "restarts": 1, "rejected": {},
+                "last_event": {"state": "activate", "event": "ok", "reason": "", "at": T0}, "updated_at": T0}
+    store = StateStore(tmp_path / "deploy-state.json")
+    store.path.write_text(json.dumps(old_file, indent=2, sort_keys=True) + "\n")
+    ds = store.load()
+    assert (ds.state, ds.restarts, ds.clean_stop) == (State.PROBATION, 1, False)
+    assert encode(ds) == store.path.read_bytes()  # the format is unchanged unless a clean stop is marked
+    assert on_restart(ds, at=T0 + 1).restarts == 2
+
+
 def _probation_json() -> dict[str, Any]:
     return drive(State.PROBATION).to_json()
 
@@ -460,6 +572,9 @@ def _set(path: str, value: Any) -> Any:
     (_set("updated_at", "yesterday"), "string time"),
     (_set("updated_at", KeyError), "missing field"),
     (_set("surprise", 1), "unknown field"),
+    (_set("clean_stop", 1), "int clean_stop"),
+    (_set("clean_stop", "true"), "string clean_stop"),
+    (_set("clean_stop", None), "null clean_stop"),
 ])
 def test_from_json_is_strict(mutation: Any, why: str) -> None:
     doc = _probation_json()
@@ -489,7 +604,7 @@ def test_state_is_immutable() -> None:
 # --- exhaustive walk: invariants of every reachable state ---------------------------------------------------------
 
 def _successors(ds: DeployState, pool: list[BundleRef], keep: int) -> list[DeployState]:
-    out = [on_restart(ds, at=T0, max_restarts=3)]
+    out = [on_restart(ds, at=T0, max_restarts=3), on_restart(on_clean_stop(ds), at=T0, max_restarts=3)]
     for e in allowed_events(ds.state):
         if e is Event.UPDATE_AVAILABLE:
             out += [on_update_found(ds, r, at=T0) for r in pool]
@@ -522,6 +637,13 @@ def test_every_reachable_state_keeps_the_invariants(start: DeployState) -> None:
             assert serving is not None
         if ds.state in (State.ACTIVATE, State.PROBATION, State.COMMIT) and after.state is not State.ROLLBACK:
             assert serving == ds.candidate
+        # after a clean stop: resumed as after a crash, but never counted and never a crash loop; the marker is gone
+        clean = on_restart(on_clean_stop(ds), at=T0)
+        assert not clean.clean_stop and clean.restarts == ds.restarts
+        assert (clean.state is State.ROLLBACK) == (ds.state is State.ROLLBACK)
+        assert serving_after_restart(clean) in (ds.current, ds.candidate)
+        if after.state is clean.state:
+            assert serving_after_restart(clean) == serving
         for nxt in _successors(ds, pool, keep):
             edges += 1
             live = {r.path for r in dsm.referenced(nxt)}

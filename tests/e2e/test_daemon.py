@@ -434,10 +434,18 @@ class Device:
         return None if current is None else current.version
 
     def status(self) -> dict[str, Any]:
-        r = subprocess.run([str(BIN / "edge-agent"), "status", "--config", str(self.config), "--json"],
-                           cwd=self.tmp, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
+        """`edge-agent status --json`. A periodic check (every second here) persists CHECK for a moment while it
+        applies its outcome; a status read that lands in it is read again, so tests see where the agent settled."""
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            r = subprocess.run([str(BIN / "edge-agent"), "status", "--config", str(self.config), "--json"],
+                               cwd=self.tmp, env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
+                               check=False)
+            assert r.returncode == 0, r.stderr
+            st: dict[str, Any] = json.loads(r.stdout)
+            if st["state"] != "check" or time.monotonic() > deadline:
+                return st
+            time.sleep(0.05)
 
     def wait(self, pred: Callable[[], bool], what: str, timeout: float = TIMEOUT, need_running: bool = True) -> None:
         deadline = time.monotonic() + timeout

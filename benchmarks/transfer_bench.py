@@ -25,6 +25,9 @@ Everything runs through the real code paths against a throwaway mosquitto on a f
   socket afterwards is reported beside, as `chunks_sent_twice_incl_after_kill`). The same again
   with the proxy pacing what goes down to the killed agent to 50 MB/s, a link slower than the agent stores chunks.
   Same for the HTTP mirror with a response cut at half.
+- a link with a round trip: the device path through a proxy process that delays every byte (10 ms round trip), with
+  receive windows 1, 4 and 16; and, through a 100 ms round trip, when each of 16 chunks arrives with windows 1, 2, 4
+  and 8 (does the broker keep to the window?).
 
 MB is 10^6 bytes. Progress goes to stderr, a table and one PASS/MISS line per target to stdout. The exit status is
 0 even when a target is missed: this is a measurement, not a test (1 when mosquitto is missing, 2 for bad arguments).
@@ -88,6 +91,8 @@ PACED_MBPS = 50.0  # resume trials through a proxy paced to this rate: a link sl
 CEILING_BATCHES = (DEFAULT_BATCH, WIDE_BATCH)
 LATENCY_RTT_S = 0.010  # a link with this round trip (LAN / Wi-Fi class) for the window trials
 LATENCY_WINDOWS = (1, 4, 16)
+ARRIVALS_RTT_S = 0.100  # long enough that each round trip's chunks arrive as one group
+ARRIVALS_WINDOWS = (1, 2, 4, 8)
 FLEET = "bench"
 GROUP = "bench-devices"
 BUNDLE_NAME = "bench"
@@ -705,6 +710,27 @@ def latency_trials(s: Setup, rtt_s: float, windows: Sequence[int]) -> list[dict[
     return out
 
 
+def window_arrivals(s: Setup, rtt_s: float, windows: Sequence[int], n: int = 16) -> list[dict[str, Any]]:
+    """Does the broker keep to the receive window? Read `n` chunk topics through a link with round trip `rtt_s`,
+    acknowledging each chunk when the next is asked for, and record when each arrived (ms after the subscribe):
+    a broker that honours Receive Maximum W delivers W chunks per round trip."""
+    names = s.topics.chunks(s.sha256, range(min(n, s.chunks)))
+    out = []
+    with delayed_link(s.broker.port, rtt_s) as url:
+        for window in windows:
+            with MqttClient(url, f"bench-arrivals-w{window}", prefix=s.topics, receive_window=window) as client:
+                client.connect(timeout=10)
+                t0 = time.perf_counter()
+                with client.start_retained(names, 30) as read:
+                    arrivals = [round((time.perf_counter() - t0) * 1e3) for _ in read]
+            round_trips = Counter(round(ms / (rtt_s * 1e3)) for ms in arrivals)
+            out.append({"window": window, "rtt_ms": rtt_s * 1e3, "arrival_ms": arrivals,
+                        "chunks_per_round_trip": [round_trips[k] for k in sorted(round_trips)]})
+            log.info("window %d: chunks per %.0f ms round trip %s", window, rtt_s * 1e3,
+                     out[-1]["chunks_per_round_trip"])
+    return out
+
+
 def component_costs(s: Setup) -> dict[str, float]:
     """Pieces of the device path's own work, timed alone on the same bundle (page cache warm)."""
     t0 = time.perf_counter()
@@ -994,6 +1020,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.info("resume: HTTP mirror, response cut at 50 percent")
                 http_resume = http_resume_trial(s, server, 0.5)
             latency = latency_trials(s, LATENCY_RTT_S, LATENCY_WINDOWS)
+            arrivals = window_arrivals(s, ARRIVALS_RTT_S, ARRIVALS_WINDOWS)
             tap = WireTap(broker.port)
             resume: list[dict[str, Any]] = []
             resume_paced: list[dict[str, Any]] = []
@@ -1063,6 +1090,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "chunk_store_ms_per_round": rounds["chunk_store_ms"],
         "resume": {"mqtt": resume, "mqtt_paced": resume_paced, "http": http_resume},
         "latency": latency,
+        "window_arrivals": arrivals,
         "broker_log_tail": broker_log_tail,
     }
     write_json(args.out, result)
@@ -1072,6 +1100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|---|---|---|")
     for r in latency:
         print(f"| {r['window']} | {r['mbps']:.1f} | {r['window_ceiling_mbps']:.1f} |")
+    print(f"\n== does the broker keep to the window? {len(arrivals[0]['arrival_ms'])} chunks through a "
+          f"{ARRIVALS_RTT_S * 1e3:.0f} ms round trip, each acknowledged when the next is asked for")
+    print("| receive window | chunks arrived in each round trip |")
+    print("|---|---|")
+    for a in arrivals:
+        print(f"| {a['window']} | {', '.join(map(str, a['chunks_per_round_trip']))} |")
     print(flush=True)
     print("== targets")
     for t in targets:

@@ -625,6 +625,8 @@ def test_first_deployment_commits_and_serves(device: Device, bundles: Bundles) -
     assert [e["at"] for e in deployment] == sorted(e["at"] for e in deployment)
     later = device.events.wait(is_event(frm="check", to="idle"), "a later check", mark + first + len(deployment))
     assert (later["event"], later["reason"]) == ("no_update", "current")
+    # the later check read the deployment document again and kept no partial file of it (nor of the bundle)
+    assert sorted((device.state_dir / "chunks").iterdir()) == []
 
 
 # --- 2: an update under load ----------------------------------------------------------------------------------

@@ -30,9 +30,10 @@ import threading
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
+from typing import IO
 from urllib.parse import unquote, urlsplit
 
-from tuf.api.exceptions import DownloadError, DownloadHTTPError
+from tuf.api.exceptions import DownloadError, DownloadHTTPError, DownloadLengthMismatchError
 from tuf.ngclient.fetcher import FetcherInterface
 
 from agent.chunks import MAX_CHUNK_SIZE, ChunkPlan, is_sha256
@@ -128,6 +129,24 @@ class MqttFetcher(FetcherInterface):
             return sorted(stored_slots(fd, plan))
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def open_complete(self, url: str, max_length: int) -> Iterator[IO[bytes] | None]:
+        """For a target: fetch whatever is missing, then yield its partial file opened for reading, every chunk in
+        it verified, so the caller (TUF's download_file) can check and copy it instead of spooling a copy of its
+        own, which on a device is one write of the whole bundle less. None for metadata or other URLs."""
+        kind, value = parse_tuf_url(url)
+        plan = self._plans.get(value) if kind == "target" and urlsplit(url).scheme == "mqtt" else None
+        if plan is None:
+            yield None
+            return
+        if plan.length > max_length:
+            raise DownloadLengthMismatchError(f"{url}: the signed chunk plan says {plan.length} bytes, more than "
+                                              f"{max_length}")
+        for _ in self._fetch_target(plan):
+            pass
+        with open(self.partial_path(plan.sha256), "rb") as f:
+            yield f
 
     # ---- FetcherInterface
 

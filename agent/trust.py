@@ -257,7 +257,14 @@ class _RecordingFetcher(FetcherInterface):
         """Like FetcherInterface.download_file, but spooled in `temp_dir` (the state directory) rather than $TMPDIR,
         which on many devices is a small tmpfs; the file is anonymous, so a crash leaves nothing behind."""
         self.last = _Download(url)
-        with tempfile.TemporaryFile(dir=self.temp_dir) as spool:
+        with contextlib.ExitStack() as stack:
+            open_complete = getattr(self.inner, "open_complete", None)  # MqttFetcher: its own verified file
+            with _as_download_error(url):
+                whole = stack.enter_context(open_complete(url, max_length)) if open_complete is not None else None
+            if whole is not None:
+                yield whole  # ngclient hashes and copies it; its verification errors pass unwrapped
+                return
+            spool = stack.enter_context(tempfile.TemporaryFile(dir=self.temp_dir))
             with _as_download_error(url):
                 received = 0
                 for chunk in self.inner.fetch(url):

@@ -506,3 +506,20 @@ class _V311OnlyProxy:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+
+def test_open_complete_hands_tuf_the_verified_partial_file(
+    mosquitto: Mosquitto, topics: Topics, connect: Callable[..., MqttClient], target: TargetSpec,
+    metadata: dict[str, bytes], tmp_path: Path,
+) -> None:
+    """TUF's download_file gets the fetcher's own partial file (no spooled copy of the whole target)."""
+    publish_tree(connect(mosquitto, topics, "pub"), topics, metadata, [target])
+    fetcher = fetcher_for(connect(mosquitto, topics, "dev", receive_window=1), tmp_path, target)
+    with fetcher.open_complete("mqtt:///tuf/timestamp.json", 10_000) as f:
+        assert f is None  # metadata is read into memory as before
+    with pytest.raises(DownloadLengthMismatchError), fetcher.open_complete(target_url(target), LENGTH - 1):
+        pass
+    with fetcher.open_complete(target_url(target), LENGTH) as f:
+        assert f is not None and Path(f.name) == fetcher.partial_path(target.sha256)
+        assert hashlib.sha256(f.read()).hexdigest() == target.sha256
+    assert fetcher.bytes_received == LENGTH  # fetched once, all of it

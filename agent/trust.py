@@ -255,7 +255,8 @@ class _RecordingFetcher(FetcherInterface):
     @contextlib.contextmanager
     def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
         """Like FetcherInterface.download_file, but spooled in `temp_dir` (the state directory) rather than $TMPDIR,
-        which on many devices is a small tmpfs; the file is anonymous, so a crash leaves nothing behind."""
+        which on many devices is a small tmpfs; the file is anonymous, so a crash leaves nothing behind. A fetcher
+        that keeps the whole target in a file of its own (MqttFetcher.open_complete) hands that over instead."""
         self.last = _Download(url)
         with contextlib.ExitStack() as stack:
             open_complete = getattr(self.inner, "open_complete", None)  # MqttFetcher: its own verified file

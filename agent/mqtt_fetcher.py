@@ -37,7 +37,7 @@ from tuf.api.exceptions import DownloadError, DownloadHTTPError, DownloadLengthM
 from tuf.ngclient.fetcher import FetcherInterface
 
 from agent.chunks import MAX_CHUNK_SIZE, ChunkPlan, is_sha256
-from agent.errors import TransportError
+from agent.errors import BundleRejected, TransportError
 from agent.mqtt_client import ConnectionLost, Message, MqttClient, RetainedRead, RetainedResult, Topics
 
 log = logging.getLogger(__name__)
@@ -410,10 +410,12 @@ class _PartialFile:
         """on_arrival hook: write the chunk at once if it is exactly what the plan signed (else leave it to the
         caller, who reports it)."""
         index = names.get(msg.topic)
-        payload = msg.payload
-        if index is None or len(payload) != self._plan.chunk_length(index):
+        if index is None:
             return
-        if hashlib.sha256(payload).hexdigest() != self._plan.chunk_hashes[index]:
+        payload = msg.payload
+        try:
+            self._plan.check_chunk(index, payload)
+        except BundleRejected:
             return
         with self._lock:
             if not self._closed:

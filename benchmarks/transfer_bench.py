@@ -66,13 +66,13 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/transfer_bench.py` fr
     sys.path.insert(0, str(REPO))
 
 from agent.bundle import Artifact, Manifest, TensorSpec, sha256_file, verify_bundle, write_bundle  # noqa: E402
-from agent.chunks import chunk_hashes  # noqa: E402
+from agent.chunks import ChunkPlan, chunk_hashes  # noqa: E402
 from agent.config import AgentConfig, MqttSection, parse_config  # noqa: E402
 from agent.errors import EdgeshipError  # noqa: E402
 from agent.fetch import fetch, fetch_with  # noqa: E402
 from agent.http_fetcher import HttpFetcher  # noqa: E402
 from agent.mqtt_client import Message, MqttClient, RetainedRead, Topics  # noqa: E402
-from agent.mqtt_fetcher import DEFAULT_BATCH, DEFAULT_PIPELINE, MqttFetcher  # noqa: E402
+from agent.mqtt_fetcher import DEFAULT_BATCH, DEFAULT_PIPELINE, MqttFetcher, stored_slots  # noqa: E402
 from benchmarks._common import Target, code_state, load_average, machine_info, mosquitto_version, write_json  # noqa: E402
 from examples.local_broker import Mosquitto, MosquittoMissing, find_mosquitto  # noqa: E402
 from packager import tuf_repo  # noqa: E402
@@ -226,14 +226,16 @@ def config(data: dict[str, Any]) -> AgentConfig:
     return parse_config(data, env={})  # no EDGESHIP_* overrides from the caller's environment
 
 
-def _stored_chunks(partial: Path, hashes: Sequence[str]) -> int:
-    """Slots of a partial file that hold their chunk (what a killed agent had stored)."""
+def _stored_chunks(partial: Path, plan: ChunkPlan) -> int:
+    """Slots of a partial file that hold their chunk (what a killed agent had stored), as the fetcher counts them."""
     try:
-        data = partial.read_bytes()
+        fd = os.open(partial, os.O_RDONLY)
     except FileNotFoundError:
         return 0
-    return sum(chunk_hashes(data[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE], CHUNK_SIZE) == [h]
-               for i, h in enumerate(hashes))
+    try:
+        return len(stored_slots(fd, plan))
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------- wire tap
@@ -780,7 +782,8 @@ def mqtt_resume_trial(s: Setup, tap: WireTap, fraction: float, tag: str, rate: f
                            f"{(state.parent / f'{tag}.stderr').read_text(errors='replace')[-2000:]}")
     first = tap.streams[n_before]
     first.join()
-    stored_at_kill = _stored_chunks(state / "chunks" / f"{s.sha256}.partial", s.chunk_hashes)
+    plan = ChunkPlan.create(s.sha256, s.bundle_bytes, CHUNK_SIZE, s.chunk_hashes)
+    stored_at_kill = _stored_chunks(state / "chunks" / f"{s.sha256}.partial", plan)
 
     cfg = config(data)
     with MqttClient(tap.url, f"bench-resume-{tag}", prefix=Topics(cfg.topic_prefix),

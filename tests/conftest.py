@@ -42,11 +42,15 @@ def mosquitto_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Call
         broker.stop()
 
 
+def _partial(state_dir: Path, sha256: str) -> Path:
+    return state_dir / "chunks" / f"{sha256}.partial"  # MqttFetcher.partial_path under the agent's state dir
+
+
 def stored_chunks(state_dir: Path, sha256: str, chunk_size: int = 128 * 1024) -> dict[int, bytes]:
     """What an agent's MQTT fetcher holds of a target: the written slots of `chunks/<sha256>.partial` (index ->
     bytes); never-written slots read as zeros and are left out."""
     try:
-        data = (state_dir / "chunks" / f"{sha256}.partial").read_bytes()
+        data = _partial(state_dir, sha256).read_bytes()
     except FileNotFoundError:
         return {}
     slots = (data[i : i + chunk_size] for i in range(0, len(data), chunk_size))
@@ -57,7 +61,7 @@ def chunk_written(state_dir: Path, sha256: str, index: int, chunk_size: int = 12
     """A cheap progress probe for a download in progress: has chunk `index` (and, as chunks are fetched in order,
     every one before it) reached the partial file?"""
     try:
-        with open(state_dir / "chunks" / f"{sha256}.partial", "rb") as f:
+        with open(_partial(state_dir, sha256), "rb") as f:
             f.seek(index * chunk_size)
             slot = f.read(chunk_size)
     except FileNotFoundError:

@@ -702,16 +702,22 @@ def test_too_slow_update_is_rolled_back(device: Device, bundles: Bundles) -> Non
 # --- 5: killed mid-deployment ---------------------------------------------------------------------------------
 
 
-def test_killed_agent_resumes_and_converges(own_device: Callable[..., Device], bundles: Bundles) -> None:
-    # Probation is long (30 s) but ends after PROBATION_REQUESTS requests: the test decides when it ends.
-    dev = own_device(probation_s=30, probation_requests=PROBATION_REQUESTS, max_restarts=10)
+def v2_in_probation(own_device: Callable[..., Device], bundles: Bundles, **deploy: float) -> tuple[Device, int]:
+    """A device that committed v1 and has v2 in probation, and the event mark taken before v2 was published.
+    Probation is long (30 s) but ends after PROBATION_REQUESTS requests: the test decides when it ends."""
+    dev = own_device(probation_s=30, probation_requests=PROBATION_REQUESTS, **deploy)
     dev.start()
     dev.publish(bundles.v1)
     dev.commit_with_requests(bundles.x, 1, first=True)
-
-    # SIGKILL in PROBATION: the restarted agent serves the candidate at once and continues its probation
+    mark = dev.events.mark()
     dev.publish(bundles.v2)
     dev.wait_state(lambda ds: ds.state is State.PROBATION, "v2 in probation")
+    return dev, mark
+
+
+def test_killed_agent_resumes_and_converges(own_device: Callable[..., Device], bundles: Bundles) -> None:
+    # SIGKILL in PROBATION: the restarted agent serves the candidate at once and continues its probation
+    dev, _ = v2_in_probation(own_device, bundles, max_restarts=10)
     dev.kill()
     assert dev.state().state is State.PROBATION
     mark = dev.events.mark()
@@ -765,14 +771,7 @@ def test_killed_agent_resumes_and_converges(own_device: Callable[..., Device], b
 
 
 def test_crash_loop_rolls_back(own_device: Callable[..., Device], bundles: Bundles) -> None:
-    dev = own_device(probation_s=30, probation_requests=PROBATION_REQUESTS, max_restarts=3)
-    dev.start()
-    dev.publish(bundles.v1)
-    dev.commit_with_requests(bundles.x, 1, first=True)
-
-    mark = dev.events.mark()
-    dev.publish(bundles.v2)
-    dev.wait_state(lambda ds: ds.state is State.PROBATION, "v2 in probation")
+    dev, mark = v2_in_probation(own_device, bundles, max_restarts=3)
     for restart in (1, 2, 3):
         dev.wait_ready()
         status, doc = dev.infer(bundles.x[:1])
@@ -800,14 +799,7 @@ def test_clean_stops_do_not_count_but_kills_do(own_device: Callable[..., Device]
     """systemd stopping the agent (SIGTERM: a reboot, `systemctl restart`) in probation is not a crash: more clean
     stops than max_restarts leave the candidate serving in probation, uncounted; SIGKILLs still count and roll it
     back, and a clean stop between them neither counts nor resets the count."""
-    dev = own_device(probation_s=30, probation_requests=PROBATION_REQUESTS, max_restarts=2)
-    dev.start()
-    dev.publish(bundles.v1)
-    dev.commit_with_requests(bundles.x, 1, first=True)
-
-    mark = dev.events.mark()
-    dev.publish(bundles.v2)
-    dev.wait_state(lambda ds: ds.state is State.PROBATION, "v2 in probation")
+    dev, mark = v2_in_probation(own_device, bundles, max_restarts=2)
 
     def clean_restart(restarts: int) -> None:
         """SIGTERM, check what status says while stopped, start again and see it resume without counting."""
@@ -876,12 +868,7 @@ def test_offline_on_sigterm_and_last_will_on_sigkill(device: Device) -> None:
 
 def test_sigterm_in_probation_says_offline_and_resumes(own_device: Callable[..., Device], bundles: Bundles) -> None:
     """A stop request interrupts probation: the agent still says goodbye itself, and probation resumes after."""
-    dev = own_device(probation_s=30, probation_requests=PROBATION_REQUESTS)
-    dev.start()
-    dev.publish(bundles.v1)
-    dev.commit_with_requests(bundles.x, 1, first=True)
-    dev.publish(bundles.v2)
-    dev.wait_state(lambda ds: ds.state is State.PROBATION, "v2 in probation")
+    dev, _ = v2_in_probation(own_device, bundles)
     dev.wait_retained(lambda s: s["status"] == "online", "online")
 
     assert dev.terminate() == 0

@@ -28,6 +28,9 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20
 DEFAULT_MAX_BUNDLE_BYTES = 2 << 30
+# The largest batch (first dimension) one inference request may carry when the manifest does not say.
+DEFAULT_MAX_BATCH = 64
+MAX_BATCH_LIMIT = 65536
 TASKS = ("classification", "regression", "embedding")
 FORMATS = {"onnx": "onnxruntime", "tflite": "litert"}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -109,6 +112,7 @@ class Manifest:
     preprocessing: Mapping[str, Any]
     provenance: Mapping[str, Any]
     files: Mapping[str, FileEntry] = field(default_factory=dict)
+    max_batch: int = DEFAULT_MAX_BATCH  # the agent answers requests with a larger first dimension 413
 
     def artifact(self, fmt: str) -> Artifact:
         for a in self.artifacts:
@@ -137,6 +141,7 @@ class Manifest:
             },
             "parity": dict(self.parity),
             "latency_budget_ms": self.latency_budget_ms,
+            "max_batch": self.max_batch,
             "target": dict(self.target),
             "preprocessing": dict(self.preprocessing),
             "provenance": dict(self.provenance),
@@ -213,6 +218,9 @@ def _parse_manifest(d: Any) -> Manifest:
         ))
     _require(len({a.format for a in artifacts}) == len(artifacts), "two artifacts share a format")
     acc = _mapping(d["accuracy"], "accuracy")
+    max_batch = d.get("max_batch", DEFAULT_MAX_BATCH)  # optional: bundles written before it existed
+    _require(isinstance(max_batch, int) and not isinstance(max_batch, bool) and 1 <= max_batch <= MAX_BATCH_LIMIT,
+             f"max_batch must be an integer from 1 to {MAX_BATCH_LIMIT}, got {max_batch!r}")
     return Manifest(
         name=name, version=version, task=d["task"], created=str(d["created"]),
         inputs=_tensors(d["inputs"], "inputs"), outputs=_tensors(d["outputs"], "outputs"),
@@ -221,7 +229,7 @@ def _parse_manifest(d: Any) -> Manifest:
         parity=_mapping(d["parity"], "parity"),
         latency_budget_ms=_number(d["latency_budget_ms"], "latency_budget_ms"),
         target=_mapping(d["target"], "target"), preprocessing=_mapping(d["preprocessing"], "preprocessing"),
-        provenance=_mapping(d["provenance"], "provenance"), files=files,
+        provenance=_mapping(d["provenance"], "provenance"), files=files, max_batch=max_batch,
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.bundle import Artifact, Manifest, verify_bundle, write_bundle
+from agent.bundle import DEFAULT_MAX_BATCH, Artifact, Manifest, verify_bundle, write_bundle
 from agent.errors import BundleRejected
 from agent.runtime import TensorSpec
 
@@ -171,3 +171,32 @@ def test_extract_refuses_an_existing_destination(tmp_path: Path, members: dict[s
     with pytest.raises(FileExistsError):
         verify_bundle(out, dest=dest)
     assert list(dest.iterdir()) == []
+
+
+def _with_manifest(tmp_path: Path, members: dict[str, Path], edit: object) -> Path:
+    """A bundle whose manifest.json went through `edit(dict)` after a valid write (hashes stay right)."""
+    good = tmp_path / "good.bundle"
+    write_bundle(good, make_manifest(), members)
+    manifest = json.loads(verify_bundle(good).manifest.to_bytes())
+    edit(manifest)  # type: ignore[operator]
+    return _rewrite(good, tmp_path / "edited.bundle", {"manifest.json": json.dumps(manifest).encode()}, [])
+
+
+def test_max_batch_round_trips_and_defaults_to_64(tmp_path: Path, members: dict[str, Path]) -> None:
+    out = tmp_path / "b.bundle"
+    written = write_bundle(out, make_manifest(max_batch=8), members)
+    assert written.max_batch == 8
+    assert verify_bundle(out).manifest.max_batch == 8
+    assert make_manifest().max_batch == DEFAULT_MAX_BATCH == 64
+    # a manifest written before the field existed reads as the default
+    older = _with_manifest(tmp_path, members, lambda m: m.pop("max_batch"))
+    assert verify_bundle(older).manifest.max_batch == 64
+
+
+@pytest.mark.parametrize("value", [0, -1, 65537, 2**40, True, 1.5, "8", None])
+def test_max_batch_out_of_range_is_refused(tmp_path: Path, members: dict[str, Path], value: object) -> None:
+    bad = _with_manifest(tmp_path, members, lambda m: m.update(max_batch=value))
+    with pytest.raises(BundleRejected) as info:
+        verify_bundle(bad)
+    assert info.value.reason == "manifest"
+    assert "max_batch" in str(info.value)

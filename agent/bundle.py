@@ -1,8 +1,11 @@
 """The bundle format: one definition, used by the packager to write and by the agent to read.
 
-A bundle is an uncompressed tar of flat, regular files. `manifest.json` comes first and records the sha256 and
-size of every other member, so a reader can bound and check each member before trusting it. Reading refuses
-absolute paths, `..`, directories, links, device files, duplicate or unlisted members and sizes beyond the
+A bundle is an uncompressed POSIX ustar archive of flat, plain regular files. `manifest.json` comes first and
+records the sha256 and size of every other member, so a reader can bound and check each member before trusting it.
+The reader parses the ustar headers itself rather than through `tarfile`: every member must be one ustar header
+followed by its bytes, so sparse files, pax and GNU extension records (which let a small file declare a huge or
+renamed member) are refused, and the bytes extraction writes never exceed the bundle file's own size. Reading also
+refuses absolute paths, `..`, directories, links, device files, duplicate or unlisted members and sizes beyond the
 manifest; nothing is ever unpickled.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import tarfile
@@ -27,6 +31,20 @@ from agent.runtime import TensorSpec
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20
+MAX_MANIFEST_DEPTH = 32  # nesting of objects/arrays; the packager writes 5 at most
+MAX_VERSION = (1 << 53) - 1  # versions survive a round trip through any JSON reader (IEEE doubles)
+MAX_DIMENSION = 1 << 31
+MAX_RANK = 16
+MAX_MEMBER_BYTES = 8**11 - 1  # the largest size a ustar header holds (11 octal digits)
+# numpy dtype names a manifest's tensors may use: what onnxruntime and LiteRT take and the OIP codec carries.
+TENSOR_DTYPES = frozenset({
+    "bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+    "float16", "float32", "float64",
+})
+_INT_RANGES = {
+    f"{sign}int{bits}": ((0, (1 << bits) - 1) if sign else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1))
+    for sign in ("", "u") for bits in (8, 16, 32, 64)
+}
 DEFAULT_MAX_BUNDLE_BYTES = 2 << 30
 # The largest batch (first dimension) one inference request may carry when the manifest does not say.
 DEFAULT_MAX_BATCH = 64
@@ -34,7 +52,7 @@ MAX_BATCH_LIMIT = 65536
 TASKS = ("classification", "regression", "embedding")
 FORMATS = {"onnx": "onnxruntime", "tflite": "litert"}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_MEMBER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MEMBER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # fits a ustar name field: no extension record
 _HASH_CHUNK = 1 << 20
 
 
@@ -170,7 +188,34 @@ def _require(cond: bool, message: str) -> None:
 
 def _number(v: Any, what: str) -> float:
     _require(isinstance(v, (int, float)) and not isinstance(v, bool), f"{what} must be a number")
+    _require(math.isfinite(v), f"{what} must be finite, got {v!r}")  # JSON's 1e400 reads as inf
     return float(v)
+
+
+def _integer(v: Any, what: str, low: int, high: int) -> int:
+    _require(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high,
+             f"{what} must be an integer from {low} to {high}, got {_short(v)}")
+    return int(v)
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion (a hostile value may be deep)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, list):
+            deepest = max(deepest, depth)
+            if depth > MAX_MANIFEST_DEPTH:
+                break
+            stack.extend((v, depth + 1) for v in value)
+    return deepest
 
 
 def _mapping(v: Any, what: str) -> dict[str, Any]:
@@ -180,35 +225,57 @@ def _mapping(v: Any, what: str) -> dict[str, Any]:
 
 def _tensors(v: Any, what: str) -> tuple[TensorSpec, ...]:
     _require(isinstance(v, list) and len(v) > 0, f"{what} must be a non-empty list")
-    return tuple(TensorSpec.from_json(_mapping(t, what)) for t in v)
+    return tuple(_tensor(_mapping(t, what), what) for t in v)
+
+
+def _tensor(t: dict[str, Any], what: str) -> TensorSpec:
+    name = t["name"]
+    _require(isinstance(name, str) and 0 < len(name) <= 256, f"{what}: tensor name must be a string of 1..256")
+    where = f"{what} {name!r}"
+    shape = t["shape"]
+    _require(isinstance(shape, list) and len(shape) <= MAX_RANK, f"{where}: shape must be a list of at most "
+             f"{MAX_RANK} dimensions")
+    for dim in shape:  # -1 is a dynamic dimension
+        _require(dim == -1 or (isinstance(dim, int) and not isinstance(dim, bool) and 0 <= dim <= MAX_DIMENSION),
+                 f"{where}: a dimension must be -1 or an integer from 0 to {MAX_DIMENSION}, got {_short(dim)}")
+    _require(t["dtype"] in TENSOR_DTYPES, f"{where}: dtype {_short(t['dtype'])} is not one of "
+             f"{', '.join(sorted(TENSOR_DTYPES))}")
+    quant = [t.get(k) for k in ("scale", "zero_point", "quantized_dtype")]
+    if any(q is not None for q in quant):
+        scale, zero_point, qdtype = quant
+        low_high = _INT_RANGES.get(qdtype) if isinstance(qdtype, str) else None
+        _require(low_high is not None, f"{where}: quantized_dtype must be an integer dtype, got {_short(qdtype)}")
+        assert low_high is not None
+        _require(_number(scale, f"{where} scale") > 0, f"{where}: scale must be positive")
+        _integer(zero_point, f"{where} zero_point", *low_high)
+    return TensorSpec.from_json(t)
 
 
 def _parse_manifest(d: Any) -> Manifest:
+    _require(_depth(d) <= MAX_MANIFEST_DEPTH, f"nested more than {MAX_MANIFEST_DEPTH} levels deep")
     d = _mapping(d, "manifest")
-    _require(d.get("schema") == SCHEMA_VERSION, f"unsupported schema {d.get('schema')!r}")
+    _require(d.get("schema") == SCHEMA_VERSION, f"unsupported schema {_short(d.get('schema'))}")
     name = d["name"]
-    _require(isinstance(name, str) and valid_name(name), f"bad name {name!r}")
-    version = d["version"]
-    _require(isinstance(version, int) and not isinstance(version, bool) and version > 0,
-             f"version must be a positive integer, got {version!r}")
+    _require(isinstance(name, str) and valid_name(name), f"bad name {_short(name)}")
+    version = _integer(d["version"], "version", 1, MAX_VERSION)
+    _require(isinstance(d["created"], str) and len(d["created"]) <= 64, "created must be a string (ISO 8601)")
     _require(d["task"] in TASKS, f"task must be one of {', '.join(TASKS)}")
     files_raw = _mapping(d["files"], "files")
     files: dict[str, FileEntry] = {}
     for member, entry in files_raw.items():
         _require(isinstance(member, str) and bool(_MEMBER_RE.match(member)) and member != MANIFEST,
-                 f"unsafe member name {member!r}")
+                 f"unsafe member name {_short(member)}")
         e = _mapping(entry, f"files[{member}]")
         digest, size = e["sha256"], e["bytes"]
         _require(isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) is not None,
                  f"files[{member}].sha256 is not a sha256 hex digest")
-        _require(isinstance(size, int) and size >= 0, f"files[{member}].bytes must be a non-negative integer")
-        files[member] = FileEntry(digest, size)
+        files[member] = FileEntry(digest, _integer(size, f"files[{member}].bytes", 0, MAX_MEMBER_BYTES))
     artifacts = []
     _require(isinstance(d["artifacts"], list) and len(d["artifacts"]) > 0, "artifacts must be a non-empty list")
     for raw in d["artifacts"]:
         a = _mapping(raw, "artifact")
-        _require(a["format"] in FORMATS, f"unknown artifact format {a['format']!r}")
-        _require(a["file"] in files, f"artifact file {a['file']!r} is not listed in files")
+        _require(a["format"] in FORMATS, f"unknown artifact format {_short(a['format'])}")
+        _require(a["file"] in files, f"artifact file {_short(a['file'])} is not listed in files")
         artifacts.append(Artifact(
             format=a["format"], file=a["file"],
             inputs=_tensors(a["inputs"], "artifact inputs"), outputs=_tensors(a["outputs"], "artifact outputs"),
@@ -218,19 +285,49 @@ def _parse_manifest(d: Any) -> Manifest:
         ))
     _require(len({a.format for a in artifacts}) == len(artifacts), "two artifacts share a format")
     acc = _mapping(d["accuracy"], "accuracy")
-    max_batch = d.get("max_batch", DEFAULT_MAX_BATCH)  # optional: bundles written before it existed
-    _require(isinstance(max_batch, int) and not isinstance(max_batch, bool) and 1 <= max_batch <= MAX_BATCH_LIMIT,
-             f"max_batch must be an integer from 1 to {MAX_BATCH_LIMIT}, got {max_batch!r}")
+    # optional: bundles written before it existed read as the default
+    max_batch = _integer(d.get("max_batch", DEFAULT_MAX_BATCH), "max_batch", 1, MAX_BATCH_LIMIT)
+    latency_budget_ms = _number(d["latency_budget_ms"], "latency_budget_ms")
+    _require(latency_budget_ms > 0, f"latency_budget_ms must be positive, got {latency_budget_ms!r}")
     return Manifest(
-        name=name, version=version, task=d["task"], created=str(d["created"]),
+        name=name, version=version, task=d["task"], created=d["created"],
         inputs=_tensors(d["inputs"], "inputs"), outputs=_tensors(d["outputs"], "outputs"),
         artifacts=tuple(artifacts), metric=str(acc["metric"]),
         fp32_metric_value=_number(acc["fp32"], "accuracy.fp32"), max_drop=_number(acc["max_drop"], "max_drop"),
         parity=_mapping(d["parity"], "parity"),
-        latency_budget_ms=_number(d["latency_budget_ms"], "latency_budget_ms"),
+        latency_budget_ms=latency_budget_ms,
         target=_mapping(d["target"], "target"), preprocessing=_mapping(d["preprocessing"], "preprocessing"),
         provenance=_mapping(d["provenance"], "provenance"), files=files, max_batch=max_batch,
     )
+
+
+def parse_manifest(raw: bytes) -> Manifest:
+    """Parse and validate manifest.json's bytes; any problem raises BundleRejected (reason `manifest`, or
+    `too_large` beyond MAX_MANIFEST_BYTES)."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleRejected(f"manifest larger than {MAX_MANIFEST_BYTES} bytes", reason="too_large")
+    try:
+        obj = json.loads(raw, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    except RecursionError as e:  # the size bound still allows ~1M levels of [[[...
+        raise BundleRejected(f"invalid manifest: nested more than {MAX_MANIFEST_DEPTH} levels deep",
+                             reason="manifest") from e
+    except ValueError as e:  # JSONDecodeError, bad UTF-8, an integer of more than 4300 digits, the hooks below
+        raise BundleRejected(f"manifest.json is not valid JSON: {e}", reason="manifest") from e
+    return Manifest.from_json(obj)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # a key given twice could mean one thing to this reader and another to the next one
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"key {_short(key)} appears twice in one object")
+        seen.add(key)
+    return dict(pairs)
 
 
 # --- writing -----------------------------------------------------------------------------------------------
@@ -245,12 +342,17 @@ def write_bundle(out_path: Path, manifest: Manifest, members: Mapping[str, Path]
         if not _MEMBER_RE.match(member) or member == MANIFEST:
             raise ValueError(f"unsafe bundle member name {member!r}")
     files = {m: FileEntry(sha256_file(p), p.stat().st_size) for m, p in members.items()}
+    for member, entry in files.items():
+        if entry.bytes > MAX_MEMBER_BYTES:
+            raise ValueError(f"bundle member {member!r} is {entry.bytes} bytes, more than a ustar member holds")
     final = manifest.with_files(files)
     manifest_bytes = final.to_bytes()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        # ustar, not pax: every member is one plain header, as the reader requires (byte-identical to what
+        # PAX_FORMAT wrote for these names and sizes)
+        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             tar.addfile(_tarinfo(MANIFEST, len(manifest_bytes)), io.BytesIO(manifest_bytes))
             for member, path in sorted(members.items()):
                 with path.open("rb") as f:
@@ -283,105 +385,173 @@ class VerifiedBundle:
     bytes: int
 
 
-def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    for info in tar:
-        name = info.name
-        if name.startswith("/") or ".." in name.split("/") or "/" in name or "\\" in name:
-            raise BundleRejected(f"unsafe member path {name!r} in bundle", reason="unsafe_path")
-        if not info.isreg():
-            raise BundleRejected(f"member {name!r} is not a regular file (links and directories are refused)",
-                                 reason="unsafe_path")
-        yield info
+_BLOCK = 512
+_USTAR_MAGICS = (b"ustar\x0000", b"ustar  \x00")  # POSIX (what write_bundle writes) and GNU
+_PLAIN_TYPES = (b"0", b"\x00")
+# Records that are files to tarfile but not plain: refused as `unsafe_path` (they point elsewhere or are no file)
+_NOT_FILES = {b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device", b"4": "a block device",
+              b"5": "a directory", b"6": "a FIFO"}
+# ... and as `unsafe_member`: records that rename, resize or re-type the member after them, or expand it
+_EXTENSIONS = {b"x": "a pax extended header", b"g": "a pax global header", b"L": "a GNU long-name record",
+               b"K": "a GNU long-link record", b"S": "a GNU sparse file", b"7": "a contiguous file",
+               b"M": "a GNU multi-volume continuation", b"V": "a GNU volume label", b"N": "a GNU old long name",
+               b"D": "a GNU dump directory"}
 
 
-def _read_bounded(f: IO[bytes], limit: int) -> bytes:
-    data = f.read(limit + 1)
-    if len(data) > limit:
-        raise BundleRejected(f"manifest larger than {limit} bytes", reason="too_large")
-    return data
+@dataclass(frozen=True)
+class _Member:
+    name: str
+    size: int
+    data_offset: int  # where its bytes start in the bundle file
+
+
+def _format(message: str) -> BundleRejected:
+    return BundleRejected(message, reason="format")
+
+
+def _octal(field: bytes, what: str) -> int:
+    digits = field.replace(b"\x00", b" ").strip()
+    if not digits or any(c not in b"01234567" for c in digits):
+        raise _format(f"bad {what} field {field!r} in a tar header")
+    return int(digits, 8)
+
+
+def _scan(f: IO[bytes], file_size: int) -> list[_Member]:
+    """Read every tar header in the bundle (none of the members' bytes) and refuse anything but a flat, plain
+    regular file. Each member lies wholly inside the file and members do not overlap, so their sizes add up to
+    less than `file_size`."""
+    members: list[_Member] = []
+    pos = 0
+    while True:
+        f.seek(pos)
+        block = f.read(_BLOCK)
+        if not block or block == bytes(_BLOCK):  # end of archive (a zero block, or the file's end after one)
+            return members
+        if len(block) < _BLOCK:
+            raise _format(f"tar header at byte {pos} is cut short")
+        stored_sum = _octal(block[148:156], "checksum")
+        if stored_sum != sum(block[:148]) + 8 * 32 + sum(block[156:]):
+            raise _format(f"tar header at byte {pos} fails its checksum (not a tar file, or damaged)")
+        if block[257:265] not in _USTAR_MAGICS:
+            raise _format(f"tar header at byte {pos} is not ustar")
+        raw_name = block[:100].split(b"\x00", 1)[0]
+        shown = repr(raw_name.decode("ascii", "replace"))
+        kind = block[156:157]
+        if kind in _NOT_FILES:
+            raise BundleRejected(f"member {shown} is {_NOT_FILES[kind]}; a bundle holds plain regular files only "
+                                 "(links and directories are refused)", reason="unsafe_path")
+        if kind not in _PLAIN_TYPES:
+            what = _EXTENSIONS.get(kind, f"a tar record of type {kind!r}")
+            raise BundleRejected(f"bundle holds {what} (at {shown}); a bundle holds plain regular files only",
+                                 reason="unsafe_member")
+        try:
+            name = raw_name.decode("ascii")
+        except UnicodeDecodeError:
+            name = ""
+        if (not name or not name.isprintable() or name.startswith("/") or ".." in name.split("/")
+                or "/" in name or "\\" in name or any(block[345:500])):  # 345..500: ustar's path prefix
+            raise BundleRejected(f"unsafe member path {shown} in bundle", reason="unsafe_path")
+        if block[124] & 0x80:  # base-256 size: only GNU writes it, for sizes a ustar header cannot hold
+            raise BundleRejected(f"member {shown} has a base-256 size", reason="unsafe_member")
+        size = _octal(block[124:136], "size")
+        data_offset = pos + _BLOCK
+        if data_offset + size > file_size:
+            raise _format(f"member {shown} declares {size} bytes but the bundle ends before them")
+        members.append(_Member(name, size, data_offset))
+        pos = data_offset + -(-size // _BLOCK) * _BLOCK
+
+
+def _read_member(f: IO[bytes], member: _Member) -> Iterator[bytes]:
+    """The member's bytes in chunks: exactly `member.size` bytes from its data offset, never more."""
+    f.seek(member.data_offset)
+    remaining = member.size
+    while remaining:
+        chunk = f.read(min(_HASH_CHUNK, remaining))
+        if not chunk:
+            raise _format(f"bundle ends inside member {member.name!r}")
+        remaining -= len(chunk)
+        yield chunk
 
 
 def verify_bundle(path: Path, dest: Path | None = None,
                   max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> VerifiedBundle:
     """Check every member of the bundle at `path` against its manifest; with `dest`, also extract it there.
 
-    Extraction goes to a temporary directory beside `dest` and is renamed into place only when every member
-    has been checked, so `dest` is either complete and verified or absent.
+    Every header and the manifest are checked before any member byte is written. Extraction goes to a
+    temporary directory beside `dest` and is renamed into place only when every member has been checked, so
+    `dest` is either complete and verified or absent.
     """
     try:
-        size = path.stat().st_size
+        f = path.open("rb")
     except OSError as e:
         raise BundleRejected(f"cannot read bundle {path}: {e.strerror}", reason="unreadable") from e
-    if size > max_bytes:
-        raise BundleRejected(f"bundle is {size} bytes, more than the limit of {max_bytes}", reason="too_large")
-    staging: Path | None = None
-    if dest is not None:
-        if dest.exists():
-            # never merge into or replace something already there: the caller picks a fresh directory
-            raise FileExistsError(f"{dest} already exists")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        manifest = _verify_members(path, staging)
-        if dest is not None and staging is not None:
-            os.replace(staging, dest)
-            staging = None
-        return VerifiedBundle(path, manifest, size)
-    except (tarfile.TarError, EOFError) as e:
-        raise BundleRejected(f"{path.name} is not a readable bundle (tar): {e}", reason="format") from e
-    finally:
-        if staging is not None:
-            _remove_tree(staging)
-
-
-def _verify_members(path: Path, staging: Path | None) -> Manifest:
-    with tarfile.open(path, mode="r:") as tar:
-        members = _members(tar)
-        first = next(members, None)
-        if first is None or first.name != MANIFEST:
-            raise BundleRejected("bundle does not start with manifest.json", reason="format")
-        if first.size > MAX_MANIFEST_BYTES:
-            raise BundleRejected(f"manifest larger than {MAX_MANIFEST_BYTES} bytes", reason="too_large")
-        f = tar.extractfile(first)
-        assert f is not None  # a regular file always has a file object
-        raw_manifest = _read_bounded(f, MAX_MANIFEST_BYTES)
+    with f:
+        size = os.fstat(f.fileno()).st_size  # of the file we read: later bounds cannot be raced by a swap
+        if size > max_bytes:
+            raise BundleRejected(f"bundle is {size} bytes, more than the limit of {max_bytes}", reason="too_large")
+        staging: Path | None = None
+        if dest is not None:
+            if dest.exists():
+                # never merge into or replace something already there: the caller picks a fresh directory
+                raise FileExistsError(f"{dest} already exists")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         try:
-            manifest = Manifest.from_json(json.loads(raw_manifest))
-        except json.JSONDecodeError as e:
-            raise BundleRejected(f"manifest.json is not valid JSON: {e}", reason="manifest") from e
-        if staging is not None:  # the unpacked release carries its (verified) manifest for later steps
-            (staging / MANIFEST).write_bytes(raw_manifest)
-        seen: set[str] = set()
-        for info in members:
-            entry = manifest.files.get(info.name)
-            if entry is None:
-                raise BundleRejected(f"member {info.name!r} is not listed in the manifest", reason="unlisted")
-            if info.name in seen:
-                raise BundleRejected(f"member {info.name!r} appears twice", reason="duplicate")
-            seen.add(info.name)
-            if info.size != entry.bytes:
-                raise BundleRejected(f"member {info.name!r} is {info.size} bytes, manifest says {entry.bytes}",
-                                     reason="size_mismatch")
-            src = tar.extractfile(info)
-            assert src is not None
-            out = (staging / info.name).open("wb") if staging is not None else None
-            h = hashlib.sha256()
-            try:
-                while chunk := src.read(_HASH_CHUNK):
-                    h.update(chunk)
-                    if out is not None:
-                        out.write(chunk)
-            finally:
+            manifest = _verify_members(f, size, staging)
+            if dest is not None and staging is not None:
+                os.replace(staging, dest)
+                staging = None
+            return VerifiedBundle(path, manifest, size)
+        finally:
+            if staging is not None:
+                _remove_tree(staging)
+
+
+def _verify_members(f: IO[bytes], size: int, staging: Path | None) -> Manifest:
+    members = _scan(f, size)
+    if not members or members[0].name != MANIFEST:
+        raise _format("bundle does not start with manifest.json")
+    first, rest = members[0], members[1:]
+    if first.size > MAX_MANIFEST_BYTES:
+        raise BundleRejected(f"manifest larger than {MAX_MANIFEST_BYTES} bytes", reason="too_large")
+    raw_manifest = b"".join(_read_member(f, first))
+    manifest = parse_manifest(raw_manifest)
+    listed = first.size + sum(e.bytes for e in manifest.files.values())
+    if listed > size:  # _scan bounds what is there; this bounds what the manifest promises
+        raise BundleRejected(f"manifest lists {listed} bytes of members but the bundle is {size} bytes",
+                             reason="size_mismatch")
+    seen: set[str] = set()
+    for m in rest:  # the whole member list against the manifest, before any byte is written
+        entry = manifest.files.get(m.name)
+        if entry is None:
+            raise BundleRejected(f"member {m.name!r} is not listed in the manifest", reason="unlisted")
+        if m.name in seen:
+            raise BundleRejected(f"member {m.name!r} appears twice", reason="duplicate")
+        seen.add(m.name)
+        if m.size != entry.bytes:
+            raise BundleRejected(f"member {m.name!r} is {m.size} bytes, manifest says {entry.bytes}",
+                                 reason="size_mismatch")
+    missing = sorted(set(manifest.files) - seen)
+    if missing:
+        raise BundleRejected(f"bundle lacks members listed in the manifest: {', '.join(missing)}",
+                             reason="missing_member")
+    if staging is not None:  # the unpacked release carries its (verified) manifest for later steps
+        (staging / MANIFEST).write_bytes(raw_manifest)
+    for m in rest:
+        h = hashlib.sha256()
+        out = (staging / m.name).open("xb") if staging is not None else None
+        try:
+            for chunk in _read_member(f, m):
+                h.update(chunk)
                 if out is not None:
-                    out.close()
-            if h.hexdigest() != entry.sha256:
-                raise BundleRejected(f"member {info.name!r} does not match its sha256 in the manifest",
-                                     reason="hash_mismatch")
-        missing = sorted(set(manifest.files) - seen)
-        if missing:
-            raise BundleRejected(f"bundle lacks members listed in the manifest: {', '.join(missing)}",
-                                 reason="missing_member")
-        return manifest
+                    out.write(chunk)
+        finally:
+            if out is not None:
+                out.close()
+        if h.hexdigest() != manifest.files[m.name].sha256:
+            raise BundleRejected(f"member {m.name!r} does not match its sha256 in the manifest",
+                                 reason="hash_mismatch")
+    return manifest
 
 
 def _remove_tree(path: Path) -> None:

@@ -35,6 +35,7 @@ MAX_MANIFEST_DEPTH = 32  # nesting of objects/arrays; the packager writes 5 at m
 MAX_VERSION = (1 << 53) - 1  # versions survive a round trip through any JSON reader (IEEE doubles)
 MAX_DIMENSION = 1 << 31
 MAX_RANK = 16
+MAX_MEMBERS = 1024  # manifest.json included; the headers are all read (and kept) before any member is
 MAX_MEMBER_BYTES = 8**11 - 1  # the largest size a ustar header holds (11 octal digits)
 # numpy dtype names a manifest's tensors may use: what onnxruntime and LiteRT take and the OIP codec carries.
 TENSOR_DTYPES = frozenset({
@@ -261,6 +262,7 @@ def _parse_manifest(d: Any) -> Manifest:
     _require(isinstance(d["created"], str) and len(d["created"]) <= 64, "created must be a string (ISO 8601)")
     _require(d["task"] in TASKS, f"task must be one of {', '.join(TASKS)}")
     files_raw = _mapping(d["files"], "files")
+    _require(len(files_raw) < MAX_MEMBERS, f"files lists more than {MAX_MEMBERS - 1} members")
     files: dict[str, FileEntry] = {}
     for member, entry in files_raw.items():
         _require(isinstance(member, str) and bool(_MEMBER_RE.match(member)) and member != MANIFEST,
@@ -427,6 +429,8 @@ def _scan(f: IO[bytes], file_size: int) -> list[_Member]:
         block = f.read(_BLOCK)
         if not block or block == bytes(_BLOCK):  # end of archive (a zero block, or the file's end after one)
             return members
+        if len(members) == MAX_MEMBERS:
+            raise BundleRejected(f"bundle has more than {MAX_MEMBERS} members", reason="too_large")
         if len(block) < _BLOCK:
             raise _format(f"tar header at byte {pos} is cut short")
         stored_sum = _octal(block[148:156], "checksum")

@@ -471,3 +471,15 @@ def test_real_values_at_the_bounds_are_accepted(tmp_path: Path, members: dict[st
     manifest = verify_bundle(_with_manifest(tmp_path, members, edit)).manifest
     assert manifest.version == 2**53 - 1
     assert [i.dtype for i in manifest.inputs] == ["int64", "bool"]
+
+
+def test_a_bundle_of_too_many_members_is_refused_before_its_manifest(tmp_path: Path,
+                                                                    members: dict[str, Path]) -> None:
+    # the reader keeps every header before writing anything: their number is bounded
+    good = tmp_path / "good.bundle"
+    write_bundle(good, make_manifest(), members)
+    bad = _rewrite(good, tmp_path / "many.bundle", {}, [_file(f"m{i}", b"") for i in range(bundle.MAX_MEMBERS)])
+    with pytest.raises(BundleRejected) as info:
+        verify_bundle(bad, dest=tmp_path / "dest")
+    assert info.value.reason == "too_large"
+    assert not (tmp_path / "dest").exists()

@@ -55,6 +55,8 @@ class MirrorSection:
 @dataclass(frozen=True)
 class ServeSection:
     http: str = "127.0.0.1:8501"
+    # most rows per inference request: caps the bundle manifest's max_batch (0: the manifest's value as it is)
+    max_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ _BOUNDS = {"max_bundle_bytes": (1 << 10, 64 << 30), "max_metadata_bytes": (1 << 
            "chunk_timeout_s": (0.1, 3600.0), "connect_timeout_s": (0.1, 600.0), "receive_window": (1, 1024),
            "poll_interval_s": (1.0, 86400.0), "probation_s": (0.0, 86400.0), "probation_requests": (0, 10**9),
            "max_error_rate": (0.0, 1.0), "min_requests_for_rate": (1, 10**6), "stage_timeout_s": (1.0, 3600.0),
-           "keep": (1, 64), "max_restarts": (1, 100), "threads": (1, 256)}
+           "keep": (1, 64), "max_batch": (0, 65536), "max_restarts": (1, 100), "threads": (1, 256)}
 
 
 def _convert(section: str, name: str, typ: Any, value: Any) -> Any:

@@ -105,7 +105,7 @@ class Daemon:
         self.store = StateStore.in_dir(self.state_dir)
         self.clock = clock
         self.stats = RequestStats()
-        self.holder = ModelHolder(stats=self.stats)
+        self.holder = ModelHolder(stats=self.stats, max_batch=cfg.serve.max_batch)
         self.device = DeviceProfile.detect()
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -541,22 +541,24 @@ class Daemon:
             self.wake.set()  # a poke only: what to run is decided from signed metadata
 
     def _infer_loop(self) -> None:
+        from agent.mqtt_infer import MqttInference
+
         sub = self._infer_sub
         if sub is None:
             return
+        client = self.mqtt
+
+        def publish(topic: str, body: bytes, correlation: bytes | None) -> None:
+            client.publish(topic, body, retain=False, qos=1, wait=False, correlation_data=correlation)
+
+        # which response topics are answered, and the refusals' log: agent/mqtt_infer.py
+        self._answerer = MqttInference(self.holder, self.stats, publish, client.topics.prefix,
+                                       self.cfg.agent.device_id)
         for msg in sub:
             self._infer_pool.submit(self._answer, msg)
 
     def _answer(self, msg: Any) -> None:
-        from agent.http_api import answer_mqtt_request
-
-        dev = self.cfg.agent.device_id
-        topic = msg.response_topic or (self.mqtt.topics.prefix + f"devices/{dev}/infer/response")
-        body = answer_mqtt_request(self.holder, self.stats, msg.payload)
-        try:
-            self.mqtt.publish(topic, body, retain=False, qos=1, wait=False, correlation_data=msg.correlation_data)
-        except EdgeshipError as e:
-            log.warning("could not answer an inference request: %s", e)
+        self._answerer.answer(msg)  # never raises; logs what went wrong
 
     def run(self) -> int:
         ds = self.start()

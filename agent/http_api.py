@@ -8,8 +8,13 @@
     POST /v2/models/<name>[/versions/<v>]/infer       JSON tensors in, JSON tensors out
 
 Errors are `{"error": "<message>"}` with 400 (malformed request), 404 (unknown model or version, unknown
-path), 405 (wrong method), 408 (body too slow), 411 (no Content-Length), 413 (body over the limit), 500 (the
-model failed; logged) or 503 (no model yet, or too many requests at once).
+path), 405 (wrong method), 408 (body too slow), 411 (no Content-Length), 413 (body over the limit, or more rows
+than the model's `max_batch`: the message names the limit), 500 (the model failed; logged) or 503 (no model yet,
+or too many requests at once).
+
+Memory: a batch over the limit is refused from the shapes in the body before its tensors are decoded where the
+body allows it (`declared_batches`), else right after the JSON is parsed and before any array is built; after a
+large body the freed memory is handed back to the system (`release_memory`).
 
 Bounded against clients: each request must arrive whole within `timeout` seconds of the connection going idle
 (so a slowloris client holds one thread for at most that long), bodies are limited before they are read,
@@ -42,24 +47,32 @@ import numpy as np
 
 from agent import __version__
 from agent.errors import EdgeshipError
+from agent.limits import MAX_MESSAGE_BYTES
 from agent.serving import (
     DATATYPES,
     BadRequest,
+    BatchTooLarge,
     InferResult,
     LoadedModel,
     ModelHolder,
     ModelNotReady,
     RequestStats,
     ServingError,
+    check_batch,
     check_model,
     datatype_of,
+    release_memory,
 )
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8501
-DEFAULT_MAX_BODY = 16 << 20
+DEFAULT_MAX_BODY = MAX_MESSAGE_BYTES  # the same number as the MQTT maximum packet size the agent advertises
+# Bodies at least this long are first scanned for their shapes (declared_batches) so an oversize batch is refused
+# without decoding its data; after one this long, freed memory is handed back (release_memory, ~0.1 ms).
+PRECHECK_BYTES = 64 << 10
+TRIM_AFTER_BYTES = 1 << 20
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_MAX_INFLIGHT = 4  # requests parsed/run at once: bounds memory (a 16 MiB JSON body is ~100+ MB as lists)
@@ -100,8 +113,56 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a valid JSON number")
 
 
-def parse_infer_request(body: bytes) -> InferRequest:
-    """An OIP inference request body as numpy arrays in the datatypes the client declared. BadRequest if not."""
+# A run of characters that only numbers, commas, whitespace and brackets are made of. The look-behind makes it
+# start only where such a run starts, so the scan is linear whatever the body holds.
+_NUMERIC_RUN = re.compile(rb"(?<![-0-9eE.+,\s\[\]])[-0-9eE.+,\s\[\]]{1024,}")
+_NOT_BRACKET = b"-0123456789eE.+, \t\n\r\f\v"
+
+
+def _skeleton_run(m: re.Match[bytes]) -> bytes:
+    run = m.group()
+    ends = [i for i in (run.find(b"["), run.find(b"]"), run.rfind(b"["), run.rfind(b"]")) if i >= 0]
+    if not ends:
+        return run
+    first, last = min(ends), max(ends)
+    core = run[first:last + 1].translate(None, _NOT_BRACKET).replace(b"][", b"],[")
+    return run[:first] + core + run[last + 1:]
+
+
+def declared_batches(body: bytes) -> dict[str, list[int]] | None:
+    """Each input's declared shape, read without decoding the tensor data; None where the body does not allow it.
+
+    Long runs of numbers inside brackets (the `data` arrays) are reduced to their bracket structure (`[[],[]]`)
+    and the rest is parsed as JSON: the keys, names and short arrays such as `shape` are untouched, so a shape read
+    here is the one the full parse would read. Used only to refuse early: whatever it cannot read, the full parse
+    still checks."""
+    try:
+        doc = json.loads(_NUMERIC_RUN.sub(_skeleton_run, body))
+    except (ValueError, RecursionError):
+        return None
+    raw_inputs = doc.get("inputs") if isinstance(doc, dict) else None
+    if not isinstance(raw_inputs, list):
+        return None
+    out: dict[str, list[int]] = {}
+    for raw in raw_inputs:
+        if not isinstance(raw, dict):
+            continue
+        name, shape = raw.get("name"), raw.get("shape")
+        if (isinstance(name, str) and isinstance(shape, list) and shape
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            out[name] = shape
+    return out
+
+
+def parse_infer_request(body: bytes, max_batch: int | None = None, model_name: str = "") -> InferRequest:
+    """An OIP inference request body as numpy arrays in the datatypes the client declared. BadRequest if not.
+
+    With `max_batch`, an input whose leading dimension is over it is refused (BatchTooLarge, naming the limit and
+    `model_name`) before its data becomes an array, and for a body of PRECHECK_BYTES or more before it is parsed."""
+    if max_batch is not None and len(body) >= PRECHECK_BYTES:
+        declared = declared_batches(body)
+        if declared:
+            check_batch(declared, max_batch, model_name)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -135,7 +196,7 @@ def parse_infer_request(body: bytes) -> InferRequest:
         raise BadRequest("'inputs' must be a non-empty list of tensors")
     inputs: dict[str, np.ndarray] = {}
     for i, raw in enumerate(raw_inputs):
-        name, arr = _tensor(i, raw)
+        name, arr = _tensor(i, raw, max_batch, model_name)
         if name in inputs:
             raise BadRequest(f"input {name!r} is given more than once")
         inputs[name] = arr
@@ -153,7 +214,7 @@ def parse_infer_request(body: bytes) -> InferRequest:
     return InferRequest(id=req_id, inputs=inputs, outputs=outputs, **target)
 
 
-def _tensor(i: int, raw: Any) -> tuple[str, np.ndarray]:
+def _tensor(i: int, raw: Any, max_batch: int | None = None, model_name: str = "") -> tuple[str, np.ndarray]:
     if not isinstance(raw, dict):
         raise BadRequest(f"inputs[{i}] must be an object, got {_json_type(raw)}")
     name = raw.get("name")
@@ -182,6 +243,8 @@ def _tensor(i: int, raw: Any) -> tuple[str, np.ndarray]:
     if (not isinstance(shape, list) or len(shape) > 32
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise BadRequest(f"{where}: 'shape' must be a list of at most 32 non-negative integers, got {shape!r}")
+    if max_batch is not None:
+        check_batch({name: shape}, max_batch, model_name)  # before 'data' becomes an array
 
     data = raw["data"]
     if not isinstance(data, list):
@@ -295,7 +358,11 @@ def run_infer(holder: ModelHolder, stats: RequestStats, body: bytes, name: str |
     """
     start = time.perf_counter()
     try:
-        request = parse_infer_request(body)
+        served = holder.get()
+        limit: int | None = None
+        if served is not None and (name is None or name == served.name):
+            limit = holder.batch_limit(served)  # holder.infer checks again, on the model it runs
+        request = parse_infer_request(body, limit, served.name if served is not None else "")
         if name is None:
             version = request.model_version
             name = request.model_name
@@ -312,6 +379,8 @@ def run_infer(holder: ModelHolder, stats: RequestStats, body: bytes, name: str |
             log.warning("inference on %s failed: %s", name, e)
         else:
             stats.record_rejected()
+            if isinstance(e, BatchTooLarge):
+                log.info("refused an inference request: %s", e)
         raise
     except Exception:
         stats.record_error()
@@ -332,6 +401,8 @@ def answer_mqtt_request(holder: ModelHolder, stats: RequestStats, payload: bytes
 
     if len(payload) > max_body:
         stats.record_rejected()
+        log.warning("refused an MQTT inference request of %d bytes: over the limit of %d bytes", len(payload),
+                    max_body)
         return error(413, f"request of {len(payload)} bytes is over the limit of {max_body} bytes")
     try:
         return run_infer(holder, stats, bytes(payload))
@@ -340,6 +411,9 @@ def answer_mqtt_request(holder: ModelHolder, stats: RequestStats, payload: bytes
     except Exception:
         log.exception("MQTT inference request failed")
         return error(500, "internal server error (logged by the agent)")
+    finally:
+        if len(payload) >= TRIM_AFTER_BYTES:
+            release_memory()
 
 
 # --- the server ------------------------------------------------------------------------------------------------
@@ -499,11 +573,14 @@ class _Handler(BaseHTTPRequestHandler):
         if not server.inflight.acquire(timeout=server.conn_timeout):
             server.stats.record_rejected()
             raise _HttpError(503, "too many inference requests at once; retry later", headers=[("Retry-After", "1")])
+        size = len(body)
         try:
             data = run_infer(server.holder, server.stats, body, name, version)
         finally:
             server.inflight.release()
-        del body
+            del body
+            if size >= TRIM_AFTER_BYTES:
+                release_memory()  # the body, its lists and arrays are gone: hand the memory back
         self._send_bytes(200, data)
 
     # -- reading and writing --

@@ -44,13 +44,15 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.errors import TransportError
+from agent.limits import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "edgeship/default/"
-# TUF's default targets-metadata bound is 5 MB; chunks are <= 128 KiB. Anything bigger is refused (MQTT 5 tells the
-# broker so it never sends it; with 3.1.1 the callback drops it).
-DEFAULT_MAX_PACKET = 8 * 1024 * 1024
+# TUF's default targets-metadata bound is 5 MB; chunks are <= 128 KiB; an inference request is at most
+# MAX_MESSAGE_BYTES, the same number as the HTTP body limit. Anything bigger is refused (MQTT 5 tells the broker so it
+# never sends it: the broker drops it, unanswered; with 3.1.1 the callback drops it).
+DEFAULT_MAX_PACKET = MAX_MESSAGE_BYTES
 # Subscribe / get_retained in slices: mosquitto silently drops QoS 1 messages queued for a client beyond
 # max_inflight_messages + max_queued_messages (20 + 1000 by default, 20 + 100 in 1.x), retained ones included.
 MAX_TOPICS_PER_SUBSCRIBE = 64

@@ -10,17 +10,19 @@ freed when its last request lets go of it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from agent.bundle import Manifest
+from agent.bundle import DEFAULT_MAX_BATCH, Manifest
 from agent.errors import EdgeshipError
 from agent.runtime import ModelSession, TensorSpec
 
@@ -69,6 +71,12 @@ class ModelNotReady(ServingError):
     status = 503
 
 
+class BatchTooLarge(ServingError):
+    """The request has more rows than the model's batch limit allows (`max_batch`). The message names the limit."""
+
+    status = 413
+
+
 class InferenceFailed(ServingError):
     """The runtime failed on a request that passed validation: the model's fault (or the device's), not the caller's."""
 
@@ -92,6 +100,11 @@ class LoadedModel:
             object.__setattr__(self, "inputs", tuple(self.session.inputs))
         if not self.outputs:
             object.__setattr__(self, "outputs", tuple(self.session.outputs))
+
+    @property
+    def max_batch(self) -> int:
+        """The most rows one request may carry, as the bundle's manifest says (64 without a manifest)."""
+        return self.manifest.max_batch if self.manifest is not None else DEFAULT_MAX_BATCH
 
 
 @dataclass(frozen=True)
@@ -176,17 +189,29 @@ class RequestStats:
 
 
 class ModelHolder:
-    """Holds the one LoadedModel being served. `swap` replaces it in a single assignment."""
+    """Holds the one LoadedModel being served. `swap` replaces it in a single assignment.
 
-    def __init__(self, model: LoadedModel | None = None, stats: RequestStats | None = None) -> None:
+    `max_batch` (`[serve] max_batch`) caps every model's own limit: a request may carry at most
+    min(manifest's max_batch, max_batch) rows; 0 leaves the manifest's limit as it is.
+    """
+
+    def __init__(self, model: LoadedModel | None = None, stats: RequestStats | None = None,
+                 max_batch: int = 0) -> None:
+        if max_batch < 0:
+            raise ValueError(f"max_batch must be >= 0 (0: the manifest's limit), got {max_batch}")
         self._lock = threading.Lock()
         self._model = model
         self._stats = stats
+        self.max_batch = max_batch
         if stats is not None and model is not None:
             stats.reset(model)
 
     def get(self) -> LoadedModel | None:
         return self._model  # one read of one reference: atomic
+
+    def batch_limit(self, model: LoadedModel) -> int:
+        """The most rows one request to `model` may carry: its manifest's max_batch, capped by `max_batch`."""
+        return min(model.max_batch, self.max_batch) if self.max_batch > 0 else model.max_batch
 
     def swap(self, new: LoadedModel | None) -> LoadedModel | None:
         """Serve `new` from now on (None: serve nothing) and return what was served before.
@@ -213,6 +238,7 @@ class ModelHolder:
         if model is None:
             raise ModelNotReady("no model is loaded yet")
         check_model(model, name, version)
+        check_batch({n: np.shape(a) for n, a in inputs.items()}, self.batch_limit(model), model.name)
         feeds = conform_inputs(model, inputs)
         known = [s.name for s in model.outputs]
         wanted = list(output_names) if output_names else known
@@ -244,6 +270,43 @@ def check_model(model: LoadedModel | None, name: str, version: str | None) -> Lo
     if version is not None and version != str(model.version):
         raise ModelNotFound(f"model {name!r} has no version {version!r}; serving version {model.version}")
     return model
+
+
+def check_batch(shapes: Mapping[str, Sequence[int]], limit: int, model_name: str) -> None:
+    """BatchTooLarge if any input's leading (batch) dimension is over `limit` rows."""
+    for name, shape in shapes.items():
+        if len(shape) and shape[0] > limit:
+            raise BatchTooLarge(f"input {name!r} has a batch of {shape[0]} rows; model {model_name!r} takes at most "
+                                f"{limit} rows per request (max_batch): split the request")
+
+
+def release_memory() -> None:
+    """Hand memory freed by a large request back to the system (glibc `malloc_trim(0)`; a no-op elsewhere).
+
+    glibc keeps freed heap memory for reuse: after one large request (a big JSON body decoded to lists, a large
+    batch's tensors) the agent's RSS stays at its peak for good. Trimming takes about 0.1 ms, so callers do it only
+    after large requests (see docs/agent.md for the figures)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+_TRIM: list[Any] = []
+
+
+def _malloc_trim() -> Any:
+    if not _TRIM:
+        fn = None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            fn = getattr(libc, "malloc_trim", None)
+        except OSError:
+            fn = None
+        if fn is not None:
+            fn.argtypes = [ctypes.c_size_t]
+            fn.restype = ctypes.c_int
+        _TRIM.append(fn)
+    return _TRIM[0]
 
 
 def conform_inputs(model: LoadedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -568,3 +568,45 @@ def test_mqtt_answers_use_the_same_codec(models: tuple[LoadedModel, LoadedModel]
     assert json.loads(answer_mqtt_request(ModelHolder(), stats, _infer_bytes(_body())))["status"] == 503
     snap = stats.snapshot()
     assert (snap["ok"], snap["rejected"], snap["errors"]) == (3, 4, 0)
+
+
+# --- the batch limit (issue 7 item 3) ---------------------------------------------------------------------------
+
+
+def _zeros_body(rows: int) -> bytes:
+    """A valid request of `rows` rows, zeros written as `0` (the cheapest body for a given number of values)."""
+    x = ",".join(["0"] * (rows * 8))
+    ids = ",".join(["0"] * rows)
+    return (f'{{"inputs":[{{"name":"x","shape":[{rows},8],"datatype":"FP32","data":[{x}]}},'
+            f'{{"name":"ids","shape":[{rows}],"datatype":"INT64","data":[{ids}]}}]}}').encode()
+
+
+def test_batch_over_the_limit_is_a_413_naming_it(served: InferenceServer, client: requests.Session,
+                                                 stats: RequestStats) -> None:
+    url = f"{served.url}/v2/models/{NAME}/infer"
+    ok = client.post(url, data=_zeros_body(64))  # no manifest: the default limit of 64 rows
+    assert ok.status_code == 200 and ok.json()["outputs"][0]["shape"] == [64, 3]
+    for rows in (65, 10_000):  # a small body (refused after parsing) and a large one (refused from its shapes)
+        r = client.post(url, data=_zeros_body(rows))
+        assert r.status_code == 413, r.text
+        assert r.json() == {"error": f"input 'x' has a batch of {rows} rows; model 'tiny' takes at most 64 rows per "
+                                     "request (max_batch): split the request"}
+    assert client.get(f"{served.url}/v2/health/ready").status_code == 200
+    snap = stats.snapshot()
+    assert (snap["ok"], snap["rejected"], snap["errors"]) == (1, 2, 0)
+
+
+def test_config_max_batch_caps_the_models_limit(models: tuple[LoadedModel, LoadedModel],
+                                                client: requests.Session) -> None:
+    stats = RequestStats()
+    holder = ModelHolder(models[0], stats=stats, max_batch=8)
+    with InferenceServer(holder, stats, "127.0.0.1", 0, timeout=TIMEOUT_S) as server:
+        url = f"{server.url}/v2/models/{NAME}/infer"
+        assert client.post(url, data=_zeros_body(8)).status_code == 200
+        r = client.post(url, data=_zeros_body(9))
+        assert r.status_code == 413 and "at most 8 rows" in r.json()["error"]
+    # over MQTT the same refusal is the error answer
+    doc = json.loads(answer_mqtt_request(holder, stats, _zeros_body(9)))
+    assert doc["status"] == 413 and "at most 8 rows" in doc["error"]
+    assert holder.batch_limit(models[0]) == 8
+    assert ModelHolder(models[0], max_batch=1000).batch_limit(models[0]) == 64  # the config only lowers it

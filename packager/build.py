@@ -6,6 +6,7 @@ bundle and its report, each by atomic rename, so a failure at any step leaves no
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import math
@@ -24,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from agent.bundle import Artifact, Manifest, bundle_filename, valid_name, write_bundle
+from agent.bundle import (
+    DEFAULT_MAX_BATCH,
+    MAX_BATCH_LIMIT,
+    Artifact,
+    Manifest,
+    bundle_filename,
+    valid_name,
+    write_bundle,
+)
 from agent.fsutil import write_atomic
 from agent.runtime import ModelSession, TensorSpec, open_session
 from packager import __version__ as packager_version
@@ -66,6 +75,7 @@ class BuildOptions:
     latency_budget_ms: float | None = None
     threads: int = 1
     latency_runs: int = 200
+    max_batch: int = DEFAULT_MAX_BATCH  # the largest batch one inference request may carry on the device
 
 
 class Progress:
@@ -182,11 +192,11 @@ def _as_float_feeds(source: SourceModel, ds: Dataset) -> dict[str, np.ndarray]:
 
 
 class _Evaluator:
-    """Scores one artifact on EVAL against the fp32 reference outputs."""
+    """Scores one model on EVAL against the reference: the unpruned source model's fp32 outputs."""
 
-    def __init__(self, opts: BuildOptions, eval_ds: Dataset, fp32_out: np.ndarray, fp32_value: float,
+    def __init__(self, opts: BuildOptions, eval_ds: Dataset, ref_out: np.ndarray, ref_value: float,
                  input_names: Sequence[str], output_names: Sequence[str]) -> None:
-        self.opts, self.eval_ds, self.fp32_out, self.fp32_value = opts, eval_ds, fp32_out, fp32_value
+        self.opts, self.eval_ds, self.ref_out, self.ref_value = opts, eval_ds, ref_out, ref_value
         self.input_names, self.output_names = list(input_names), list(output_names)
 
     def open(self, path: Path, fmt: str) -> ModelSession:
@@ -195,9 +205,12 @@ class _Evaluator:
 
     def score(self, path: Path, fmt: str) -> tuple[float, float, np.ndarray]:
         out = self.open(path, fmt).run(self.eval_ds.inputs)[0]
-        value = metrics.metric_value(self.opts.task, out, self.eval_ds.labels, self.fp32_out)
-        drop = metrics.metric_drop(self.opts.task, self.fp32_value, value, self.eval_ds.labels)
+        value, drop = self.value_and_drop(out)
         return value, drop, out
+
+    def value_and_drop(self, out: np.ndarray) -> tuple[float, float]:
+        value = metrics.metric_value(self.opts.task, out, self.eval_ds.labels, self.ref_out)
+        return value, metrics.metric_drop(self.opts.task, self.ref_value, value, self.eval_ds.labels)
 
     def trial(self, recipe: dict[str, Any], path: Path, fmt: str, make: Callable[[], None]) -> Trial:
         try:
@@ -210,19 +223,13 @@ class _Evaluator:
 
 def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
     task = opts.task
-    if task not in metrics.METRIC_BY_TASK:
-        raise InputError(f"--task must be one of {', '.join(metrics.METRIC_BY_TASK)}")
+    name = check_build_options(opts)
     max_drop = opts.max_drop if opts.max_drop is not None else metrics.DEFAULT_MAX_DROP[task]
-    if not 0.0 <= opts.prune < 1.0:
-        raise InputError("--prune must be a fraction in [0, 1)")
-    if opts.out_dir.exists() and not opts.out_dir.is_dir():
-        raise InputError(f"--out {opts.out_dir}: exists and is not a directory")
 
-    source = load_source(opts.model, opts.weights)
+    source = _load_model(opts)
     formats = _formats_for(source, opts.formats)
-    name = opts.name or default_name(opts.model)
-    if not valid_name(name):
-        raise InputError(f"--name {name!r}: use lowercase letters, digits, '.', '_' and '-' (at most 64)")
+    if opts.prune and not source.is_torch:
+        raise InputError("--prune needs a PyTorch model; prune before exporting to ONNX")
     progress = progress or Progress(0)
     progress.total = 4 + len(formats) + (1 if opts.prune else 0)
     progress.step(f"loaded {source.kind} model {source.description}")
@@ -233,8 +240,8 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
         raise InputError(f"evaluation data {opts.eval}: {eval_ds.n} samples; at least {MIN_GOLDEN_ROWS} needed")
 
     with _workdir() as work:
-        fp32_path = work / "model.fp32.onnx"
-        pruning: dict[str, Any] | None = None
+        fp32_path = work / "model.fp32.onnx"  # what gets quantized: the pruned model when pruning
+        source_path = fp32_path  # the reference every artifact is gated against: the model as given
         declared = declared_input_specs(source)
         if declared is not None:
             calib = fit_to_specs(calib, declared, "calibration")
@@ -245,21 +252,14 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
             # Fail early, before any export, on data that does not fit the model.
             run_torch(source, torch_calib, role=f"calibration data {opts.calib}")
             run_torch(source, {k: v[:1] for k, v in torch_eval.items()}, role=f"evaluation data {opts.eval}")
-            if opts.prune:
-                before_out = run_torch(source, torch_eval)[0]
-                pr = prune_global_l1(source, opts.prune)
-                after_out = run_torch(source, torch_eval)[0]
-                pruning = {
-                    "amount": pr.amount, "sparsity": pr.sparsity, "tensors": pr.tensors,
-                    "parameters": pr.parameters_pruned,
-                    "value_before": metrics.metric_value(task, before_out, eval_ds.labels, before_out),
-                    "value_after": metrics.metric_value(task, after_out, eval_ds.labels, before_out),
-                }
-                progress.step(f"pruned {pr.tensors} weight tensors to {100 * pr.sparsity:.1f}% sparsity "
-                              f"(fp32 {metrics.METRIC_BY_TASK[task]} {pruning['value_before']:.4g} -> "
-                              f"{pruning['value_after']:.4g})")
             from packager.onnx_export import export_onnx
 
+            if opts.prune:
+                # Export the unpruned model first: pruning is in place, and the gate measures against it.
+                source_path = work / "model.source.onnx"
+                export_onnx(source.module, example_args(source, torch_calib), source.input_names, source_path)
+                pr = prune_global_l1(source, opts.prune)
+                progress.step(f"pruned {pr.tensors} weight tensors to {100 * pr.sparsity:.1f}% sparsity")
             export_onnx(source.module, example_args(source, torch_calib), source.input_names, fp32_path)
             progress.step(f"exported fp32 ONNX ({fp32_path.stat().st_size / 1024:.0f} KiB)")
         else:
@@ -269,23 +269,39 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
             copy_self_contained(source.onnx_path, fp32_path)
             progress.step(f"read fp32 ONNX ({fp32_path.stat().st_size / 1024:.0f} KiB)")
 
-        fp32_session = open_session(fp32_path, "onnx", threads=opts.threads)
-        calib = fit_to_specs(calib, fp32_session.inputs, "calibration")
-        eval_ds = fit_to_specs(eval_ds, fp32_session.inputs, "evaluation")
-        input_names = [s.name for s in fp32_session.inputs]
-        output_names = [s.name for s in fp32_session.outputs]
-        try:
-            fp32_out = fp32_session.run(eval_ds.inputs)[0]
-        except ValueError as e:
-            raise InputError(f"evaluation data {opts.eval}: {e}") from e
-        _check_output_fits(task, fp32_out, eval_ds.labels, f"evaluation data {opts.eval}")
-        fp32_value = metrics.metric_value(task, fp32_out, eval_ds.labels, fp32_out)
-        fp32_lat = _time_session(fp32_session, eval_ds.inputs, opts.latency_runs)
+        source_session = open_session(source_path, "onnx", threads=opts.threads)
+        calib = fit_to_specs(calib, source_session.inputs, "calibration")
+        eval_ds = fit_to_specs(eval_ds, source_session.inputs, "evaluation")
+        input_names = [s.name for s in source_session.inputs]
+        output_names = [s.name for s in source_session.outputs]
+        ref_out = _run_eval(source_session, eval_ds, opts.eval)
+        _check_output_fits(task, ref_out, eval_ds.labels, f"evaluation data {opts.eval}")
+        ref_value = metrics.metric_value(task, ref_out, eval_ds.labels, ref_out)
+        fp32_lat = _time_session(source_session, eval_ds.inputs, opts.latency_runs)
         metric_name = metrics.METRIC_BY_TASK[task]
-        progress.step(f"fp32 on {eval_ds.n} evaluation samples: {metric_name} {fp32_value:.4g}, "
+        progress.step(f"fp32 on {eval_ds.n} evaluation samples: {metric_name} {ref_value:.4g}, "
                       f"p50 {fp32_lat.p50_ms:.3f} ms")
 
-        evaluator = _Evaluator(opts, eval_ds, fp32_out, fp32_value, input_names, output_names)
+        evaluator = _Evaluator(opts, eval_ds, ref_out, ref_value, input_names, output_names)
+        fp32_session, fp32_out = source_session, ref_out
+        pruning: dict[str, Any] | None = None
+        if opts.prune:
+            fp32_session = evaluator.open(fp32_path, "onnx")
+            fp32_out = _run_eval(fp32_session, eval_ds, opts.eval)
+            value, drop = evaluator.value_and_drop(fp32_out)
+            pruning = {
+                "amount": pr.amount, "sparsity": pr.sparsity, "tensors": pr.tensors,
+                "parameters": pr.parameters_pruned, "value_before": ref_value, "value_after": value,
+                "drop": drop, "passed": drop <= max_drop, "bytes": fp32_path.stat().st_size,
+                "zstd_bytes": _zstd_bytes(fp32_path),
+            }
+            progress.detail(f"pruned fp32: {metric_name} {ref_value:.4g} -> {value:.4g} (drop {drop:.3g})")
+            if not drop <= max_drop:  # NaN fails too
+                # Quantizing cannot win back what pruning lost: stop before spending time on it.
+                raise AccuracyGateError(
+                    f"accuracy gate failed, no bundle written: pruning (--prune {opts.prune:g}) fp32 "
+                    f"{metric_name} {value:.4g} vs unpruned {ref_value:.4g}: drop {drop:.4g} > {max_drop:g}")
+
         results: dict[str, TuningResult] = {}
         for fmt in formats:
             if fmt == "onnx":
@@ -295,8 +311,9 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
 
         failed = {f: r for f, r in results.items() if r.chosen is None}
         report = _report_base(opts, name, task, max_drop, source, calib, eval_ds, pruning)
-        report["fp32"] = {"bytes": fp32_path.stat().st_size, "zstd_bytes": _zstd_bytes(fp32_path),
-                          "metric": metric_name, "value": fp32_value, "p50_ms": fp32_lat.p50_ms,
+        # "fp32" is the unpruned source model: the reference every drop (pruning's included) is measured from.
+        report["fp32"] = {"bytes": source_path.stat().st_size, "zstd_bytes": _zstd_bytes(source_path),
+                          "metric": metric_name, "value": ref_value, "p50_ms": fp32_lat.p50_ms,
                           "p95_ms": fp32_lat.p95_ms}
         if failed:
             parts = []
@@ -306,7 +323,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
                     why = t.error if t is not None else "no recipe ran"
                     parts.append(f"{fmt}: every recipe failed ({why})")
                 else:
-                    parts.append(f"{fmt} int8 {metric_name} {t.value:.4g} vs fp32 {fp32_value:.4g}: drop "
+                    parts.append(f"{fmt} int8 {metric_name} {t.value:.4g} vs fp32 {ref_value:.4g}: drop "
                                  f"{t.drop:.4g} > {max_drop:g} (best of {len(r.trials)} recipes)")
             raise AccuracyGateError("accuracy gate failed, no bundle written: " + "; ".join(parts))
 
@@ -340,11 +357,14 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
                             f"{chosen.value:.4g} (drop {chosen.drop:.3g}), p50 {lat.p50_ms:.3f} ms")
 
         version = opts.version
-        opts.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            opts.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"--out {opts.out_dir}: cannot create the directory ({e.strerror})") from e
         if version is None:
             version = _next_version(opts.out_dir, name)
         out_path = opts.out_dir / bundle_filename(name, version)
-        if out_path.exists():
+        if out_path.exists():  # checked before any work too; this catches a build that finished meanwhile
             raise InputError(f"{out_path} already exists: bundles are immutable, pick a new --version")
         report["version"] = version
         report["verdict"] = f"Every artifact is within the gate (max drop {max_drop:g})."
@@ -356,16 +376,19 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
         (work / "report.html").write_text(report_html(report))
         members.update({"golden.npz": golden_path, "reference.json": reference_path,
                         "report.json": work / "report.json", "report.html": work / "report.html"})
-        manifest = _manifest(name, version, task, metric_name, fp32_value, max_drop, opts, source, calib,
+        manifest = _manifest(name, version, task, metric_name, ref_value, max_drop, opts, source, calib,
                              eval_ds, fp32_session.inputs, fp32_session.outputs, artifacts,
                              _parity(task, fp32_out[:golden_n]), report)
         html_beside = opts.out_dir / f"{name}-{version}.report.html"
-        write_atomic(html_beside, report_html(report).encode())
         try:
-            written = write_bundle(out_path, manifest, members)
-        except BaseException:
-            html_beside.unlink(missing_ok=True)
-            raise
+            write_atomic(html_beside, report_html(report).encode())
+            try:
+                written = write_bundle(out_path, manifest, members)
+            except BaseException:
+                html_beside.unlink(missing_ok=True)
+                raise
+        except OSError as e:
+            raise InputError(f"--out {opts.out_dir}: cannot write the bundle ({e.strerror or e})") from e
         report["bundle"] = str(out_path)
         progress.step(f"wrote {out_path} ({out_path.stat().st_size / 1024:.0f} KiB) and {html_beside.name}")
         return BuildResult(out_path, report, written)
@@ -483,6 +506,7 @@ def _manifest(name: str, version: int, task: str, metric_name: str, fp32_value: 
                 "runtimes": {"onnxruntime": {"built_with": versions.get("onnxruntime")},
                              "litert": {"built_with": versions.get("ai-edge-litert")}}},
         preprocessing={"note": "inputs are fed as in the calibration/evaluation .npz files"},
+        max_batch=opts.max_batch,
         provenance={"source_sha256": source.sha256, "source": source.description, "source_kind": source.kind,
                     "calibration_sha256": calib.sha256, "evaluation_sha256": eval_ds.sha256,
                     "packager_version": packager_version, "tools": versions,
@@ -491,13 +515,71 @@ def _manifest(name: str, version: int, task: str, metric_name: str, fp32_value: 
     )
 
 
-def check_build_options(opts: BuildOptions) -> None:
-    """Cheap argument checks before any heavy import, so a typo costs no time."""
+def check_build_options(opts: BuildOptions) -> str:
+    """Argument checks that need no model, run before any work so a typo costs no time. Returns the bundle name."""
+    if opts.task not in metrics.METRIC_BY_TASK:
+        raise InputError(f"--task must be one of {', '.join(metrics.METRIC_BY_TASK)}")
+    if not 0.0 <= opts.prune < 1.0:
+        raise InputError("--prune must be a fraction in [0, 1)")
+    if opts.max_drop is not None and not 0.0 <= opts.max_drop < math.inf:
+        raise InputError("--max-drop must be a finite number >= 0")
+    if not 1 <= opts.max_batch <= MAX_BATCH_LIMIT:
+        raise InputError(f"--max-batch must be from 1 to {MAX_BATCH_LIMIT}, got {opts.max_batch}")
+    if opts.threads < 1:
+        raise InputError("--threads must be at least 1")
+    if opts.version is not None and opts.version < 1:
+        # the manifest reader (and so `packager inspect` and every device) refuses anything else
+        raise InputError(f"--version must be a positive integer, got {opts.version}")
+    name = opts.name or default_name(opts.model)
+    if not valid_name(name):
+        raise InputError(f"--name {name!r}: use lowercase letters, digits, '.', '_' and '-' (at most 64)")
     for label, path in (("--calib", opts.calib), ("--eval", opts.eval)):
         if not path.is_file():
             raise InputError(f"{label} {path}: no such file")
-    if opts.threads < 1:
-        raise InputError("--threads must be at least 1")
+    _check_out_dir(opts.out_dir)
+    if opts.version is not None:
+        existing = opts.out_dir / bundle_filename(name, opts.version)
+        if existing.exists():
+            raise InputError(f"{existing} already exists: bundles are immutable, pick a new --version")
+    return name
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse an --out that cannot take the bundle (a file, /proc, read-only): probe it, leave nothing behind."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    missing = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".edgeship-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot write there ({e.strerror or e})") from e
+    finally:
+        for p in missing:  # deepest first; the build creates them again when it writes the bundle
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
+def _load_model(opts: BuildOptions) -> SourceModel:
+    if opts.model.lower().endswith(".onnx") and Path(opts.model).is_file():
+        from packager.onnx_export import load_onnx_source
+
+        if opts.weights is not None:
+            raise InputError("--weights goes with a package.module:factory MODEL, not a model file")
+        return load_onnx_source(Path(opts.model))
+    return load_source(opts.model, opts.weights)
+
+
+def _run_eval(session: ModelSession, eval_ds: Dataset, path: Path) -> np.ndarray:
+    try:
+        out = session.run(eval_ds.inputs)[0]
+    except ValueError as e:
+        raise InputError(f"evaluation data {path}: {e}") from e
+    if out.dtype.kind in "fc" and not np.isfinite(out).all():
+        raise InputError(f"evaluation data {path}: the fp32 model's outputs have NaN or infinite values")
+    return out
 
 
 __all__ = ["BuildOptions", "BuildResult", "PackagerError", "Progress", "build", "check_build_options"]

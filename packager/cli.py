@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.bundle import verify_bundle
+from agent.bundle import DEFAULT_MAX_BATCH, MAX_BATCH_LIMIT, verify_bundle
 from agent.errors import BundleRejected, EdgeshipError, TransportError
 from packager import __version__
 from packager.errors import InputError
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--latency-budget-ms", type=float, default=None,
                    help="p95 budget on the device recorded in the manifest (default 10x host p95, >= 5 ms)")
     b.add_argument("--threads", type=int, default=1, help="runtime threads for evaluation and timing (default 1)")
+    b.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help=f"largest batch one inference request may carry on a device, recorded in the manifest "
+                        f"(1..{MAX_BATCH_LIMIT}, default {DEFAULT_MAX_BATCH})")
     b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     i = sub.add_parser("inspect", help="validate a bundle (hashes, safe paths, manifest) and summarize it")
@@ -103,6 +107,7 @@ def _build(args: argparse.Namespace) -> int:
         model=args.model, calib=args.calib, eval=args.eval, out_dir=args.out, name=args.name,
         version=args.bundle_version, formats=formats, prune=args.prune, max_drop=args.max_drop, task=args.task,
         weights=args.weights, latency_budget_ms=args.latency_budget_ms, threads=args.threads,
+        max_batch=args.max_batch,
     )
     check_build_options(opts)
     result = build(opts, Progress(0))
@@ -114,6 +119,8 @@ def _build(args: argparse.Namespace) -> int:
             "fp32": {k: fp32[k] for k in ("bytes", "metric", "value", "p50_ms", "p95_ms")},
             "artifacts": [{k: a[k] for k in ("format", "bytes", "metric", "value", "drop", "p50_ms", "p95_ms")}
                           for a in r["artifacts"]],
+            **({"pruning": {"amount": p["amount"], "sparsity": p["sparsity"], "value": p["value_after"],
+                            "drop": p["drop"]}} if (p := r.get("pruning")) else {}),
         }))
     else:
         print(_summary_table(r))
@@ -124,11 +131,15 @@ def _build(args: argparse.Namespace) -> int:
 def _summary_table(r: dict[str, Any]) -> str:
     fp32 = r["fp32"]
     rows = [("fp32", fp32["bytes"], 1.0, fp32["value"], 0.0, fp32["p50_ms"], fp32["p95_ms"])]
+    prune = r.get("pruning")
+    if prune:  # drops are from the unpruned model, pruning's own included
+        rows.append(("fp32 pruned", prune["bytes"], prune["bytes"] / fp32["bytes"], prune["value_after"],
+                     prune["drop"], math.nan, math.nan))
     rows += [(a["format"] + " int8", a["bytes"], a["bytes"] / fp32["bytes"], a["value"], a["drop"], a["p50_ms"],
               a["p95_ms"]) for a in r["artifacts"]]
     lines = [f"{'model':<12}{'bytes':>12}{'x fp32':>8}{r['metric']:>11}{'drop':>10}{'p50 ms':>9}{'p95 ms':>9}"]
-    lines += [f"{n:<12}{b:>12}{x:>8.3f}{v:>11.5g}{d:>10.3g}{p50:>9.3f}{p95:>9.3f}"
-              for n, b, x, v, d, p50, p95 in rows]
+    lines += [f"{n:<12}{b:>12}{x:>8.3f}{v:>11.5g}{d:>10.3g}" + "".join(
+        f"{'-':>9}" if math.isnan(t) else f"{t:>9.3f}" for t in (p50, p95)) for n, b, x, v, d, p50, p95 in rows]
     return "\n".join(lines)
 
 
@@ -188,6 +199,8 @@ def _keys(args: argparse.Namespace) -> int:
 
     from packager import tuf_repo
 
+    if args.keys_command == "rotate":
+        _check_transport_args(args)
     if args.keys_command == "init":
         expiry = tuf_repo.Expiry(**{role: timedelta(days=getattr(args, f"{role}_expiry_days"))
                                     for role in ("root", "targets", "snapshot", "timestamp")})
@@ -211,9 +224,21 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_transport_args(args: argparse.Namespace) -> None:
+    """Names and URLs checked before anything is signed, written or connected."""
+    from packager import publish as pub
+
+    pub.check_level_name("--fleet", args.fleet)
+    if getattr(args, "group", None) is not None:
+        pub.check_level_name("--group", args.group)
+    if args.broker:
+        pub.check_broker_url(args.broker)
+
+
 def _publish(args: argparse.Namespace) -> int:
     from packager import publish as pub
 
+    _check_transport_args(args)
     topics = pub.topics_for(args.fleet)
     if args.command == "publish" and not args.bundle.is_file():
         raise InputError(f"bundle {args.bundle}: no such file")
@@ -258,6 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"error": str(e), "exit_code": code}))
         print(f"packager: error: {e}", file=sys.stderr)
         return int(code)
+    except RecursionError:
+        # A guard, should a reader meet input nested deeper than Python recurses (JSON, protobuf).
+        print("packager: error: input is nested too deeply to read", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("packager: interrupted", file=sys.stderr)
         return 130

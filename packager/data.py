@@ -51,21 +51,35 @@ def load_npz(path: Path, input_names: Sequence[str], role: str, need_labels: boo
         # allow_pickle=False refuses object arrays: we never unpickle data files
         raise InputError(f"{role} data {path}: {e}") from e
     inputs: dict[str, np.ndarray] = {}
+    used: list[str] = []
     for name in input_names:
         key = name if name in arrays else ("x" if len(input_names) == 1 and "x" in arrays else None)
         if key is None:
             wanted = f"'{name}'" + (" (or 'x')" if len(input_names) == 1 else "")
             raise InputError(f"{role} data {path}: no array {wanted}; it has {sorted(arrays) or 'no arrays'}")
         inputs[name] = arrays[key]
+        used.append(key)
     labels = arrays.get("y")
     if need_labels and labels is None:
         raise InputError(f"{role} data {path}: labels 'y' are required for this task")
+    for key in sorted({*used, *(["y"] if labels is not None else [])}):
+        _require_finite(arrays[key], f"{role} data {path}: array '{key}'")
     counts = {len(a) if a.ndim else 0 for a in inputs.values()}
     if labels is not None:
         counts.add(len(labels) if labels.ndim else 0)
     if len(counts) != 1 or 0 in counts:
         raise InputError(f"{role} data {path}: arrays are empty or disagree on the number of samples")
     return Dataset(path, sha256_file(path), inputs, labels)
+
+
+def _require_finite(arr: np.ndarray, what: str) -> None:
+    # NaN or inf would pass through every model and only blow up far later (histograms, metrics, calibration
+    # ranges), or silently calibrate int8 ranges to nonsense.
+    if arr.dtype.kind not in "fc":
+        return
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise InputError(f"{what} has {bad} NaN or infinite value(s) of {arr.size}: every value must be finite")
 
 
 def fit_to_specs(ds: Dataset, specs: Sequence[TensorSpec], role: str) -> Dataset:

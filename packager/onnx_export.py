@@ -19,11 +19,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from agent.bundle import sha256_file
 from packager.errors import ConversionError, InputError
 
 if TYPE_CHECKING:
     import onnx
     import torch
+
+    from packager.torch_model import SourceModel
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +147,31 @@ def save_self_contained(model: onnx.ModelProto, out_path: Path) -> None:
         stale.unlink()
 
 
+def load_onnx_source(path: Path) -> SourceModel:
+    """Read an .onnx MODEL's input names and check it, external data included, whatever the working directory."""
+    import onnx
+
+    from packager.torch_model import SourceModel
+
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        # Given a path, the checker resolves external data against the model's own directory; given the loaded
+        # proto it would look in the working directory, so a model would build only when run from its folder.
+        onnx.checker.check_model(str(path))
+    except Exception as e:  # onnx raises DecodeError, ValidationError, ...: all mean "not a usable model"
+        raise InputError(f"model {path}: not a valid ONNX model ({describe_error(e)})") from e
+    initializer_names = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in initializer_names]
+    return SourceModel("onnx", str(path), sha256_file(path), names, onnx_path=path)
+
+
 def copy_self_contained(src: Path, dst: Path) -> None:
-    """Copy a user's .onnx model (which may keep weights in external files) to `dst` as one file."""
+    """Copy a user's .onnx model (which may keep weights in external files) to `dst` as one file.
+
+    External data is read from `src`'s directory (onnx.load's base directory is the model file's), never the
+    working directory.
+    """
     import onnx
 
     src = Path(src)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any
 from tuf.api.metadata import TargetFile
 
 from agent.bundle import sha256_file, verify_bundle
-from agent.mqtt_client import MqttClient, Topics
+from agent.mqtt_client import MqttClient, Topics, parse_broker_url
 from packager import tuf_repo
 from packager.errors import InputError
 from packager.mqtt_publish import PublishStats, TargetSpec, delete_targets, publish_tree, write_http_tree
@@ -30,8 +31,29 @@ CHUNK_SIZE = 128 * 1024
 Progress = Callable[[str, int, int], None]
 
 
+# The rule agent/config.py applies to `[agent] fleet` and `group`: one topic level (no '/', no wildcards), a file
+# name (`deployments/<group>.json`), bounded. Any other name could never reach a device.
+_LEVEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_level_name(label: str, value: str) -> str:
+    """`value` if it is a valid fleet or group name, else InputError naming `label` (`--fleet`, `--group`)."""
+    if not _LEVEL_RE.match(value):
+        raise InputError(f"{label} {value!r}: use letters, digits, '.', '_' and '-', starting with a letter or "
+                         "digit (at most 64), as a device's [agent] config does")
+    return value
+
+
+def check_broker_url(url: str) -> None:
+    """InputError unless `url` is mqtt[s]://HOST[:PORT], before anything is signed or connected."""
+    try:
+        parse_broker_url(url)
+    except ValueError as e:
+        raise InputError(f"--broker: {e}") from e
+
+
 def topics_for(fleet: str) -> Topics:
-    return Topics(f"edgeship/{fleet}/")
+    return Topics(f"edgeship/{check_level_name('--fleet', fleet)}/")
 
 
 def bundle_target_path(name: str, version: int) -> str:
@@ -88,6 +110,7 @@ def sign_bundle(repo: Path, bundle: Path, group: str) -> tuple[list[TargetFile],
 
     Returns the two TargetFiles to push, the target paths newly added, and the bundle's sha256.
     """
+    check_level_name("--group", group)
     manifest = verify_bundle(bundle).manifest  # never sign something a device would refuse
     bundle_path = bundle_target_path(manifest.name, manifest.version)
     dep_path = deployment_target_path(group)

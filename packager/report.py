@@ -49,10 +49,13 @@ def report_html(report: dict[str, Any]) -> str:
     size = _bar_chart("Size", "KiB", [(n, m["bytes"] / 1024) for n, m in models])
     acc = _bar_chart(f"Accuracy: {metric}", metric, [(n, m["value"]) for n, m in models], "{:.4g}")
     lat = _bar_chart("Host latency p50, batch 1", "ms", [(n, m["p50_ms"]) for n, m in models], "{:.3f}")
-    summary = _table(
-        ["model", "bytes", "zstd bytes", "x fp32", metric, "drop", "p50 ms", "p95 ms"],
-        [[n, m["bytes"], m.get("zstd_bytes", ""), f"{m['bytes'] / fp32['bytes']:.3f}", f"{m['value']:.4g}",
-          f"{m.get('drop', 0.0):.4g}", m["p50_ms"], m["p95_ms"]] for n, m in models])
+    prune = report.get("pruning")
+    rows = [[n, m["bytes"], m.get("zstd_bytes", ""), f"{m['bytes'] / fp32['bytes']:.3f}", f"{m['value']:.4g}",
+             f"{m.get('drop', 0.0):.4g}", m["p50_ms"], m["p95_ms"]] for n, m in models]
+    if prune and "drop" in prune:  # pruning's own loss, measured like every artifact's: from the unpruned model
+        rows.insert(1, ["fp32 pruned", prune["bytes"], prune["zstd_bytes"], f"{prune['bytes'] / fp32['bytes']:.3f}",
+                        f"{prune['value_after']:.4g}", f"{prune['drop']:.4g}", "", ""])
+    summary = _table(["model", "bytes", "zstd bytes", "x fp32", metric, "drop", "p50 ms", "p95 ms"], rows)
     recipe_rows = []
     for a in artifacts:
         for t in a.get("trials", []):
@@ -62,14 +65,14 @@ def report_html(report: dict[str, Any]) -> str:
             recipe_rows.append([a["format"], t["recipe"].get("name", ""), t["bytes"], f"{t['value']:.4g}",
                                 f"{t['drop']:.4g}", status])
     recipes = _table(["format", "recipe", "bytes", metric, "drop", "result"], recipe_rows)
-    prune = report.get("pruning")
     prune_html = ""
     if prune:
         prune_html = "<h2>Pruning</h2>" + _table(
-            ["amount", "sparsity", f"fp32 {metric} before", f"fp32 {metric} after"],
+            ["amount", "sparsity", f"fp32 {metric} before", f"fp32 {metric} after", "drop"],
             [[prune["amount"], f"{prune['sparsity']:.3f}", f"{prune['value_before']:.4g}",
-              f"{prune['value_after']:.4g}"]]) + (
-            "<p>Unstructured zeros do not shrink a dense int8 file; compare the zstd column to see what "
+              f"{prune['value_after']:.4g}", f"{prune['drop']:.4g}" if "drop" in prune else ""]]) + (
+            "<p>Every drop in this report, pruning's and each int8 artifact's, is measured from the unpruned "
+            "model. Unstructured zeros do not shrink a dense int8 file; compare the zstd column to see what "
             "they buy on the wire.</p>")
     title = f"{report['name']} v{report['version']}"
     verdict = html.escape(report.get("verdict", ""))

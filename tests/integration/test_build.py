@@ -71,6 +71,7 @@ def test_build_writes_a_verified_bundle_in_both_formats(built: tuple[dict, Path]
     assert tfl.inputs[0].scale is not None and tfl.inputs[0].quantized_dtype == "int8"
     assert m.provenance["source_sha256"] and m.provenance["calibration_sha256"] != m.provenance["evaluation_sha256"]
     assert m.latency_budget_ms >= 5.0
+    assert m.max_batch == 64  # the default of --max-batch
 
 
 def test_bundle_artifacts_reproduce_their_golden_outputs(built: tuple[dict, Path], tmp_path: Path) -> None:
@@ -137,9 +138,10 @@ def test_pruning_reports_sparsity_and_compressed_size(digits: dict[str, Path], t
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     code, stdout, err = run_cli(["build", digits["exported_program"], "--calib", digits["calib"], "--eval",
                                  digits["eval"], "--out", tmp_path, "--format", "onnx", "--prune", "0.5",
-                                 "--json"], capsys)
+                                 "--max-drop", "5", "--max-batch", "8", "--json"], capsys)
     assert code == 0, err
-    bundle = Path(json.loads(stdout)["bundle"])
+    result = json.loads(stdout)
+    bundle = Path(result["bundle"])
     with tarfile.open(bundle) as tar:
         f = tar.extractfile("report.json")
         assert f is not None
@@ -149,6 +151,62 @@ def test_pruning_reports_sparsity_and_compressed_size(digits: dict[str, Path], t
     assert pruning["value_after"] >= pruning["value_before"] - 5.0
     art = report["artifacts"][0]
     assert art["zstd_bytes"] < art["bytes"]  # the zeros buy something only once compressed
+    # Every drop is measured from the unpruned model, pruning's own included: the gate sees their sum.
+    assert report["fp32"]["value"] == pytest.approx(pruning["value_before"])
+    assert pruning["drop"] == pytest.approx(pruning["value_before"] - pruning["value_after"])
+    assert art["drop"] == pytest.approx(pruning["value_before"] - art["value"])
+    assert result["pruning"]["drop"] == pytest.approx(pruning["drop"])
+    m = verify_bundle(bundle).manifest
+    assert m.fp32_metric_value == pytest.approx(pruning["value_before"])
+    assert m.max_batch == 8
+
+
+def test_heavy_pruning_fails_the_gate_and_writes_nothing(digits: dict[str, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["build", digits["exported_program"], "--calib", digits["calib"], "--eval",
+                                 digits["eval"], "--out", out, "--prune", "0.9", "--json"], capsys)
+    assert code == 3, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("packager: error: accuracy gate failed, no bundle written: pruning"), last
+    assert "unpruned" in last and "> 1" in last
+    assert json.loads(stdout)["exit_code"] == 3
+    assert _files(out) == []
+
+
+def test_onnx_model_with_external_data_builds_from_another_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    onnx.save(model, str(model_dir / "ext.onnx"), save_as_external_data=True, location="ext.weights",
+              size_threshold=0)
+    assert (model_dir / "ext.weights").is_file()
+    x = rng.normal(size=(200, 16)).astype(np.float32)
+    y = np.argmax(x @ numpy_helper.to_array(w), axis=1)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, stdout, err = run_cli(["build", model_dir / "ext.onnx", "--calib", tmp_path / "data.npz", "--eval",
+                                 tmp_path / "data.npz", "--out", tmp_path / "out", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["fp32"]["value"] == 100.0  # the real weights were read, not zeros or garbage
+    bundle = Path(result["bundle"])
+    dest = tmp_path / "unpacked"
+    m = verify_bundle(bundle, dest=dest).manifest
+    assert [f for f in m.files if f.startswith("model")] == ["model.int8.onnx"]
+    assert not list(dest.glob("*.weights"))  # the bundle carries the weights inside its model file
 
 
 def _files(path: Path) -> list[str]:

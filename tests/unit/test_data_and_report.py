@@ -59,6 +59,40 @@ def test_unreadable_and_pickled_data_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("arrays", "names", "bad"),
+    [
+        ({"x": np.full((4, 2), np.nan, np.float32)}, ["x"], "x"),  # all NaN, as in the issue
+        ({"x": np.array([[0.0, np.inf]] * 4)}, ["x"], "x"),
+        ({"x": np.zeros((4, 2)), "y": np.array([0.0, 1.0, -np.inf, 2.0])}, ["x"], "y"),
+        ({"ids": np.zeros((4, 3), np.int64), "mask": np.array([[1.0, np.nan, 1.0]] * 4)}, ["ids", "mask"], "mask"),
+    ],
+)
+def test_nan_and_inf_refused_naming_file_and_array(tmp_path: Path, arrays: dict[str, np.ndarray],
+                                                   names: list[str], bad: str) -> None:
+    p = _npz(tmp_path / "d.npz", **arrays)
+    with pytest.raises(InputError, match=rf"calibration data {p}: array '{bad}' has \d+ NaN or infinite value"):
+        load_npz(p, names, "calibration", need_labels=False)
+
+
+def test_non_finite_values_in_arrays_the_model_does_not_read_are_ignored(tmp_path: Path) -> None:
+    p = _npz(tmp_path / "d.npz", x=np.zeros((4, 2), np.float32), notes=np.array([np.nan]))
+    assert load_npz(p, ["x"], "evaluation", need_labels=False).n == 4
+
+
+def test_report_html_shows_pruning_as_a_row_measured_from_the_unpruned_model() -> None:
+    model = {"bytes": 1000, "value": 97.0, "p50_ms": 0.1, "p95_ms": 0.2}
+    report = {
+        "name": "digits", "version": 1, "task": "classification", "metric": "top1", "max_drop": 1.0,
+        "fp32": dict(model, metric="top1"), "artifacts": [dict(model, format="onnx", bytes=260, drop=0.9)],
+        "pruning": {"amount": 0.5, "sparsity": 0.5, "tensors": 4, "parameters": 100, "value_before": 97.0,
+                    "value_after": 96.4, "drop": 0.6, "passed": True, "bytes": 1000, "zstd_bytes": 600},
+    }
+    page = report_html(report)
+    assert "<td>fp32 pruned</td><td>1000</td><td>600</td><td>1.000</td><td>96.4</td><td>0.6</td>" in page
+    assert "measured from the unpruned model" in page
+
+
+@pytest.mark.parametrize(
     ("x", "message"),
     [
         (np.zeros((4, 1, 9, 9), np.float32), r"per-sample shape \(1, 9, 9\), the model expects \(1, 8, 8\)"),

@@ -1,6 +1,7 @@
 """Measure the device agent (`edge-agent run`) against its targets on this machine and write one JSON file.
 
     python benchmarks/agent_bench.py [--out benchmarks/results/agent.json] [--steady S] [--rate R] [--no-variants]
+    python benchmarks/agent_bench.py --scenario large-batch [--out benchmarks/results/agent.json]
 
 Everything runs through the real daemon process, against a throwaway mosquitto on a free port
 (`examples/local_broker.py`, never a system broker on 1883), all on 127.0.0.1:
@@ -24,6 +25,12 @@ Everything runs through the real daemon process, against a throwaway mosquitto o
 - HTTP overhead: median latency of a keep-alive HTTP infer (one connection, closed loop) minus the median of
   `agent.runtime.open_session(...).run` on the same artifact at batch 1 in this process, in interleaved rounds; the
   JSON codec alone (`agent.http_api.run_infer` in-process) is timed too, to split the overhead.
+
+- large batches (`--scenario large-batch` runs only this, and merges its figures and targets into the existing
+  result file): a fresh agent with v1 idles and its RSS is read; then 1,000 requests at the largest batch the
+  manifest allows (`max_batch`, 64 rows) and 100 oversize ones (shape [131070, 1, 8, 8] of zeros, just under the
+  16 MiB body limit: what took the agent to 1.73 GiB before the batch limit), each refused 413; after a few idle
+  seconds the RSS is read again, and the peak (VmHWM).
 
 Progress goes to stderr, a table and one PASS/MISS line per target to stdout. The exit status is 0 even when a
 target is missed: this is a measurement, not a test (1 when mosquitto is missing or the agent does not deploy,
@@ -72,6 +79,10 @@ RSS_MAX_MB = 80.0  # idle agent with one onnxruntime int8 model loaded
 SWAP_P99_RATIO_MAX = 2.0  # p99 in the swap window / steady p99
 FAILED_MAX = 0  # failed requests over the whole load run
 HTTP_OVERHEAD_MAX_MS = 1.0  # median HTTP infer - median direct session.run
+LARGE_RSS_GROWTH_MAX_MB = 20.0  # RSS after the large-batch scenario - idle RSS before it
+LARGE_REQUESTS = 1000  # at the largest allowed batch
+OVERSIZE_REQUESTS = 100  # refused 413
+OVERSIZE_ROWS = 131070  # [131070, 1, 8, 8] zeros: 15.99 MiB of JSON
 
 DEFAULT_RATE = 200.0  # requests per second
 DEFAULT_STEADY_S = 10.0
@@ -911,6 +922,126 @@ def rss_note(mem: dict[str, Any], breakdown: dict[str, Any] | None) -> str:
     return note
 
 
+def _zeros_request(name: str, shape: Sequence[int]) -> bytes:
+    n = int(np.prod(shape))
+    return (f'{{"inputs":[{{"name":"{name}","shape":{json.dumps(list(shape))},"datatype":"FP32","data":['
+            + ",".join(["0"] * n) + "]}]}").encode()
+
+
+def large_batch(s: Setup, agent: Agent, max_batch: int) -> dict[str, Any]:
+    """RSS before and after LARGE_REQUESTS requests at `max_batch` rows and OVERSIZE_REQUESTS refused ones."""
+    shape = [max_batch, *s.input_shape[1:]]
+    rng = np.random.default_rng(0)
+    x = rng.random(shape, dtype=np.float32)
+    body = json.dumps({"inputs": [{"name": s.input_name, "shape": shape, "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+    oversize = _zeros_request(s.input_name, [OVERSIZE_ROWS, *s.input_shape[1:]])
+    idle = idle_memory(agent.pid)
+    path = f"/v2/models/{MODEL}/infer"
+    statuses: Counter[int] = Counter()
+    errors: list[str] = []
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    t0 = time.perf_counter()
+    for i in range(LARGE_REQUESTS + OVERSIZE_REQUESTS):
+        data = body if i < LARGE_REQUESTS else oversize
+        conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        payload = r.read()
+        statuses[r.status] += 1
+        if r.status != 200 and len(errors) < 3:
+            errors.append(f"{r.status} {payload[:200].decode(errors='replace')}")
+        if r.getheader("Connection", "").lower() == "close":
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    conn.close()
+    seconds = time.perf_counter() - t0
+    time.sleep(IDLE_S)
+    after = idle_memory(agent.pid)
+    return {"max_batch": max_batch, "batch_body_bytes": len(body), "oversize_body_bytes": len(oversize),
+            "oversize_shape": [OVERSIZE_ROWS, *s.input_shape[1:]], "requests": LARGE_REQUESTS,
+            "oversize_requests": OVERSIZE_REQUESTS, "statuses": dict(statuses), "errors": errors,
+            "seconds": round(seconds, 2), "idle": idle, "after": after,
+            "growth_mb": round(after["rss_mb"] - idle["rss_mb"], 2)}
+
+
+def run_large_batch_only(args: argparse.Namespace) -> int:
+    """`--scenario large-batch`: build v1, deploy it to a fresh agent, run `large_batch`, merge into args.out."""
+    from examples.digits.train import train_digits
+    from examples.local_broker import free_port
+    from packager import tuf_repo
+    from packager.build import BuildOptions, Progress, build
+
+    started = dt.datetime.now(dt.UTC)
+    t_start = time.perf_counter()
+    load_start = load_average()
+    machine = machine_info(dists=AGENT_DISTS)
+    with tempfile.TemporaryDirectory(prefix="edgeship-agent-bench-") as td:
+        work = Path(td)
+        log.info("setup: training examples/digits and building v1 (int8 ONNX) in %s", work)
+        paths = train_digits(work / "digits")
+        bundle = build(BuildOptions(model=str(paths["exported_program"]), calib=paths["calib"], eval=paths["eval"],
+                                    out_dir=work / "bundles", name=MODEL, version=1, formats=("onnx",), threads=1),
+                       Progress(0, stream=sys.stderr, enabled=False)).bundle
+        from agent.bundle import verify_bundle
+
+        manifest = verify_bundle(bundle, dest=work / "extracted-v1").manifest
+        art = next(a for a in manifest.artifacts if a.format == "onnx")
+        repo = work / "repo"
+        tuf_repo.init_repo(repo)
+        root = work / "provisioned-root.json"
+        root.write_bytes(tuf_repo.provisioning_root(repo).read_bytes())
+        with broker_in(work) as broker:
+            port = free_port()
+            config = work / "device" / "agent.toml"
+            config.parent.mkdir()
+            write_config(config, work / "device" / "state", broker.url, root, port)
+            s = Setup(work, repo, broker.url, {1: bundle}, config, port, art.inputs[0].name,
+                      [1, *[int(d) for d in art.inputs[0].shape[1:]]], np.zeros(1), work / "extracted-v1",
+                      [t.name for t in art.inputs], [t.name for t in art.outputs])
+            agent = Agent(s, config, port)
+            try:
+                agent.wait_http()
+                since = time.time()
+                finish(packager_publish(s, 1), "packager publish v1")
+                agent.wait_committed(1, since)
+                time.sleep(IDLE_S)
+                log.info("large batches: %d requests of %d rows, %d of %d rows", LARGE_REQUESTS, manifest.max_batch,
+                         OVERSIZE_REQUESTS, OVERSIZE_ROWS)
+                lb = large_batch(s, agent, manifest.max_batch)
+            finally:
+                agent.stop()
+            lb["log_warnings"] = agent.log_problems()
+    idle_rss, growth = lb["idle"]["rss_mb"], lb["growth_mb"]
+    ok_count, refused = lb["statuses"].get(200, 0), lb["statuses"].get(413, 0)
+    note = (f"idle {idle_rss:.2f} MiB, after {lb['after']['rss_mb']:.2f} MiB, peak {lb['after'].get('peak_rss_mb')} "
+            f"MiB; {ok_count} answered, {refused} refused 413")
+    targets = [
+        Target("large_batch_rss_growth", f"RSS after {LARGE_REQUESTS} requests at max_batch and {OVERSIZE_REQUESTS} "
+               "refused oversize ones - idle RSS", growth, LARGE_RSS_GROWTH_MAX_MB, "<=", "MiB", note),
+        Target("large_batch_idle_rss", "agent RSS, idle with v1, before the large-batch scenario", idle_rss,
+               RSS_MAX_MB, "<=", "MiB", note),
+    ]
+    if ok_count != LARGE_REQUESTS or refused != OVERSIZE_REQUESTS:
+        log.warning("unexpected statuses %s: %s", lb["statuses"], lb["errors"])
+    result: dict[str, Any] = {}
+    if args.out.exists():
+        with contextlib.suppress(ValueError):
+            result = json.loads(args.out.read_text())
+    ids = {t.id for t in targets}
+    kept = [t for t in result.get("targets", []) if t.get("id") not in ids]
+    result["targets"] = kept + [t.to_json() for t in targets]
+    result["large_batch"] = {
+        "created": started.isoformat(timespec="seconds"), "command": "python benchmarks/agent_bench.py --scenario "
+        "large-batch", "duration_seconds": round(time.perf_counter() - t_start, 1), "code": code_state(),
+        "machine": machine, "load_average": {"start": load_start, "end": load_average()}, **lb}
+    write_json(args.out, result)
+    print("== targets")
+    for t in targets:
+        print(t.line())
+    print(f"statuses {lb['statuses']}; {lb['seconds']:.1f} s of requests; wrote {args.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -922,6 +1053,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"seconds of steady load before v2 is published (default {DEFAULT_STEADY_S:g})")
     parser.add_argument("--no-variants", action="store_true",
                         help="skip the diagnostic daemon variants (without the LiteRT probe, MALLOC_ARENA_MAX=2)")
+    parser.add_argument("--scenario", choices=("all", "large-batch"), default="all",
+                        help="large-batch: only the large-batch memory scenario, merged into --out (default: all)")
     args = parser.parse_args(argv)
     if not 1 <= args.rate <= 2000 or not 2 <= args.steady <= 120:
         parser.error("--rate must be in 1..2000 and --steady in 2..120")
@@ -935,6 +1068,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MosquittoMissing as e:
         print(f"agent_bench: {e}", file=sys.stderr)
         return 1
+    if args.scenario == "large-batch":
+        return run_large_batch_only(args)
 
     started = dt.datetime.now(dt.UTC)
     t_start = time.perf_counter()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
+import io
 import logging
 import pickle
 import re
@@ -18,6 +20,7 @@ import numpy as np
 from agent.bundle import sha256_file
 from agent.runtime import TensorSpec
 from packager.errors import InputError
+from packager.pickle_scan import RefusedPickle, check_pt2, check_state_dict, check_torchscript
 
 log = logging.getLogger(__name__)
 
@@ -90,23 +93,42 @@ def _load_onnx(path: Path) -> SourceModel:
 def _load_torch_archive(path: Path) -> SourceModel:
     import torch
 
-    with zipfile.ZipFile(path) as z:
-        is_exported = any(n.split("/", 1)[-1].startswith("serialized_exported_program") or
-                          "/models/" in n for n in z.namelist())
+    # Read the file once: the bytes checked are the bytes torch loads. torch.export.load unpickles sample inputs,
+    # constants and weights with weights_only=False (or falls back to it), so every pickle it could reach is
+    # checked first (packager/pickle_scan.py) and torch never sees a file that fails.
+    data = _read_bytes(path, "model")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            is_exported = any(n.split("/", 1)[-1].startswith("serialized_exported_program") or
+                              "/models/" in n for n in z.namelist())
+    except zipfile.BadZipFile as e:
+        raise InputError(f"model {path}: not a readable zip archive ({e})") from e
+    try:
+        (check_pt2 if is_exported else check_torchscript)(data, path.name)
+    except RefusedPickle as e:
+        raise InputError(f"model {path}: refused: {e}") from e
+    digest = hashlib.sha256(data).hexdigest()
     try:
         if is_exported:
-            ep = torch.export.load(str(path))
+            ep = torch.export.load(io.BytesIO(data))
             names = [s.arg.name for s in ep.graph_signature.input_specs
                      if s.kind == torch.export.graph_signature.InputKind.USER_INPUT
                      and hasattr(s.arg, "name")]
-            return SourceModel("exported", str(path), sha256_file(path), names, module=ep.module())
-        script = torch.jit.load(str(path), map_location="cpu")
+            return SourceModel("exported", str(path), digest, names, module=ep.module())
+        script = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as e:  # torch raises RuntimeError/ValueError/pickle errors for foreign archives
         raise InputError(f"model {path}: cannot load as torch.export .pt2 or TorchScript "
                          f"({_first_line(e)})") from e
     script.eval()
     names = [a.name for a in script.forward.schema.arguments[1:]]
-    return SourceModel("torchscript", str(path), sha256_file(path), names, module=script)
+    return SourceModel("torchscript", str(path), digest, names, module=script)
+
+
+def _read_bytes(path: Path, label: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{label} {path}: cannot read ({e.strerror})") from e
 
 
 def _load_factory(spec: str, weights: Path | None) -> SourceModel:
@@ -130,8 +152,13 @@ def _load_factory(spec: str, weights: Path | None) -> SourceModel:
     if weights is not None:
         if not weights.is_file():
             raise InputError(f"weights {weights}: no such file")
+        data = _read_bytes(weights, "weights")
+        try:  # checked before torch sees them; torch.load then reads these same bytes
+            check_state_dict(data, weights.name)
+        except RefusedPickle as e:
+            raise InputError(f"weights {weights}: refused by the weights_only check: {e}") from e
         try:
-            state = torch.load(str(weights), map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise InputError(f"weights {weights}: refused by torch.load(weights_only=True): "
                              f"{_first_line(e)}") from e
@@ -143,7 +170,7 @@ def _load_factory(spec: str, weights: Path | None) -> SourceModel:
             module.load_state_dict(state)
         except RuntimeError as e:
             raise InputError(f"weights {weights}: do not fit {spec} ({_first_line(e)})") from e
-        digest = sha256_file(weights)
+        digest = hashlib.sha256(data).hexdigest()
     module.eval()
     names = [p for p in inspect.signature(module.forward).parameters if p not in ("self", "args", "kwargs")]
     return SourceModel("module", spec, digest, names, module=module)

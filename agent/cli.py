@@ -38,21 +38,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agent.config import ConfigError, load_config
+    from agent.config import ConfigError, check_paths, load_config
     from agent.daemon import run_daemon
 
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         cfg = load_config(args.config)
-    except ConfigError as e:
+        check_paths(cfg)  # refuse to start rather than run, serve nothing and look healthy to systemd
+        return run_daemon(cfg)
+    except ConfigError as e:  # also what the daemon finds at start, e.g. a [serve] http port already in use
         print(f"edge-agent: config: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    return run_daemon(cfg)
 
 
 def _status(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, load_config
-    from agent.deploy_state import DeployStateError
+    from agent.deploy_state import DeployStateError, no_deployment
     from agent.state_store import StateStore
 
     try:
@@ -72,6 +73,8 @@ def _status(args: argparse.Namespace) -> int:
         # crashes counted against the deployment in progress (clean stops are not), and whether the agent's last
         # run ended in a clean stop it has not started since
         "restarts": ds.restarts, "max_restarts": cfg.deploy.max_restarts, "clean_stop": ds.clean_stop,
+        # the last check found no signed deployments/<group>.json: a mistyped [agent] group looks like this
+        "group": cfg.agent.group, "no_deployment": no_deployment(ds),
     }
     if args.json:
         print(json.dumps(out))
@@ -83,6 +86,9 @@ def _status(args: argparse.Namespace) -> int:
         print(f"{what}; state {ds.state.value}; previous {previous}{restarts}{stopped}")
         if le is not None:
             print(f"last event: {le.state.value} {le.event.value} {le.reason}".rstrip())
+        if out["no_deployment"]:
+            print(f"warning: no deployment is signed for group {cfg.agent.group!r} "
+                  f"(deployments/{cfg.agent.group}.json); check [agent] group")
     return 0
 
 
@@ -92,15 +98,18 @@ EXIT_TRANSPORT = 75  # EX_TEMPFAIL: worth retrying later
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from agent.config import ConfigError, load_config
+    from agent.config import ConfigError, check_paths, load_config
     from agent.fetch import fetch
 
     try:
-        result = fetch(load_config(args.config))
+        cfg = load_config(args.config)
+        check_paths(cfg)
+        result = fetch(cfg)
     except ConfigError as e:
         return _fail(args, str(e), "config", EXIT_CONFIG)
     except BundleRejected as e:
-        return _fail(args, str(e), e.reason, EXIT_REJECTED)
+        # not_found: nothing is signed for this group (yet): it may appear later, like an incomplete broker
+        return _fail(args, str(e), e.reason, EXIT_TRANSPORT if e.reason == "not_found" else EXIT_REJECTED)
     except TransportError as e:
         # bad bytes from the broker are a rejection; an unreachable or incomplete broker is worth a retry
         code = EXIT_TRANSPORT if e.reason in ("transport", "not_found") else EXIT_REJECTED

@@ -5,8 +5,11 @@ Every value has a bounded default; directories are arguments (systemd's `StateDi
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import stat
+import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -139,6 +142,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None,
     unknown = set(data) - set(_SECTIONS)
     if unknown:
         raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
+    _check_env_names(env)
     built: dict[str, Any] = {}
     for section, cls in _SECTIONS.items():
         raw = dict(data.get(section, {}))
@@ -168,6 +172,29 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None,
     return cfg
 
 
+# `EDGESHIP_*` variables that are not agent config overrides: read by other programs of the project, so they may
+# well be set in the agent's environment too (the refresh unit's drop-in, the tests' broker).
+OTHER_ENV = frozenset({
+    "EDGESHIP_MOSQUITTO",  # examples/local_broker.py: the mosquitto binary the tests and benchmarks start
+    "EDGESHIP_REPO", "EDGESHIP_BROKER", "EDGESHIP_FLEET",  # systemd/edgeship-refresh.service
+})
+
+
+def override_names() -> frozenset[str]:
+    """Every `EDGESHIP_<SECTION>_<KEY>` name the agent reads."""
+    return frozenset(f"EDGESHIP_{section.upper()}_{f.name.upper()}"
+                     for section, cls in _SECTIONS.items() for f in fields(cls))
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    """A mistyped override (`EDGESHIP_MQTT_UR`) is an error like a mistyped TOML key, never silently ignored."""
+    known = override_names() | OTHER_ENV
+    unknown = sorted(k for k in env if k.startswith("EDGESHIP_") and k not in known)
+    if unknown:
+        raise ConfigError(f"unknown environment variable(s) {', '.join(unknown)}: overrides are "
+                          "EDGESHIP_<SECTION>_<KEY> for a key of the config file (docs/agent-config.md)")
+
+
 def _validate(cfg: AgentConfig) -> None:
     for label, value in (("[agent] device_id", cfg.agent.device_id), ("[agent] fleet", cfg.agent.fleet),
                          ("[agent] group", cfg.agent.group)):
@@ -181,6 +208,53 @@ def _validate(cfg: AgentConfig) -> None:
     prefix = cfg.topic_prefix
     if any(c in prefix for c in "+#\0") or not prefix.endswith("/"):
         raise ConfigError(f"[mqtt] topic_prefix {prefix!r}: no wildcards, and it must end with '/'")
+
+
+def check_paths(cfg: AgentConfig) -> None:
+    """The files and directories the config names, checked before the agent starts (`edge-agent run`, `fetch`):
+    a mistake here is a ConfigError naming the key and the path, not a daemon that looks healthy and does nothing.
+
+    [trust] root: a readable regular file holding TUF root metadata. [agent] state_dir: created if missing, a
+    directory the agent can write. [mqtt] ca_file (if set): a readable regular file."""
+    _readable_file("[trust] root", cfg.trust.root)
+    try:
+        doc = json.loads(cfg.trust.root.read_bytes())
+        is_root = isinstance(doc, dict) and isinstance(doc.get("signed"), dict) and doc["signed"].get("_type") == "root"
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"[trust] root {cfg.trust.root}: not TUF root metadata ({e})") from e
+    if not is_root:
+        raise ConfigError(f"[trust] root {cfg.trust.root}: not TUF root metadata (packager keys init writes it)")
+    if cfg.mqtt.ca_file:
+        _readable_file("[mqtt] ca_file", Path(cfg.mqtt.ca_file))
+    state = cfg.agent.state_dir
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:
+        raise ConfigError(f"[agent] state_dir {state}: not a directory") from e
+    except OSError as e:
+        raise ConfigError(f"[agent] state_dir {state}: cannot create it ({e.strerror})") from e
+    if not state.is_dir():
+        raise ConfigError(f"[agent] state_dir {state}: not a directory")
+    try:  # access() can be wrong (read-only mounts, ACLs): write something
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=state)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"[agent] state_dir {state}: not writable ({e.strerror})") from e
+
+
+def _readable_file(key: str, path: Path) -> None:
+    try:
+        with path.open("rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(f"{key} {path}: not a regular file")
+            f.read(1)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{key} {path}: no such file") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"{key} {path}: is a directory, expected a file") from e
+    except OSError as e:
+        raise ConfigError(f"{key} {path}: cannot read it ({e.strerror})") from e
 
 
 def load_config(path: Path, env: Mapping[str, str] | None = None) -> AgentConfig:

@@ -12,16 +12,18 @@ only read the one model reference (`ModelHolder`), so inference never waits for 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ import numpy as np
 
 from agent import __version__
 from agent.bundle import Manifest
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ConfigError
 from agent.deploy_state import (
     BundleRef,
     DeployState,
@@ -41,6 +43,7 @@ from agent.deploy_state import (
     begin_check,
     bundles_to_delete,
     failure_event,
+    no_deployment,
     on_clean_stop,
     on_restart,
     on_staged,
@@ -120,6 +123,9 @@ class Daemon:
         self.models: dict[str, LoadedModel] = {}  # sha256 -> loaded, for an instant rollback swap
         self.http: Any = None
         self._infer_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mqtt-infer")
+        self._last_state_key: str | None = None  # the retained state last published, but for its timestamps
+        self._last_no_update: str | None = None  # the reason of the last transition if it was no_update
+        self._warned_no_deployment = False
 
     # --- persistence and events ------------------------------------------------------------------------------
 
@@ -141,9 +147,14 @@ class Daemon:
                                                         "sha256": bundle.sha256, "format": bundle.format}}
         if extra:
             event.update(extra)
-        log.info("%s -> %s (%s%s)", old_state.value, ds.state.value, le.event.value,
-                 f": {le.reason}" if le.reason else "")
+        # every poll that finds nothing new says the same: log it once, then only when the answer changes
+        quiet = le.event is Event.NO_UPDATE and le.reason == self._last_no_update
+        self._last_no_update = le.reason if le.event is Event.NO_UPDATE else None
+        log.log(logging.DEBUG if quiet else logging.INFO, "%s -> %s (%s%s)", old_state.value, ds.state.value,
+                le.event.value, f": {le.reason}" if le.reason else "")
         self._publish(f"devices/{self.cfg.agent.device_id}/events", event, retain=False)
+        if _state_key(self._state_payload(ds)) != self._last_state_key:
+            self._birth(ds)  # the retained state follows every transition (a periodic no_update changes nothing)
 
     def _publish(self, leaf: str, payload: dict[str, Any], retain: bool) -> None:
         if self.mqtt is None:  # e.g. start() records the restart's transition before connecting: send it later
@@ -160,17 +171,28 @@ class Daemon:
         except EdgeshipError as e:
             log.warning("could not publish %s: %s", leaf, e)
 
-    def _birth(self, ds: DeployState, status: str = "online") -> None:
-        """The retained `devices/<id>/state` message; also what the client republishes after a reconnect."""
-        from agent.mqtt_client import Will
-
-        cur = ds.current
-        payload = {
+    def _state_payload(self, ds: DeployState, status: str = "online") -> dict[str, Any]:
+        cur, cand = ds.current, ds.candidate
+        return {
             "status": status, "device": self.cfg.agent.device_id, "group": self.cfg.agent.group,
             "agent_version": __version__, "state": ds.state.value,
             "bundle": None if cur is None else {"name": cur.name, "version": cur.version, "format": cur.format},
+            "candidate": None if cand is None else {"name": cand.name, "version": cand.version,
+                                                    "format": cand.format},
             "serving": _describe(self.holder.get()),
+            # the last check found nothing signed for this group: a mistyped [agent] group shows here
+            "no_deployment": no_deployment(ds),
+            "since": ds.updated_at,  # when the state machine last moved (None on a fresh device)
+            "at": self.clock(),  # when this message was made
         }
+
+    def _birth(self, ds: DeployState, status: str = "online") -> None:
+        """The retained `devices/<id>/state` message: at start, on every transition (`_emit`) and at a clean stop;
+        also what the client republishes after a reconnect."""
+        from agent.mqtt_client import Will
+
+        payload = self._state_payload(ds, status)
+        self._last_state_key = _state_key(payload)
         leaf = f"devices/{self.cfg.agent.device_id}/state"
         if self.mqtt is not None and status == "online":
             self.mqtt.birth = Will(self.mqtt.topics.prefix + leaf, json.dumps(payload).encode(), retain=True, qos=1)
@@ -268,14 +290,11 @@ class Daemon:
                 new = self._save(ds, apply(ds, Event.OK, at=self.clock(), keep=self.cfg.deploy.keep))
                 # only the serving model stays loaded; a rollback to an older kept bundle reloads it from disk
                 self.models = {k: m for k, m in self.models.items() if m is self.holder.get()}
-                self._birth(new)
                 return new
             if state is State.ROLLBACK:
                 self._serve(ds.current)
                 self.staged = None
-                new = self._save(ds, apply(ds, Event.OK, at=self.clock()))
-                self._birth(new)
-                return new
+                return self._save(ds, apply(ds, Event.OK, at=self.clock()))
         except ProbationFailed as e:
             self._serve_current_quietly(ds)
             return self._save(ds, apply(ds, Event.FAILED, e.reason, at=self.clock()))
@@ -323,8 +342,14 @@ class Daemon:
         TransportError with the worker's reason, so `failure_event` sees what an in-process step would raise."""
         if self.mqtt is None and not self.cfg.mirror.http:
             raise TransportError("not connected to the broker")
+        # The worker must not outlive this process (a restarted daemon would find it still fetching, under a
+        # client id of its own): it watches the read end of this pipe, whose write end only we hold, and on Linux
+        # asks for SIGKILL when its parent dies. (PR_SET_PDEATHSIG follows the spawning thread: workers are started
+        # only from the main thread, which lives as long as the process.)
+        parent_r, parent_w = os.pipe()
         cmd = [sys.executable, "-m", "agent.fetch_worker", "--config", str(self._worker_config()), "--step", step,
-               "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel())]
+               "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+               "--parent-pid", str(os.getpid()), "--parent-fd", str(parent_r)]
         if sha256 is not None:
             cmd += ["--sha256", sha256]
         if extract_to is not None:
@@ -333,10 +358,13 @@ class Daemon:
         deadline = time.monotonic() + timeout
         try:
             # stderr is inherited: the worker's log lines go where the daemon's go
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, pass_fds=(parent_r,))
         except OSError as e:
+            os.close(parent_w)
             raise TransportError(f"could not start the fetch worker: {e}", reason="fetch_worker") from e
-        with proc:
+        finally:
+            os.close(parent_r)
+        with proc, _closing_fd(parent_w):
             while True:
                 try:
                     stdout, _ = proc.communicate(timeout=0.5)
@@ -391,8 +419,16 @@ class Daemon:
             raise pre[1]
         else:
             cand = pre[0]
+        group = self.cfg.agent.group
         if cand is None:
+            if not self._warned_no_deployment:  # once, and again only after a deployment was found meanwhile
+                log.warning("no deployment is signed for group %r (deployments/%s.json): nothing to deploy; "
+                            "check [agent] group", group, group)
+                self._warned_no_deployment = True
             return on_update_found(ds, None, at=self.clock())
+        if self._warned_no_deployment:
+            log.info("group %r has a deployment now: %s v%s", group, cand.name, cand.version)
+            self._warned_no_deployment = False
         self.candidate, self.downloaded, self.staged = cand, None, None
         ref = BundleRef(cand.name, cand.version, cand.sha256,
                         str(release_dir(self.state_dir, cand.name, cand.version, cand.sha256)))
@@ -457,6 +493,7 @@ class Daemon:
 
     def start(self) -> DeployState:
         """Recover from whatever the last run left, start serving, connect."""
+        self.check_listen()
         ds = self.store.load()
         recovered = on_restart(ds, at=self.clock(), max_restarts=self.cfg.deploy.max_restarts)
         if recovered is not ds:
@@ -470,17 +507,47 @@ class Daemon:
             if ds.candidate is not None and serving == ds.candidate and ds.state is not State.ROLLBACK:
                 ds = self._save(ds, apply(ds, Event.FAILED, "load_failed", at=self.clock()))
                 self._serve_current_quietly(ds)
-        self._start_http()
+        self._start_http(ds)
         self._connect()
         return ds
 
-    def _start_http(self) -> None:
-        from agent.http_api import InferenceServer
-
+    def _listen_address(self) -> tuple[str, int]:
         host, _, port = self.cfg.serve.http.rpartition(":")
-        self.http = InferenceServer(self.holder, self.stats, host or "127.0.0.1", int(port))
-        self.http.start()
-        log.info("serving OIP v2 on http://%s:%d", host or "127.0.0.1", self.http.port)
+        try:
+            number = int(port)
+            if not 0 <= number <= 65535:
+                raise ValueError(port)
+        except ValueError:
+            raise ConfigError(f"[serve] http {self.cfg.serve.http!r}: expected HOST:PORT") from None
+        return host.strip("[]") or "127.0.0.1", number
+
+    def check_listen(self) -> None:
+        """Refuse to start (ConfigError) when the [serve] http address cannot be bound, before the persisted state
+        is touched: a busy port is a configuration mistake, not a crash to count against a deployment."""
+        host, port = self._listen_address()
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            raise ConfigError(f"[serve] http {host}:{port}: {e.strerror or e}") from e
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is fine
+            try:
+                probe.bind(address)
+            except OSError as e:
+                raise ConfigError(f"[serve] http {host}:{port}: cannot listen ({e.strerror or e})") from e
+
+    def _start_http(self, ds: DeployState) -> None:
+        from agent.http_api import InferenceServer, ListenError
+
+        host, port = self._listen_address()
+        self.http = InferenceServer(self.holder, self.stats, host, port)
+        try:
+            self.http.start()
+        except ListenError as e:  # taken since check_listen(): not the model's fault, so not counted as a crash
+            self.store.save(on_clean_stop(ds))
+            raise ConfigError(f"[serve] http: {e}") from e
+        log.info("serving OIP v2 on http://%s:%d", host, self.http.port)
 
     def _new_client(self) -> Any:
         from agent.mqtt_client import MqttClient, Topics, Will
@@ -617,6 +684,14 @@ class Daemon:
         self.wake.set()
 
 
+@contextlib.contextmanager
+def _closing_fd(fd: int) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def _read_manifest(release: Path) -> Manifest:
     try:
         return Manifest.from_json(json.loads((release / "manifest.json").read_text()))
@@ -664,6 +739,11 @@ def _golden_rows(path: Path, manifest: Any, fmt: str) -> tuple[dict[str, np.ndar
         log.warning("no golden rows for probation probes: %s", e)
         return None
     return (inputs, outputs) if outputs else None
+
+
+def _state_key(payload: dict[str, Any]) -> str:
+    """What makes a state message news: everything but its timestamps."""
+    return json.dumps({k: v for k, v in payload.items() if k not in ("at", "since")}, sort_keys=True)
 
 
 def _describe(model: LoadedModel | None) -> dict[str, Any] | None:

@@ -62,6 +62,7 @@ MAX_REJECTED = 32  # oldest rejections are forgotten first
 MAX_REASON = 200  # characters; longer reasons are clipped by apply()
 CRASH_LOOP = "crash_loop"
 CLEAN_STOP = "clean_stop"  # the reason of a `restarted` event that was not counted
+NO_DEPLOYMENT = "no_deployment"  # CHECK's no_update reason when nothing is signed for the device's group
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _T = TypeVar("_T", bound=StrEnum)
@@ -480,7 +481,7 @@ def on_update_found(ds: DeployState, ref: BundleRef | None, *, at: float) -> Dep
     if ds.state is not State.CHECK:
         raise InvalidTransition(ds.state, Event.UPDATE_AVAILABLE)
     if ref is None:
-        return apply(ds, Event.NO_UPDATE, "no_deployment", at=at)
+        return apply(ds, Event.NO_UPDATE, NO_DEPLOYMENT, at=at)
     if ds.current is not None and ref.sha256 == ds.current.sha256:
         return apply(ds, Event.NO_UPDATE, "current", at=at)
     if ref.sha256 in ds.rejected:
@@ -488,6 +489,12 @@ def on_update_found(ds: DeployState, ref: BundleRef | None, *, at: float) -> Dep
     if any(r.path == ref.path and r.sha256 != ref.sha256 for r in referenced(ds)):
         return apply(ds, Event.FAILED, "path_conflict", at=at)
     return apply(ds, Event.UPDATE_AVAILABLE, at=at, candidate=ref)
+
+
+def no_deployment(ds: DeployState) -> bool:
+    """Whether the last check found no deployment signed for this device's group (a mistyped group looks so)."""
+    le = ds.last_event
+    return le is not None and le.event is Event.NO_UPDATE and le.reason == NO_DEPLOYMENT
 
 
 def on_staged(ds: DeployState, fmt: str, *, at: float) -> DeployState:

@@ -156,13 +156,14 @@ def fetch_with(cfg: AgentConfig, fetcher: FetcherInterface, transport: str) -> F
 
 def with_source(cfg: AgentConfig, work: Callable[[BundleSource], _T]) -> _T:
     """`work` over MQTT (this process's own client); on a transport failure, over the HTTP mirror if configured."""
-    from agent.mqtt_client import MqttClient, Topics
+    from agent.mqtt_client import MqttClient, Topics, unique_client_id
     from agent.mqtt_fetcher import MqttFetcher
 
     state = cfg.agent.state_dir
     state.mkdir(parents=True, exist_ok=True)
     try:
-        with MqttClient(cfg.mqtt.url, f"edge-agent-{cfg.agent.device_id}-fetch",
+        # unique per process: a worker and `edge-agent fetch` (or a leftover worker) never take over each other
+        with MqttClient(cfg.mqtt.url, unique_client_id(f"edge-agent-{cfg.agent.device_id}-fetch"),
                         prefix=Topics(cfg.topic_prefix), ca_file=cfg.mqtt.ca_file or None,
                         receive_window=cfg.mqtt.receive_window) as mqtt:
             mqtt.connect(timeout=cfg.mqtt.connect_timeout_s)

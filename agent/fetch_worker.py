@@ -4,11 +4,18 @@ The daemon (`agent/daemon.py`) runs these steps here rather than in its own proc
 (python-tuf, securesystemslib, cryptography, requests) never stays resident beside the serving model:
 
     python -m agent.fetch_worker --config FILE --step check|download|verify [--sha256 HEX] [--extract-to DIR]
+                                 [--parent-pid PID] [--parent-fd FD]
 
 `--config` is a JSON document of the agent configuration's sections (what `config_document` writes; values are
 final, `EDGESHIP_*` overrides are not applied again). The worker connects its own MQTT client
-(`edge-agent-<id>-fetch`) and falls back to the HTTP mirror like `agent.fetch.fetch`. Every step but `check`
-first re-reads the signed deployment and refuses to go on ("superseded") when it no longer names `--sha256`.
+(`edge-agent-<id>-fetch-<pid>-<random>`: unique, so it never takes over another process's session) and falls back
+to the HTTP mirror like `agent.fetch.fetch`. Every step but `check` first re-reads the signed deployment and
+refuses to go on ("superseded") when it no longer names `--sha256`.
+
+The worker ends when the daemon that started it dies (a SIGKILL included), so a restarted daemon never finds an
+earlier worker still fetching: on Linux the kernel sends it SIGKILL (`PR_SET_PDEATHSIG`, set first thing, then
+`--parent-pid` tells whether the parent died before that); everywhere, a thread waits on `--parent-fd`, the read end
+of a pipe whose write end only the daemon holds, and exits at its end of file.
 
 It prints exactly one JSON line on stdout:
     check     {"name", "version", "sha256", "length", "chunks"}
@@ -20,9 +27,13 @@ It prints exactly one JSON line on stdout:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -37,6 +48,36 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STEPS = ("check", "download", "verify")
+EXIT_ORPHANED = 3  # the daemon died: nobody is left to read the answer
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int | None, parent_fd: int | None) -> None:
+    """End this process when its parent dies (see the module doc). Call it before any work."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+                log.debug("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+        except (OSError, AttributeError) as e:  # no usable libc: the pipe below still ends us
+            log.debug("prctl unavailable: %s", e)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(EXIT_ORPHANED)  # the parent died before the death signal was set: it will never come
+    if parent_fd is not None:
+        threading.Thread(target=_exit_at_eof, args=(parent_fd,), name="parent-watch", daemon=True).start()
+
+
+def _exit_at_eof(fd: int) -> None:
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except InterruptedError:
+            continue
+        except OSError:
+            data = b""
+        if not data:  # every write end is closed: the daemon is gone
+            log.warning("the daemon that started this fetch worker is gone; exiting")
+            os._exit(EXIT_ORPHANED)
 
 
 def config_document(cfg: AgentConfig) -> dict[str, dict[str, Any]]:
@@ -92,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sha256", help="the candidate the daemon is deploying (download, verify)")
     p.add_argument("--extract-to", type=Path, help="the release directory to unpack the bundle to (verify)")
     p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--parent-pid", type=int, help="the daemon's pid: exit at once if it is no longer the parent")
+    p.add_argument("--parent-fd", type=int, help="read end of a pipe from the daemon: exit when it reaches EOF")
     return p
 
 
@@ -100,6 +143,7 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
     out = sys.stdout if out is None else out
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(levelname)s %(name)s [fetch-worker]: %(message)s")
+    die_with_parent(args.parent_pid, args.parent_fd)
     result: Mapping[str, Any]
     try:
         if args.step != "check" and not args.sha256:

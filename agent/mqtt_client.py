@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import queue
 import re
 import socket
@@ -241,6 +242,14 @@ class BrokerAddress:
     tls: bool
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+
+
+def unique_client_id(base: str) -> str:
+    """`base-<pid>-<random>`: a client id no other process uses. The broker disconnects a client when another
+    connects with its id, so two processes sharing one (a fetch worker left over beside a new one, `edge-agent
+    fetch` beside the daemon's worker) knock each other off in turn."""
+    suffix = f"-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return base[:128 - len(suffix)] + suffix
 
 
 def parse_broker_url(url: str) -> BrokerAddress:

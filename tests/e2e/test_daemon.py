@@ -243,7 +243,7 @@ class Load:
         self._thread.join(timeout=30)
 
 
-def runs(values: list[int]) -> list[int]:
+def runs(values: list[Any]) -> list[Any]:
     """[2, 2, 4, 4, 2] -> [2, 4, 2]"""
     return [v for i, v in enumerate(values) if i == 0 or values[i - 1] != v]
 
@@ -349,6 +349,7 @@ class Device:
         self.mqtt = MqttClient(broker.url, f"tester-{uuid.uuid4().hex[:8]}", prefix=self.topics)
         self.mqtt.connect(timeout=10)
         self.events = EventLog(self.mqtt, self.topics.device(self.id, "events"))
+        self.states = EventLog(self.mqtt, self.topics.device(self.id, "state"))  # every retained state message
 
     # processes
 
@@ -492,7 +493,8 @@ class Device:
     def mqtt_infer(self, inputs: list[np.ndarray]) -> list[dict[str, Any]]:
         """One MQTT inference request per input (ids req-0, req-1, ...), each with the same response topic and its
         own correlation data; the answers in request order, matched by correlation data."""
-        reply_topic = self.topics.prefix + f"test/replies/{uuid.uuid4().hex}"
+        # inside the fleet's namespace the agent answers only under its own infer/response (agent/mqtt_infer.py)
+        reply_topic = self.topics.device(self.id, f"infer/response/{uuid.uuid4().hex}")
         request_topic = self.topics.device(self.id, "infer/request")
         sent = {uuid.uuid4().bytes: i for i in range(len(inputs))}
         answers: dict[bytes, dict[str, Any]] = {}
@@ -578,13 +580,31 @@ V1_TRANSITIONS = [
 
 def test_first_deployment_commits_and_serves(device: Device, bundles: Bundles) -> None:
     mark = device.events.mark()
+    states_mark = device.states.mark()
     device.publish(bundles.v1)
     device.events.wait(is_event(frm="commit", to="idle", version=1), "v1 committed", mark)
 
     st = device.status()
     assert st == {"name": "digits", "version": 1, "format": "onnx", "state": "idle", "previous": [],
                   "last_event": st["last_event"], "rejected": {}, "restarts": 0, "max_restarts": 3,
-                  "clean_stop": False}
+                  "clean_stop": False, "group": GROUP, "no_deployment": False}
+
+    # the retained state followed every step of the deployment, each message with its time
+    device.states.wait(lambda s: s.get("state") == "idle" and s.get("bundle") is not None, "the retained idle v1",
+                       states_mark)
+    seen = device.states.since(states_mark)
+    path = runs([s["state"] for s in seen])
+    steps = ["download", "verify", "stage", "activate", "probation", "commit", "idle"]
+    assert path[path.index("download"):] == steps, path
+    by_state = {s["state"]: s for s in seen}
+    v1 = {"name": "digits", "version": 1}
+    for step in steps[:-1]:
+        msg = by_state[step]
+        assert msg["status"] == "online" and msg["at"] > 0 and msg["since"] > 0, msg
+        assert msg["bundle"] is None and {k: msg["candidate"][k] for k in v1} == v1, msg
+    assert by_state["probation"]["serving"] == dict(v1, format="onnx")
+    assert by_state["idle"]["bundle"] == dict(v1, format="onnx") and by_state["idle"]["candidate"] is None
+    assert [s["at"] for s in seen] == sorted(s["at"] for s in seen)
     assert st["last_event"]["event"] in ("ok", "no_update")
 
     # HTTP: ready, and the same answers as the artifact run directly
@@ -627,6 +647,28 @@ def test_first_deployment_commits_and_serves(device: Device, bundles: Bundles) -
     assert (later["event"], later["reason"]) == ("no_update", "current")
     # the later check read the deployment document again and kept no partial file of it (nor of the bundle)
     assert sorted((device.state_dir / "chunks").iterdir()) == []
+
+
+def test_mistyped_group_warns_once_and_shows_in_state_and_status(own_device: Callable[..., Device],
+                                                                  bundles: Bundles) -> None:
+    """The fleet has a deployment for `lab`; this device follows `lbb`. Every check finds nothing signed for it:
+    one WARNING in the log (not one per poll), and both the retained state and `edge-agent status` say so."""
+    dev = own_device()
+    dev.config.write_text(dev.config.read_text().replace(f'group = "{GROUP}"', 'group = "lbb"'))
+    dev.publish(bundles.v1)
+    mark = dev.events.mark()
+    dev.start()
+    state = dev.wait_retained(lambda s: s.get("no_deployment") is True, "the retained state saying no deployment")
+    assert (state["group"], state["state"], state["bundle"]) == ("lbb", "idle", None)
+    dev.events.wait(is_event(frm="check", to="idle", reason="no_deployment"), "three checks", mark, count=3)
+    st = dev.status()
+    assert (st["group"], st["no_deployment"], st["version"]) == ("lbb", True, None), st
+    text = subprocess.run([str(BIN / "edge-agent"), "status", "--config", str(dev.config)], cwd=dev.tmp,
+                          env=_env(), capture_output=True, text=True, timeout=TIMEOUT, check=True).stdout
+    assert "no deployment is signed for group 'lbb'" in text, text
+    warnings = [line for line in dev.log.read_text().splitlines()
+                if line.startswith("WARNING") and "no deployment is signed for group 'lbb'" in line]
+    assert len(warnings) == 1, dev.log_tail()
 
 
 # --- 2: an update under load ----------------------------------------------------------------------------------

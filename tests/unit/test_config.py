@@ -56,3 +56,87 @@ def test_load_resolves_relative_paths_against_the_file(tmp_path: Path) -> None:
         load_config(bad, env={})
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "missing.toml", env={})
+
+
+def test_mistyped_environment_override_is_refused_like_a_mistyped_key() -> None:
+    with pytest.raises(ConfigError, match="EDGESHIP_MQTT_UR") as info:
+        parse_config(MINIMAL, env={"EDGESHIP_MQTT_UR": "mqtt://broker:1883"})
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="EDGESHIP_AGENT_GROUPS"):
+        parse_config(MINIMAL, env={"EDGESHIP_AGENT_GROUPS": "lab", "EDGESHIP_AGENT_GROUP": "lab"})
+
+
+def test_other_programs_edgeship_variables_are_not_overrides() -> None:
+    # read by the tests' broker helper and the refresh unit, so they may be set where the agent runs
+    env = {"EDGESHIP_MOSQUITTO": "/usr/sbin/mosquitto", "EDGESHIP_REPO": "/srv/repo",
+           "EDGESHIP_BROKER": "mqtt://127.0.0.1:1883", "EDGESHIP_FLEET": "default", "EDGESHIPPING": "x"}
+    assert parse_config(MINIMAL, env=env) == parse_config(MINIMAL, env={})
+
+
+def test_every_edgeship_variable_used_in_the_repository_is_known() -> None:
+    """A new `EDGESHIP_*` variable elsewhere in the project must be listed as an override or in OTHER_ENV, or the
+    agent would refuse to start where it is set."""
+    import re
+
+    from agent.config import OTHER_ENV, override_names
+
+    root = Path(__file__).resolve().parents[2]
+    used: set[str] = set()
+    for sub in ("agent", "packager", "benchmarks", "examples", "systemd", "tests", "docs"):
+        for path in (root / sub).rglob("*"):
+            if path.is_file() and path.suffix in (".py", ".md", ".service", ".timer", ".toml", ".sh", ""):
+                used.update(re.findall(r"\bEDGESHIP_[A-Z0-9_]*[A-Z0-9]", path.read_text(errors="replace")))
+    mistyped_on_purpose = {"EDGESHIP_MQTT_UR", "EDGESHIP_AGENT_GROUPS"}
+    assert used - override_names() - OTHER_ENV - mistyped_on_purpose == set()
+
+
+def _root_file(path: Path) -> Path:
+    path.write_text('{"signed": {"_type": "root", "version": 1}, "signatures": []}')
+    return path
+
+
+def _with_paths(tmp_path: Path, **agent: str) -> dict:
+    return {"agent": {"device_id": "pi-001", "state_dir": str(tmp_path / "state"), **agent},
+            "trust": {"root": str(tmp_path / "root.json")}}
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda t: None, r"\[trust\] root .*root.json: no such file"),
+        (lambda t: (t / "root.json").mkdir(), r"\[trust\] root .*root.json: is a directory"),
+        (lambda t: (t / "root.json").write_text("not json"), r"\[trust\] root .*: not TUF root metadata"),
+        (lambda t: (t / "root.json").write_text('{"signed": {"_type": "targets"}}'), "not TUF root metadata"),
+        (lambda t: (_root_file(t / "root.json"), (t / "state").write_text("")),
+         r"\[agent\] state_dir .*state: not a directory"),
+        (lambda t: (_root_file(t / "root.json"), (t / "file").write_text(""), (t / "state").symlink_to(t / "file")),
+         r"\[agent\] state_dir .*: not a directory"),
+    ],
+)
+def test_check_paths_names_the_key_and_the_file(tmp_path: Path, setup, message: str) -> None:
+    from agent.config import check_paths
+
+    setup(tmp_path)
+    cfg = parse_config(_with_paths(tmp_path), env={})
+    with pytest.raises(ConfigError, match=message) as info:
+        check_paths(cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_check_paths_creates_the_state_dir_and_checks_the_ca_file(tmp_path: Path) -> None:
+    from agent.config import check_paths
+
+    _root_file(tmp_path / "root.json")
+    data = _with_paths(tmp_path, state_dir=str(tmp_path / "a" / "state"))
+    check_paths(parse_config(data, env={}))
+    assert (tmp_path / "a" / "state").is_dir() and list((tmp_path / "a" / "state").iterdir()) == []
+    with pytest.raises(ConfigError, match=r"\[mqtt\] ca_file .*ca.pem: no such file"):
+        check_paths(parse_config(dict(data, mqtt={"ca_file": str(tmp_path / "ca.pem")}), env={}))
+
+
+def test_check_paths_refuses_a_state_dir_it_cannot_create(tmp_path: Path) -> None:
+    from agent.config import check_paths
+
+    _root_file(tmp_path / "root.json")  # /proc refuses new directories even to root
+    with pytest.raises(ConfigError, match=r"\[agent\] state_dir /proc/self/edge-agent: cannot create it"):
+        check_paths(parse_config(_with_paths(tmp_path, state_dir="/proc/self/edge-agent"), env={}))

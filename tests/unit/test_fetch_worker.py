@@ -67,3 +67,35 @@ def test_download_without_a_candidate_is_refused(tmp_path: Path) -> None:
     out = io.StringIO()
     assert main(["--config", str(tmp_path / "missing.json"), "--step", "download"], out=out) == 1
     assert json.loads(out.getvalue())["kind"] == "rejected"
+
+
+def test_each_fetch_uses_a_client_id_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes (or two fetches) with one MQTT client id knock each other off the broker in turn: every fetch
+    client id carries the process id and a random part."""
+    import os
+
+    import agent.mqtt_client
+    from agent.fetch import with_source
+
+    ids: list[str] = []
+
+    class Recorder(agent.mqtt_client.MqttClient):
+        def connect(self, timeout: float = 10.0) -> agent.mqtt_client.MqttClient:
+            ids.append(self.client_id)
+            raise TransportError("no broker here")
+
+    monkeypatch.setattr(agent.mqtt_client, "MqttClient", Recorder)
+    cfg = _cfg(tmp_path)
+    for _ in range(2):
+        with pytest.raises(TransportError):
+            with_source(cfg, lambda source: None)
+    assert len(ids) == 2 and ids[0] != ids[1], ids
+    assert all(i.startswith(f"edge-agent-dev-1-fetch-{os.getpid()}-") for i in ids), ids
+
+
+def test_client_id_stays_valid_for_the_longest_device_id() -> None:
+    from agent.mqtt_client import _CLIENT_ID_RE, unique_client_id
+
+    base = "edge-agent-" + "d" * 64 + "-fetch"
+    cid = unique_client_id(base)
+    assert _CLIENT_ID_RE.fullmatch(cid) and cid != unique_client_id(base)

@@ -99,3 +99,38 @@ def test_client_id_stays_valid_for_the_longest_device_id() -> None:
     base = "edge-agent-" + "d" * 64 + "-fetch"
     cid = unique_client_id(base)
     assert _CLIENT_ID_RE.fullmatch(cid) and cid != unique_client_id(base)
+
+
+def test_worker_exits_when_the_parent_pipe_closes(tmp_path: Path) -> None:
+    """The fallback beside PR_SET_PDEATHSIG (and the only way off Linux): a worker blocked on a broker that never
+    answers exits once every write end of its `--parent-fd` pipe is closed, as when the daemon dies."""
+    import os
+    import subprocess
+    import sys
+
+    from agent.fetch_worker import EXIT_ORPHANED
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never sends a CONNACK
+        cfg = _cfg(tmp_path, url=f"mqtt://127.0.0.1:{silent.getsockname()[1]}", connect_timeout_s=600.0)
+        path = tmp_path / "fetch-config.json"
+        path.write_text(json.dumps(config_document(cfg)))
+        r, w = os.pipe()
+        proc = subprocess.Popen([sys.executable, "-m", "agent.fetch_worker", "--config", str(path), "--step",
+                                 "check", "--parent-fd", str(r)], pass_fds=(r,), stdout=subprocess.PIPE)
+        os.close(r)
+        try:
+            silent.settimeout(60)
+            conn, _ = silent.accept()  # the worker got as far as connecting, and now waits
+            with conn:
+                assert proc.poll() is None
+                os.close(w)
+                w = -1
+                assert proc.wait(timeout=60) == EXIT_ORPHANED
+        finally:
+            if w >= 0:
+                os.close(w)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            assert proc.stdout is not None
+            proc.stdout.close()

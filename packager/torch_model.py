@@ -21,6 +21,7 @@ from agent.bundle import sha256_file
 from agent.runtime import TensorSpec
 from packager.errors import InputError
 from packager.pickle_scan import RefusedPickle, check_pt2, check_state_dict, check_torchscript
+from packager.pt2_check import check_pt2_graphs
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,13 @@ def _load_torch_archive(path: Path) -> SourceModel:
     except zipfile.BadZipFile as e:
         raise InputError(f"model {path}: not a readable zip archive ({e})") from e
     try:
-        (check_pt2 if is_exported else check_torchscript)(data, path.name)
-    except RefusedPickle as e:
+        if is_exported:
+            check_pt2(data, path.name)
+            # torch sympifies the graph JSON's shape expressions and resolves its targets by getattr
+            check_pt2_graphs(data, path.name)
+        else:
+            check_torchscript(data, path.name)
+    except RefusedPickle as e:  # RefusedGraph too
         raise InputError(f"model {path}: refused: {e}") from e
     digest = hashlib.sha256(data).hexdigest()
     try:

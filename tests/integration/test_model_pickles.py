@@ -226,3 +226,113 @@ def test_genuine_pt2_torchscript_and_weights_still_load(tiny: dict[str, Path]) -
     source = load_source("examples.digits.model:DigitsCNN", sd)
     loaded = source.module.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in genuine.items())
+
+
+# --- the exported program's JSON (models/model.json) ---------------------------------------------------------
+# torch.export.load passes every `expr_str` to sympy.sympify (which evaluates Python) and resolves node targets
+# as attribute paths below `torch`, so the graph JSON is checked before torch reads the archive too.
+
+class _Dyn(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+@pytest.fixture(scope="module")
+def dynamic_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A genuine export with a dynamic batch dimension: its graph JSON holds sympy expressions."""
+    path = tmp_path_factory.mktemp("dyn") / "dyn.pt2"
+    torch.manual_seed(0)
+    ep = torch.export.export(_Dyn().eval(), (torch.zeros(2, 4),),
+                             dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
+    torch.export.save(ep, str(path))
+    return path
+
+
+def _edit_graph(pt2: Path, edit: Callable[[dict], None]) -> bytes:
+    data = pt2.read_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        name = next(n for n in z.namelist() if n.endswith("/models/model.json"))
+        program = json.loads(z.read(name))
+    edit(program)
+    return _rewrite(data, {"models/model.json": json.dumps(program).encode()})
+
+
+def _walk(obj: object, key: str) -> list[dict]:
+    """Every dict below obj that has `key`."""
+    found: list[dict] = []
+    if isinstance(obj, dict):
+        if key in obj:
+            found.append(obj)
+        for v in obj.values():
+            found.extend(_walk(v, key))
+    elif isinstance(obj, list):
+        for v in obj:
+            found.extend(_walk(v, key))
+    return found
+
+
+def test_pt2_with_a_code_running_shape_expression_is_refused(dynamic_pt2: Path, tiny: dict[str, Path],
+                                                              tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "pwned"
+
+    def edit(program: dict) -> None:
+        exprs = _walk(program, "expr_str")
+        assert exprs, "a dynamic export carries symbolic shape expressions"
+        for e in exprs:  # sympify evaluates this as Python and still gets the genuine symbol back
+            e["expr_str"] = f"(__import__('os').system('touch {marker}'), {e['expr_str']})[1]"
+
+    model = tmp_path / "evil.pt2"
+    model.write_bytes(_edit_graph(dynamic_pt2, edit))
+    code, err = _build(tiny, model, tmp_path / "out", capsys)
+    _assert_refused(code, err, marker, tmp_path / "out", "models/model.json")
+    assert "symbolic expression" in err
+
+
+def test_pt2_with_a_node_calling_os_system_is_refused(tiny: dict[str, Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "pwned"
+
+    def edit(program: dict) -> None:
+        # torch resolves "torch.os.system" by getattr from torch and, as it is callable, makes it a graph node
+        # that runs with the model
+        graph = program["graph_module"]["graph"]
+        graph["nodes"].insert(0, {
+            "target": "torch.os.system", "name": "system",
+            "inputs": [{"name": "", "arg": {"as_string": f"touch {marker}"}, "kind": 1}],
+            "outputs": [{"as_int": 0}], "metadata": {}, "is_hop_single_tensor_return": None})
+
+    model = tmp_path / "evil.pt2"
+    model.write_bytes(_edit_graph(tiny["pt2"], edit))
+    code, err = _build(tiny, model, tmp_path / "out", capsys)
+    _assert_refused(code, err, marker, tmp_path / "out", "models/model.json")
+    assert "torch.os.system" in err
+
+
+def test_genuine_exports_of_the_examples_still_load(dynamic_pt2: Path, tmp_path: Path) -> None:
+    from examples.bert_encoder import make_tiny_bert, random_token_batch
+    from examples.digits.model import DigitsCNN
+    from examples.midcnn import MidResNet
+    from packager.torch_model import load_source, run_torch
+
+    batch, seq = torch.export.Dim("batch", max=1024), torch.export.Dim("seq", min=2, max=64)
+    torch.manual_seed(0)
+    feeds = random_token_batch(2)
+    cases: list[tuple[str, torch.nn.Module, dict[str, np.ndarray], object]] = [
+        ("digits", DigitsCNN().eval(), {"x": np.zeros((2, 1, 8, 8), np.float32)}, ({0: batch},)),
+        ("midcnn", MidResNet().eval(), {"x": np.zeros((2, 1, 32, 32), np.float32)}, ({0: batch},)),
+        ("bert", make_tiny_bert().eval(), feeds, ({0: batch, 1: seq}, {0: batch, 1: seq})),
+    ]
+    for name, model, inputs, dynamic in cases:
+        args = tuple(torch.from_numpy(v) for v in inputs.values())
+        path = tmp_path / f"{name}.pt2"
+        torch.export.save(torch.export.export(model, args, dynamic_shapes=dynamic), str(path))
+        source = load_source(str(path), None)
+        want = model(*args).detach().numpy()
+        np.testing.assert_allclose(run_torch(source, inputs)[0], want, rtol=1e-5, atol=1e-5)
+    source = load_source(str(dynamic_pt2), None)
+    assert source.kind == "exported"

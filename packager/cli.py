@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -182,14 +181,14 @@ class _ProgressBar:
 
 def _connect(args: argparse.Namespace) -> Any:
     """An MqttClient connected to --broker, or None when only a mirror directory was asked for."""
-    from agent.mqtt_client import MqttClient
+    from agent.mqtt_client import MqttClient, unique_client_id
     from packager.publish import topics_for
 
     if not args.broker:
         if getattr(args, "http_dir", None) is None and args.command in ("publish",):
             raise InputError("publish needs --broker and/or --http-dir")
         return None
-    client = MqttClient(args.broker, f"packager-{os.getpid()}", prefix=topics_for(args.fleet),
+    client = MqttClient(args.broker, unique_client_id("packager"), prefix=topics_for(args.fleet),
                         ca_file=args.ca_file)
     return client.connect(timeout=15.0)
 

@@ -17,9 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[packager,dev]'
 	touch $(STAMP)
 
+# lint-imports checks the import contracts in pyproject.toml (docs/architecture.md); --no-cache: the graph takes
+# well under a second to build, and no cache directory is left in the tree.
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache --no-logo
 
 test: lint
 	$(BIN)/pytest -q

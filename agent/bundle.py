@@ -22,14 +22,17 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from agent.errors import BundleRejected
 from agent.fsutil import fsync_dir
-from agent.runtime import TensorSpec
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+GOLDEN_FILE = "golden.npz"  # the golden set: inputs and each format's expected outputs (golden_*_key)
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_MANIFEST_DEPTH = 32  # nesting of objects/arrays; the packager writes 5 at most
 MAX_VERSION = (1 << 53) - 1  # versions survive a round trip through any JSON reader (IEEE doubles)
@@ -66,12 +69,83 @@ def bundle_filename(name: str, version: int) -> str:
     return f"{name}-{version}.bundle"
 
 
+def golden_input_key(name: str) -> str:
+    """The golden set's array for the model input `name` (rows along the first axis)."""
+    return f"input.{name}"
+
+
+def golden_output_key(fmt: str, i: int) -> str:
+    """The golden set's expected output `i` of artifact format `fmt` ("onnx", "tflite"), as the packager ran it."""
+    return f"{fmt}.output.{i}"
+
+
+def read_golden_rows(release: Path, manifest: Manifest, fmt: str, rows: int
+                     ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """The first `rows` golden inputs (by the manifest's input names) and `fmt`'s expected outputs (outputs 0, 1, ...
+    while present; an empty list when the set has none for `fmt`) from the extracted bundle in `release`.
+    BundleRejected("parity") when the file is unreadable or an input is missing. Never unpickles."""
+    import zipfile
+
+    import numpy as np
+
+    path = release / GOLDEN_FILE
+    try:
+        with np.load(path, allow_pickle=False) as g:
+            inputs = {t.name: g[golden_input_key(t.name)][:rows] for t in manifest.inputs}
+            outputs: list[np.ndarray] = []
+            while golden_output_key(fmt, len(outputs)) in g.files:
+                outputs.append(g[golden_output_key(fmt, len(outputs))][:rows])
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise BundleRejected(f"cannot read the golden rows of {path}: {e}", reason="parity") from e
+    return inputs, outputs
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(_HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output as the caller sees it, plus the artifact's own int8 quantization if any.
+
+    `shape` uses -1 for a dynamic dimension. `dtype` is the numpy dtype name the caller sends or receives
+    (float32 for quantized tensors). `scale`/`zero_point` are set when the artifact's tensor is int8/uint8
+    and the adapter converts (the TFLite full-int8 case).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float | None = None
+    zero_point: int | None = None
+    quantized_dtype: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        if self.scale is not None:
+            out.update(scale=self.scale, zero_point=self.zero_point, quantized_dtype=self.quantized_dtype)
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, object]) -> TensorSpec:
+        shape = d["shape"]
+        if not isinstance(shape, list) or not all(isinstance(s, int) for s in shape):
+            raise ValueError(f"tensor {d.get('name')!r}: shape must be a list of integers")
+        scale = d.get("scale")
+        zp = d.get("zero_point")
+        qd = d.get("quantized_dtype")
+        return cls(
+            name=str(d["name"]),
+            shape=tuple(shape),
+            dtype=str(d["dtype"]),
+            scale=float(scale) if isinstance(scale, (int, float)) else None,
+            zero_point=int(zp) if isinstance(zp, int) else None,
+            quantized_dtype=str(qd) if qd is not None else None,
+        )
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, load_config
-    from agent.deploy_state import DeployStateError, no_deployment
-    from agent.state_store import StateStore
+    from agent.deploy.machine import DeployStateError, no_deployment
+    from agent.deploy.store import StateStore
 
     try:
         cfg = load_config(args.config)
@@ -99,7 +99,7 @@ EXIT_TRANSPORT = 75  # EX_TEMPFAIL: worth retrying later
 
 def _fetch(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, check_paths, load_config
-    from agent.fetch import fetch
+    from agent.trust.fetch import fetch
 
     try:
         cfg = load_config(args.config)

@@ -17,13 +17,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from agent.errors import EdgeshipError
+from agent.errors import ConfigError
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class ConfigError(EdgeshipError):
-    """The configuration file or an override is missing, malformed or out of bounds."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """`edge-agent run`: the device daemon.
 
-The deployment state machine's decisions are pure (`agent/deploy_state.py`); this module does each state's work
+The deployment state machine's decisions are pure (`agent/deploy/machine.py`); this module does each state's work
 and returns an event. The rule everywhere: persist the state, then act. So a crash or power cut at any point
 restarts into exactly the old or the new model (`serving_after_restart`), and a deployment that keeps killing
 the agent is rolled back after `max_restarts` (`on_restart`); a clean stop (SIGTERM, SIGINT) is not counted
@@ -34,7 +34,8 @@ import numpy as np
 from agent import __version__
 from agent.bundle import Manifest
 from agent.config import AgentConfig, ConfigError
-from agent.deploy_state import (
+from agent.deploy.fetch_worker import config_document
+from agent.deploy.machine import (
     BundleRef,
     DeployState,
     Event,
@@ -50,11 +51,10 @@ from agent.deploy_state import (
     on_update_found,
     serving_after_restart,
 )
+from agent.deploy.stage import DeviceProfile, StagedModel, parity_check, stage_bundle
+from agent.deploy.store import StateStore
 from agent.errors import BundleRejected, EdgeshipError, TransportError
-from agent.fetch_worker import config_document
-from agent.serving import LoadedModel, ModelHolder, RequestStats
-from agent.stage import DeviceProfile, StagedModel, parity_check, stage_bundle
-from agent.state_store import StateStore
+from agent.serve.holder import LoadedModel, ModelHolder, RequestStats
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class Daemon:
     def _birth(self, ds: DeployState, status: str = "online") -> None:
         """The retained `devices/<id>/state` message: at start, on every transition (`_emit`) and at a clean stop;
         also what the client republishes after a reconnect."""
-        from agent.mqtt_client import Will
+        from agent.transport.mqtt import Will
 
         payload = self._state_payload(ds, status)
         self._last_state_key = _state_key(payload)
@@ -315,7 +315,7 @@ class Daemon:
         except Exception as e:  # ROLLBACK retries; the candidate keeps serving meanwhile rather than nothing
             log.error("could not reload %s: %s", ds.current, e)
 
-    # --- CHECK, DOWNLOAD and VERIFY: in a short-lived `agent.fetch_worker` process ---------------------------
+    # --- CHECK, DOWNLOAD and VERIFY: in a short-lived `agent.deploy.fetch_worker` process ---------------------------
     # The TUF stack (tuf, securesystemslib, cryptography, requests) is never imported here: it would stay resident
     # for the daemon's whole life for a few seconds of work per deployment.
 
@@ -347,7 +347,8 @@ class Daemon:
         # asks for SIGKILL when its parent dies. (PR_SET_PDEATHSIG follows the spawning thread: workers are started
         # only from the main thread, which lives as long as the process.)
         parent_r, parent_w = os.pipe()
-        cmd = [sys.executable, "-m", "agent.fetch_worker", "--config", str(self._worker_config()), "--step", step,
+        cmd = [sys.executable, "-m", "agent.deploy.fetch_worker", "--config", str(self._worker_config()),
+               "--step", step,
                "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
                "--parent-pid", str(os.getpid()), "--parent-fd", str(parent_r)]
         if sha256 is not None:
@@ -538,7 +539,7 @@ class Daemon:
                 raise ConfigError(f"[serve] http {host}:{port}: cannot listen ({e.strerror or e})") from e
 
     def _start_http(self, ds: DeployState) -> None:
-        from agent.http_api import InferenceServer, ListenError
+        from agent.serve.http import InferenceServer, ListenError
 
         host, port = self._listen_address()
         self.http = InferenceServer(self.holder, self.stats, host, port)
@@ -550,7 +551,8 @@ class Daemon:
         log.info("serving OIP v2 on http://%s:%d", host, self.http.port)
 
     def _new_client(self) -> Any:
-        from agent.mqtt_client import MqttClient, Topics, Will
+        from agent.transport.mqtt import MqttClient, Will
+        from agent.transport.topics import Topics
 
         dev = self.cfg.agent.device_id
         topics = Topics(self.cfg.topic_prefix)
@@ -608,7 +610,7 @@ class Daemon:
             self.wake.set()  # a poke only: what to run is decided from signed metadata
 
     def _infer_loop(self) -> None:
-        from agent.mqtt_infer import MqttInference
+        from agent.serve.mqtt import MqttInference
 
         sub = self._infer_sub
         if sub is None:
@@ -618,7 +620,7 @@ class Daemon:
         def publish(topic: str, body: bytes, correlation: bytes | None) -> None:
             client.publish(topic, body, retain=False, qos=1, wait=False, correlation_data=correlation)
 
-        # which response topics are answered, and the refusals' log: agent/mqtt_infer.py
+        # which response topics are answered, and the refusals' log: agent/serve/mqtt.py
         self._answerer = MqttInference(self.holder, self.stats, publish, client.topics.prefix,
                                        self.cfg.agent.device_id)
         for msg in sub:

@@ -24,7 +24,7 @@ Everything runs through the real daemon process, against a throwaway mosquitto o
   window is [ACTIVATE event, +3 s] (the event's timestamp is taken just before the serving reference is swapped).
 - HTTP overhead: median latency of a keep-alive HTTP infer (one connection, closed loop) minus the median of
   `agent.runtime.open_session(...).run` on the same artifact at batch 1 in this process, in interleaved rounds; the
-  JSON codec alone (`agent.http_api.run_infer` in-process) is timed too, to split the overhead.
+  JSON codec alone (`agent.serve.oip.run_infer` in-process) is timed too, to split the overhead.
 
 - large batches (`--scenario large-batch` runs only this, and merges its figures and targets into the existing
   result file): a fresh agent with v1 idles and its RSS is read; then 1,000 requests at the largest batch the
@@ -187,13 +187,13 @@ def smaps_breakdown(pid: int, top: int = 12) -> dict[str, Any]:
 
 
 # Imported in the order the daemon imports them: `agent.cli` -> `agent.daemon` (numpy; agent.bundle, which pulls in
-# hashlib's OpenSSL; agent.fetch, which pulls in tuf, securesystemslib, cryptography and urllib3), then
+# hashlib's OpenSSL; agent.trust.fetch, which pulls in tuf, securesystemslib, cryptography and urllib3), then
 # `Daemon.__init__` (psutil; DeviceProfile.detect() imports every runtime to probe it), `start()` (http_api,
 # mqtt_client with paho), the first CHECK (mqtt_fetcher), and the staged model's session (open, then what STAGE runs),
 # then a second session of the same model (what each further model costs).
 IMPORT_STEPS = ("numpy", "hashlib", "agent.bundle", "tuf.api.metadata", "tuf.ngclient", "agent.daemon", "psutil",
-                "onnxruntime", "ai_edge_litert.interpreter", "agent.http_api", "agent.mqtt_client",
-                "agent.mqtt_fetcher", "session", "session_runs", "second_session")
+                "onnxruntime", "ai_edge_litert.interpreter", "agent.serve.http", "agent.transport.mqtt",
+                "agent.trust.mqtt_fetcher", "session", "session_runs", "second_session")
 
 # Run with `python -c CHILD_CODE SPEC_JSON` in a fresh interpreter (nothing else imported first): does the steps in
 # order and prints the RSS (MiB; anonymous and file-backed) after each as one JSON line.
@@ -507,7 +507,7 @@ class EventWatcher:
     """Collects the agent's `devices/<id>/events` messages with the (perf_counter) time each arrived."""
 
     def __init__(self, broker_url: str) -> None:
-        from agent.mqtt_client import MqttClient
+        from agent.transport.mqtt import MqttClient
         from packager.publish import topics_for
 
         topics = topics_for(FLEET)
@@ -781,9 +781,9 @@ def run_swap(s: Setup, agent: Agent, events: EventWatcher, rate: float, steady_s
 
 def http_overhead(s: Setup) -> dict[str, Any]:
     """Closed loop, one request at a time: HTTP infer (keep-alive) vs the runtime session vs in-process run_infer."""
-    from agent.http_api import run_infer
     from agent.runtime import open_session
-    from agent.serving import LoadedModel, ModelHolder, RequestStats
+    from agent.serve.holder import LoadedModel, ModelHolder, RequestStats
+    from agent.serve.oip import run_infer
 
     session = open_session(s.extracted / "model.int8.onnx", "onnx", threads=1, input_names=s.input_names,
                            output_names=s.output_names)

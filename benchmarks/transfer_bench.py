@@ -66,13 +66,14 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/transfer_bench.py` fr
     sys.path.insert(0, str(REPO))
 
 from agent.bundle import Artifact, Manifest, TensorSpec, sha256_file, verify_bundle, write_bundle  # noqa: E402
-from agent.chunks import ChunkPlan, chunk_hashes  # noqa: E402
 from agent.config import AgentConfig, MqttSection, parse_config  # noqa: E402
 from agent.errors import EdgeshipError  # noqa: E402
-from agent.fetch import fetch, fetch_with  # noqa: E402
-from agent.http_fetcher import HttpFetcher  # noqa: E402
-from agent.mqtt_client import Message, MqttClient, RetainedRead, Topics  # noqa: E402
-from agent.mqtt_fetcher import DEFAULT_BATCH, DEFAULT_PIPELINE, MqttFetcher, stored_slots  # noqa: E402
+from agent.transport.mqtt import Message, MqttClient, RetainedRead  # noqa: E402
+from agent.transport.topics import Topics  # noqa: E402
+from agent.trust.chunks import ChunkPlan, chunk_hashes  # noqa: E402
+from agent.trust.fetch import fetch, fetch_with  # noqa: E402
+from agent.trust.http_fetcher import HttpFetcher  # noqa: E402
+from agent.trust.mqtt_fetcher import DEFAULT_BATCH, DEFAULT_PIPELINE, MqttFetcher, stored_slots  # noqa: E402
 from benchmarks._common import Target, code_state, load_average, machine_info, mosquitto_version, write_json  # noqa: E402
 from examples.local_broker import Mosquitto, MosquittoMissing, find_mosquitto  # noqa: E402
 from packager import tuf_repo  # noqa: E402

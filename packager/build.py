@@ -27,15 +27,19 @@ import numpy as np
 
 from agent.bundle import (
     DEFAULT_MAX_BATCH,
+    GOLDEN_FILE,
     MAX_BATCH_LIMIT,
     Artifact,
     Manifest,
+    TensorSpec,
     bundle_filename,
+    golden_input_key,
+    golden_output_key,
     valid_name,
     write_bundle,
 )
 from agent.fsutil import write_atomic
-from agent.runtime import ModelSession, TensorSpec, open_session
+from agent.runtime import ModelSession, open_session
 from packager import __version__ as packager_version
 from packager import metrics
 from packager.data import Dataset, fit_to_specs, load_npz
@@ -333,7 +337,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
         golden_n = min(GOLDEN_ROWS, eval_ds.n)
         golden_inputs = eval_ds.rows(0, golden_n)
         for name_in, arr in golden_inputs.items():
-            golden[f"input.{name_in}"] = arr
+            golden[golden_input_key(name_in)] = arr
         report["artifacts"] = []
         for fmt, r in results.items():
             chosen = r.chosen
@@ -343,7 +347,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
             session = evaluator.open(chosen.path, fmt)
             lat = _time_session(session, eval_ds.inputs, opts.latency_runs)
             for i, out in enumerate(session.run(golden_inputs)):
-                golden[f"{fmt}.output.{i}"] = out
+                golden[golden_output_key(fmt, i)] = out
             artifacts.append(Artifact(fmt, member, session.inputs, session.outputs, chosen.recipe, chosen.value,
                                       chosen.drop, lat.p50_ms, lat.p95_ms))
             report["artifacts"].append({
@@ -368,13 +372,13 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
             raise InputError(f"{out_path} already exists: bundles are immutable, pick a new --version")
         report["version"] = version
         report["verdict"] = f"Every artifact is within the gate (max drop {max_drop:g})."
-        golden_path = work / "golden.npz"
+        golden_path = work / GOLDEN_FILE
         np.savez(golden_path, allow_pickle=False, **golden)
         reference_path = work / "reference.json"
         reference_path.write_text(report_json(metrics.reference_histograms(task, fp32_out)))
         (work / "report.json").write_text(report_json(report))
         (work / "report.html").write_text(report_html(report))
-        members.update({"golden.npz": golden_path, "reference.json": reference_path,
+        members.update({GOLDEN_FILE: golden_path, "reference.json": reference_path,
                         "report.json": work / "report.json", "report.html": work / "report.html"})
         manifest = _manifest(name, version, task, metric_name, ref_value, max_drop, opts, source, calib,
                              eval_ds, fp32_session.inputs, fp32_session.outputs, artifacts,

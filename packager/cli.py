@@ -181,7 +181,7 @@ class _ProgressBar:
 
 def _connect(args: argparse.Namespace) -> Any:
     """An MqttClient connected to --broker, or None when only a mirror directory was asked for."""
-    from agent.mqtt_client import MqttClient, unique_client_id
+    from agent.transport.mqtt import MqttClient, unique_client_id
     from packager.publish import topics_for
 
     if not args.broker:

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.bundle import sha256_file
-from agent.runtime import TensorSpec
+from agent.bundle import TensorSpec, sha256_file
 from packager.errors import InputError
 
 

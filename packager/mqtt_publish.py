@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from agent.mqtt_client import MqttClient, PublishHandle, Topics
-from packager.errors import PackagerError
+from agent.transport.mqtt import MqttClient, PublishHandle
+from agent.transport.topics import Topics
+from packager.errors import PublishError
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,6 @@ WINDOW = 32  # publishes awaiting PUBACK at once
 _VERSIONED = re.compile(r"(\d+)\.(.+)\.json")
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
-
-class PublishError(PackagerError):
-    """The files to publish are inconsistent (a target changed since it was signed, bad names, ...)."""
 
 
 class TargetSpec(NamedTuple):

@@ -19,11 +19,9 @@ import zipfile
 from dataclasses import dataclass
 from typing import cast
 
+from packager.errors import RefusedPickle
+
 ZIP_MAGIC = b"PK\x03\x04"  # what torch.load checks to choose its zip reader
-
-
-class RefusedPickle(ValueError):
-    """A model file holds a pickle (or an entry) that loading could use to import or call code."""
 
 
 # Storage types appear inside persistent ids (`('storage', torch.FloatStorage, key, location, numel)`), never called.

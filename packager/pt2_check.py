@@ -21,12 +21,7 @@ import tokenize
 import zipfile
 from collections.abc import Callable
 
-from packager.pickle_scan import RefusedPickle
-
-
-class RefusedGraph(RefusedPickle):
-    """The exported program's JSON holds something torch would evaluate, import or execute as code."""
-
+from packager.errors import RefusedGraph
 
 _Refuse = Callable[[str], RefusedGraph]
 

@@ -20,7 +20,8 @@ from typing import Any
 from tuf.api.metadata import TargetFile
 
 from agent.bundle import sha256_file, verify_bundle
-from agent.mqtt_client import MqttClient, Topics, parse_broker_url
+from agent.transport.mqtt import MqttClient, parse_broker_url
+from agent.transport.topics import Topics
 from packager import tuf_repo
 from packager.errors import InputError
 from packager.mqtt_publish import PublishStats, TargetSpec, delete_targets, publish_tree, write_http_tree

@@ -17,10 +17,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agent.bundle import sha256_file
-from agent.runtime import TensorSpec
-from packager.errors import InputError
-from packager.pickle_scan import RefusedPickle, check_pt2, check_state_dict, check_torchscript
+from agent.bundle import TensorSpec, sha256_file
+from packager.errors import InputError, RefusedPickle
+from packager.pickle_scan import check_pt2, check_state_dict, check_torchscript
 from packager.pt2_check import check_pt2_graphs
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,10 @@ Root keys live in a separate directory (default `REPO/../<repo-name>-root-keys/`
 Every change is one commit: new versioned files are written first (temp file + fsync + os.replace) and
 `timestamp.json` last, so a crash leaves either the old or the new repository state visible to clients, never a
 mix. Mutating calls hold an exclusive lock on `REPO/.lock` so a cron `refresh` cannot race a `publish`.
-All python-tuf / securesystemslib use on the packager side lives in this module.
+Every signing and every metadata write on the packager side is in this module (python-tuf's Metadata API,
+securesystemslib's signers). One other packager module imports python-tuf: packager/publish.py takes the
+`TargetFile`s this module returns to name what it pushes (hashes, signed chunk plan). The chunk hashes signed here
+come from the agent's own `agent.trust.chunks.chunk_hashes`, the definition the agent checks against.
 """
 
 from __future__ import annotations
@@ -47,9 +50,9 @@ from tuf.api.metadata import (
     Timestamp,
 )
 
-from agent.chunks import MAX_CHUNK_SIZE  # the agent refuses larger chunks; sign none bigger
 from agent.fsutil import fsync_dir, write_atomic
-from packager.errors import PackagerError
+from agent.trust.chunks import MAX_CHUNK_SIZE, chunk_hashes  # the agent refuses larger chunks; sign none bigger
+from packager.errors import RepoError
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +61,6 @@ DEFAULT_CHUNK_SIZE = 128 * 1024
 _HASH = "sha256"
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSIONED_RE = re.compile(r"^([1-9][0-9]*)\.(root|targets|snapshot)\.json$")
-
-
-class RepoError(PackagerError):
-    """The TUF repository is missing, corrupt, lacks keys, or the request does not fit it."""
 
 
 @dataclass(frozen=True)
@@ -302,15 +301,6 @@ def referenced_targets(repo: Path) -> dict[str, TargetFile]:
     return dict(_load(repo).targets.signed.targets)
 
 
-def chunk_hashes(data_file: Path, chunk_size: int) -> list[str]:
-    """sha256 of each `chunk_size` piece of the file (the last one may be shorter; none for an empty file)."""
-    out = []
-    with data_file.open("rb") as f:
-        while chunk := f.read(chunk_size):
-            out.append(hashlib.sha256(chunk).hexdigest())
-    return out
-
-
 # --- loading -------------------------------------------------------------------------------------------------
 
 
@@ -531,13 +521,15 @@ def _store_target(repo: Path, target_path: str, data_file: Path, custom: Mapping
     tdir = targets_dir(repo)
     fd, tmp_name = tempfile.mkstemp(prefix=".incoming.", suffix=".tmp", dir=tdir)
     try:
-        whole, chunks, length = hashlib.sha256(), [], 0
+        whole = hashlib.sha256()
         with os.fdopen(fd, "wb") as out, data_file.open("rb") as f:
-            while chunk := f.read(chunk_size):
+
+            def copy(chunk: bytes) -> None:
                 whole.update(chunk)
-                chunks.append(hashlib.sha256(chunk).hexdigest())
-                length += len(chunk)
                 out.write(chunk)
+
+            chunks = chunk_hashes(f, chunk_size, each=copy)  # the agent's definition: what it checks is what we sign
+            length = out.tell()
             out.flush()
             os.fsync(out.fileno())
         tf = TargetFile(length, {_HASH: whole.hexdigest()}, target_path,

@@ -7,51 +7,12 @@ inputs and dequantization of outputs happens inside the adapter, so callers neve
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One model input or output as the caller sees it, plus the artifact's own int8 quantization if any.
-
-    `shape` uses -1 for a dynamic dimension. `dtype` is the numpy dtype name the caller sends or receives
-    (float32 for quantized tensors). `scale`/`zero_point` are set when the artifact's tensor is int8/uint8
-    and the adapter converts (the TFLite full-int8 case).
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    scale: float | None = None
-    zero_point: int | None = None
-    quantized_dtype: str | None = None
-
-    def to_json(self) -> dict[str, object]:
-        out: dict[str, object] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-        if self.scale is not None:
-            out.update(scale=self.scale, zero_point=self.zero_point, quantized_dtype=self.quantized_dtype)
-        return out
-
-    @classmethod
-    def from_json(cls, d: dict[str, object]) -> TensorSpec:
-        shape = d["shape"]
-        if not isinstance(shape, list) or not all(isinstance(s, int) for s in shape):
-            raise ValueError(f"tensor {d.get('name')!r}: shape must be a list of integers")
-        scale = d.get("scale")
-        zp = d.get("zero_point")
-        qd = d.get("quantized_dtype")
-        return cls(
-            name=str(d["name"]),
-            shape=tuple(shape),
-            dtype=str(d["dtype"]),
-            scale=float(scale) if isinstance(scale, (int, float)) else None,
-            zero_point=int(zp) if isinstance(zp, int) else None,
-            quantized_dtype=str(qd) if qd is not None else None,
-        )
+from agent.bundle import TensorSpec
 
 
 class ModelSession(Protocol):

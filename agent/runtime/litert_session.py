@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.bundle import TensorSpec
 from agent.errors import RuntimeUnavailable
-from agent.runtime import TensorSpec
 
 logger = logging.getLogger(__name__)
 

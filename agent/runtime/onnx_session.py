@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.bundle import TensorSpec
 from agent.errors import RuntimeUnavailable
-from agent.runtime import TensorSpec
 
 log = logging.getLogger(__name__)
 

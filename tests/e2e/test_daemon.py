@@ -32,10 +32,10 @@ import numpy as np
 import pytest
 
 from agent.bundle import sha256_file, verify_bundle, write_bundle
-from agent.deploy_state import DeployState, State
-from agent.mqtt_client import MqttClient
+from agent.deploy.machine import DeployState, State
+from agent.deploy.store import StateStore
 from agent.runtime import open_session
-from agent.state_store import StateStore
+from agent.transport.mqtt import MqttClient
 from examples.digits.train import train_digits
 from examples.local_broker import Mosquitto, free_port
 from packager import tuf_repo
@@ -493,7 +493,7 @@ class Device:
     def mqtt_infer(self, inputs: list[np.ndarray]) -> list[dict[str, Any]]:
         """One MQTT inference request per input (ids req-0, req-1, ...), each with the same response topic and its
         own correlation data; the answers in request order, matched by correlation data."""
-        # inside the fleet's namespace the agent answers only under its own infer/response (agent/mqtt_infer.py)
+        # inside the fleet's namespace the agent answers only under its own infer/response (agent/serve/mqtt.py)
         reply_topic = self.topics.device(self.id, f"infer/response/{uuid.uuid4().hex}")
         request_topic = self.topics.device(self.id, "infer/request")
         sent = {uuid.uuid4().bytes: i for i in range(len(inputs))}

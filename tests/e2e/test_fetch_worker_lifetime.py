@@ -92,7 +92,7 @@ def _workers(pid: int) -> list[psutil.Process]:
     out = []
     for child in children:
         try:
-            if "agent.fetch_worker" in child.cmdline():
+            if "agent.deploy.fetch_worker" in child.cmdline():
                 out.append(child)
         except psutil.NoSuchProcess:
             pass

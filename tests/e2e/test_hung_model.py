@@ -20,10 +20,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.bundle import Artifact, Manifest, sha256_file, write_bundle
+from agent.bundle import Artifact, Manifest, TensorSpec, sha256_file, write_bundle
 from agent.daemon import EXIT_HUNG
-from agent.deploy_state import State
-from agent.runtime import TensorSpec, open_session
+from agent.deploy.machine import State
+from agent.runtime import open_session
 from examples.digits.train import train_digits
 from examples.local_broker import Mosquitto
 from packager.build import BuildOptions, Progress, build

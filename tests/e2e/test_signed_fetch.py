@@ -36,9 +36,9 @@ import pytest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Root, Timestamp
 
-from agent.bundle import Artifact, Manifest, sha256_file, write_bundle
-from agent.mqtt_client import MqttClient, Topics
-from agent.runtime import TensorSpec
+from agent.bundle import Artifact, Manifest, TensorSpec, sha256_file, write_bundle
+from agent.transport.mqtt import MqttClient
+from agent.transport.topics import Topics
 from examples.local_broker import Mosquitto, free_port
 from packager import publish as pub
 from packager import tuf_repo

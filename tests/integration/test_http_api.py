@@ -21,9 +21,12 @@ import pytest
 import requests
 import torch
 
-from agent.http_api import DEFAULT_MAX_INFLIGHT, InferenceServer, ListenError, answer_mqtt_request
-from agent.runtime import TensorSpec, open_session
-from agent.serving import LoadedModel, ModelHolder, RequestStats
+from agent.bundle import TensorSpec
+from agent.errors import ListenError
+from agent.runtime import open_session
+from agent.serve.holder import LoadedModel, ModelHolder, RequestStats
+from agent.serve.http import DEFAULT_MAX_INFLIGHT, InferenceServer
+from agent.serve.mqtt import answer_mqtt_request
 
 NAME = "tiny"
 MAX_BODY = 256 << 10

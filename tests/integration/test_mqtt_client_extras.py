@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import TransportError
-from agent.mqtt_client import ConnectionLost, Message, MqttClient, Subscription, Topics, Will
+from agent.errors import ConnectionLost, TransportError
+from agent.transport.mqtt import Message, MqttClient, Subscription, Will
+from agent.transport.topics import Topics
 from tests.conftest import Mosquitto
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,7 +64,7 @@ def test_will_is_published_when_the_process_dies(
     state = topics.device("dev-1", "state")
     script = (
         "import sys, time\n"
-        "from agent.mqtt_client import MqttClient, Will\n"
+        "from agent.transport.mqtt import MqttClient, Will\n"
         "c = MqttClient(sys.argv[1], 'dev-1-' + sys.argv[3], will=Will(sys.argv[2], b'lost')).connect(timeout=5)\n"
         "c.publish(sys.argv[2], b'online')\n"
         "print('ready', flush=True)\n"

@@ -27,7 +27,7 @@ from paho.mqtt.properties import Properties
 from agent.config import parse_config
 from agent.daemon import Daemon
 from agent.runtime import open_session
-from agent.serving import LoadedModel
+from agent.serve.holder import LoadedModel
 from examples.local_broker import Mosquitto
 
 DEV = "infer-dev"
@@ -154,7 +154,7 @@ def test_disallowed_response_topics_get_no_answer_and_a_logged_reason(
     }
     requester.subscribe(*refused, "apps/ui/replies")
     req = f"{prefix}devices/{DEV}/infer/request"
-    caplog.set_level(logging.WARNING, logger="agent.mqtt_infer")
+    caplog.set_level(logging.WARNING, logger="agent.serve.mqtt")
     for topic in refused:
         requester.ask(req, _request(1), topic, b"c")
     deadline = time.monotonic() + 10

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 from tuf.api.exceptions import DownloadError, DownloadHTTPError, DownloadLengthMismatchError
 
-from agent.chunks import chunk_hashes
 from agent.errors import BundleRejected, TransportError
-from agent.http_fetcher import HttpFetcher
-from agent.mqtt_client import Message, MqttClient, Topics
-from agent.mqtt_fetcher import FetchError, MqttFetcher
+from agent.transport.mqtt import Message, MqttClient
+from agent.transport.topics import Topics
+from agent.trust.chunks import chunk_hashes
+from agent.trust.http_fetcher import HttpFetcher
+from agent.trust.mqtt_fetcher import FetchError, MqttFetcher
 from packager.mqtt_publish import (
     TargetSpec,
     delete_targets,

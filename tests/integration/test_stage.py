@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from agent.bundle import Manifest, verify_bundle
-from agent.errors import BundleRejected
-from agent.stage import (
+from agent.deploy.stage import (
     DeviceProfile,
     installed_runtimes,
     normalize_arch,
@@ -20,6 +19,7 @@ from agent.stage import (
     runnable_artifacts,
     stage_bundle,
 )
+from agent.errors import BundleRejected
 from examples.digits.train import train_digits
 from packager.build import BuildOptions, Progress, build
 

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from agent import bundle
-from agent.bundle import DEFAULT_MAX_BATCH, Artifact, FileEntry, Manifest, verify_bundle, write_bundle
+from agent.bundle import DEFAULT_MAX_BATCH, Artifact, FileEntry, Manifest, TensorSpec, verify_bundle, write_bundle
 from agent.errors import BundleRejected
-from agent.runtime import TensorSpec
 
 
 def make_manifest(**overrides: object) -> Manifest:

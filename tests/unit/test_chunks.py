@@ -1,15 +1,19 @@
-"""The signed chunk plan of a target (agent.chunks): validation, chunk lengths, per-chunk checks. Pure."""
+"""The signed chunk plan of a target (agent.trust.chunks): validation, chunk lengths, per-chunk checks, and the one
+definition of chunk hashes that the packager signs with."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.chunks import MAX_CHUNK_SIZE, ChunkPlan, chunk_hashes
 from agent.errors import BundleRejected
+from agent.trust.chunks import MAX_CHUNK_SIZE, ChunkPlan, chunk_hashes
+from packager import tuf_repo
 
 SHA = "a" * 64
 
@@ -26,6 +30,28 @@ def test_chunk_hashes() -> None:
     assert chunk_hashes(b"", 1000) == []
     with pytest.raises(ValueError):
         chunk_hashes(data, 0)
+
+
+def test_chunk_hashes_of_a_file_in_one_pass() -> None:
+    data = os.urandom(2500)
+    f = io.BytesIO(data)
+    seen: list[bytes] = []
+    assert chunk_hashes(f, 1000, each=seen.append) == chunk_hashes(data, 1000)
+    assert seen == [data[:1000], data[1000:2000], data[2000:]]
+    assert chunk_hashes(io.BytesIO(b""), 1000, each=seen.append) == [] and len(seen) == 3
+
+
+@pytest.mark.parametrize("size", [0, 1, 999, 1000, 2500])
+def test_the_packager_signs_the_agents_chunk_hashes(tmp_path: Path, size: int) -> None:
+    # one definition: what the agent checks each chunk against is what the packager signs
+    assert getattr(tuf_repo, "chunk_hashes", chunk_hashes) is chunk_hashes
+    repo, data = tmp_path / "repo", os.urandom(size)
+    tuf_repo.init_repo(repo)
+    (tmp_path / "x.bundle").write_bytes(data)
+    tf = tuf_repo.add_target(repo, "bundles/x.bundle", tmp_path / "x.bundle", {"name": "x"}, chunk_size=1000)
+    assert tf.custom == {"name": "x", "chunk_size": 1000, "chunks": chunk_hashes(data, 1000)}
+    assert tf.length == size and tf.hashes["sha256"] == hashlib.sha256(data).hexdigest()
+    assert tuf_repo.target_file_path(repo, tf).read_bytes() == data
 
 
 def test_plan_checks_each_chunk() -> None:

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, load_config, parse_config
+from agent.config import load_config, parse_config
+from agent.errors import ConfigError
 
 MINIMAL = {"agent": {"device_id": "pi-001", "state_dir": "/var/lib/edge-agent"},
            "trust": {"root": "/etc/edge-agent/root.json"}}

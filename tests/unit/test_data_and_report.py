@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.runtime import TensorSpec
+from agent.bundle import TensorSpec
 from packager.data import fit_to_specs, load_npz
 from packager.errors import InputError
 from packager.report import report_html

@@ -1,4 +1,4 @@
-"""The deployment state machine (agent.deploy_state) and its store (agent.state_store).
+"""The deployment state machine (agent.deploy.machine) and its store (agent.deploy.store).
 
 Table-driven in the style of Mender's StateTransitionsTestCase: every state is reached by the real happy path,
 persisted through a real StateStore, then a failure or a restart is injected and the resulting state, the serving
@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from agent import deploy_state as dsm
-from agent.deploy_state import (
+from agent.deploy import machine as dsm
+from agent.deploy.machine import (
     CLEAN_STOP,
     CRASH_LOOP,
     MAX_REJECTED,
@@ -32,8 +32,6 @@ from agent.deploy_state import (
     BundleRef,
     DeployState,
     Event,
-    InvalidState,
-    InvalidTransition,
     State,
     allowed_events,
     apply,
@@ -49,8 +47,15 @@ from agent.deploy_state import (
     on_update_found,
     serving_after_restart,
 )
-from agent.errors import BundleRejected, RuntimeUnavailable, TransportError
-from agent.state_store import StateFileError, StateStore
+from agent.deploy.store import StateStore
+from agent.errors import (
+    BundleRejected,
+    InvalidState,
+    InvalidTransition,
+    RuntimeUnavailable,
+    StateFileError,
+    TransportError,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_700_000_000.0
@@ -761,8 +766,8 @@ def test_store_survives_sigkill_mid_save(tmp_path: Path) -> None:
     states = [drive(s) for s in State]
     script = textwrap.dedent(f"""
         from pathlib import Path
-        from agent.deploy_state import decode
-        from agent.state_store import StateStore
+        from agent.deploy.machine import decode
+        from agent.deploy.store import StateStore
         states = [decode(bytes.fromhex(h)) for h in {[encode(s).hex() for s in states]!r}]
         store = StateStore(Path({str(path)!r}))
         i = 0

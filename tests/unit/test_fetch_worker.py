@@ -11,9 +11,9 @@ import pytest
 
 from agent.config import AgentConfig, parse_config
 from agent.daemon import FetchStepError, _worker_error
-from agent.deploy_state import Event, State, failure_event
+from agent.deploy.fetch_worker import config_document, error_document, main, read_config
+from agent.deploy.machine import Event, State, failure_event
 from agent.errors import BundleRejected, TransportError
-from agent.fetch_worker import config_document, error_document, main, read_config
 
 
 def _cfg(tmp_path: Path, **mqtt: object) -> AgentConfig:
@@ -74,17 +74,17 @@ def test_each_fetch_uses_a_client_id_of_its_own(tmp_path: Path, monkeypatch: pyt
     client id carries the process id and a random part."""
     import os
 
-    import agent.mqtt_client
-    from agent.fetch import with_source
+    import agent.transport.mqtt
+    from agent.trust.fetch import with_source
 
     ids: list[str] = []
 
-    class Recorder(agent.mqtt_client.MqttClient):
-        def connect(self, timeout: float = 10.0) -> agent.mqtt_client.MqttClient:
+    class Recorder(agent.transport.mqtt.MqttClient):
+        def connect(self, timeout: float = 10.0) -> agent.transport.mqtt.MqttClient:
             ids.append(self.client_id)
             raise TransportError("no broker here")
 
-    monkeypatch.setattr(agent.mqtt_client, "MqttClient", Recorder)
+    monkeypatch.setattr(agent.transport.mqtt, "MqttClient", Recorder)
     cfg = _cfg(tmp_path)
     for _ in range(2):
         with pytest.raises(TransportError):
@@ -94,7 +94,7 @@ def test_each_fetch_uses_a_client_id_of_its_own(tmp_path: Path, monkeypatch: pyt
 
 
 def test_client_id_stays_valid_for_the_longest_device_id() -> None:
-    from agent.mqtt_client import _CLIENT_ID_RE, unique_client_id
+    from agent.transport.mqtt import _CLIENT_ID_RE, unique_client_id
 
     base = "edge-agent-" + "d" * 64 + "-fetch"
     cid = unique_client_id(base)
@@ -108,14 +108,14 @@ def test_worker_exits_when_the_parent_pipe_closes(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from agent.fetch_worker import EXIT_ORPHANED
+    from agent.deploy.fetch_worker import EXIT_ORPHANED
 
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never sends a CONNACK
         cfg = _cfg(tmp_path, url=f"mqtt://127.0.0.1:{silent.getsockname()[1]}", connect_timeout_s=600.0)
         path = tmp_path / "fetch-config.json"
         path.write_text(json.dumps(config_document(cfg)))
         r, w = os.pipe()
-        proc = subprocess.Popen([sys.executable, "-m", "agent.fetch_worker", "--config", str(path), "--step",
+        proc = subprocess.Popen([sys.executable, "-m", "agent.deploy.fetch_worker", "--config", str(path), "--step",
                                  "check", "--parent-fd", str(r)], pass_fds=(r,), stdout=subprocess.PIPE)
         os.close(r)
         try:

@@ -162,7 +162,8 @@ def test_other_transport_commands_refuse_a_bad_fleet(tmp_path: Path, command: li
 @pytest.mark.parametrize("name", ["lab", "lab-2", "Lab_2.eu", "0", "g" * 64, "g" * 65, "a/b", "a/#", "+", "",
                                   ".hidden", "-x", "a b", "é"])
 def test_packager_accepts_exactly_the_fleet_and_group_names_a_device_accepts(name: str) -> None:
-    from agent.config import ConfigError, parse_config
+    from agent.config import parse_config
+    from agent.errors import ConfigError
     from packager.errors import InputError
     from packager.publish import check_level_name
 

@@ -10,10 +10,10 @@ import zipfile
 
 import pytest
 
+from packager.errors import RefusedPickle
 from packager.pickle_scan import (
     TORCH_SAVE,
     TORCHSCRIPT,
-    RefusedPickle,
     check_pickle_stream,
     check_pt2,
     check_state_dict,

@@ -8,7 +8,8 @@ import zipfile
 
 import pytest
 
-from packager.pt2_check import RefusedGraph, check_graph_json, check_pt2_graphs
+from packager.errors import RefusedGraph
+from packager.pt2_check import check_graph_json, check_pt2_graphs
 
 SYM = "Symbol('s77', positive=True, integer=True)"
 # Expressions and guards from genuine torch 2.13 exports (the examples' dynamic batch and sequence dimensions).

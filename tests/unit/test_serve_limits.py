@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from agent.config import ConfigError, parse_config
-from agent.http_api import PRECHECK_BYTES, declared_batches, parse_infer_request
-from agent.mqtt_infer import MAX_RESPONSE_TOPIC_BYTES, response_topic_refusal
-from agent.serving import BatchTooLarge
+from agent.config import parse_config
+from agent.errors import BatchTooLarge, ConfigError
+from agent.serve.mqtt import MAX_RESPONSE_TOPIC_BYTES, response_topic_refusal
+from agent.serve.oip import PRECHECK_BYTES, declared_batches, parse_infer_request
 
 PREFIX = "edgeship/lab/"
 DEV = "dev-1"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.mqtt_client import Topics, matches, validate_filter, validate_topic
+from agent.transport.topics import Topics, matches, validate_filter, validate_topic
 from packager.mqtt_publish import metadata_order
 
 

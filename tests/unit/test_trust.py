@@ -6,13 +6,17 @@ One test per threat: each checks the rejection reason and that the device's trus
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -21,9 +25,11 @@ from tuf.api.exceptions import DownloadError, DownloadHTTPError
 from tuf.api.metadata import Metadata, Root, TargetFile, Timestamp
 from tuf.ngclient import FetcherInterface
 
-from agent.chunks import ChunkPlan
 from agent.errors import BundleRejected, TransportError
-from agent.trust import TrustedClient, chunk_plan, target_url
+from agent.trust.chunks import ChunkPlan
+from agent.trust.client import TrustedClient, chunk_plan, target_url
+from agent.trust.fetcher import ChunkFetcher
+from agent.trust.http_fetcher import HttpFetcher
 from packager import tuf_repo
 
 META = "mqtt:///tuf/"
@@ -33,12 +39,26 @@ DEPLOYMENT = "deployments/lab.json"
 
 
 class StoreFetcher(FetcherInterface):
-    """An untrusted store (think: retained messages on a broker): URL -> bytes, freely editable by the attacker."""
+    """An untrusted store (think: retained messages on a broker): URL -> bytes, freely editable by the attacker.
+    A `ChunkFetcher`: `complete` holds whole files it hands over by `open_complete` (as MqttFetcher does)."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.endless: set[str] = set()
         self.requests: list[str] = []
+        self.complete: dict[str, bytes] = {}
+        self.discarded: list[str] = []
+
+    def expect(self, sha256: str, length: int, chunk_size: int, chunk_hashes: Sequence[str]) -> ChunkPlan:
+        return ChunkPlan.create(sha256, length, chunk_size, chunk_hashes)
+
+    def discard(self, sha256: str) -> None:
+        self.discarded.append(sha256)
+
+    @contextlib.contextmanager
+    def open_complete(self, url: str, max_length: int) -> Iterator[IO[bytes] | None]:
+        data = self.complete.get(url)
+        yield None if data is None else io.BytesIO(data)
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         self.requests.append(url)
@@ -368,7 +388,7 @@ def test_fetcher_verdicts_pass_through(world: World, monkeypatch: pytest.MonkeyP
     with pytest.raises(TransportError, match="broker went away"):
         client.download(tf, world.tmp / "downloads")
 
-    class FetchError(TransportError, DownloadError):  # the shape agent/mqtt_fetcher.py raises
+    class FetchError(TransportError, DownloadError):  # the shape agent/trust/mqtt_fetcher.py raises
         pass
 
     def lost(url: str) -> Iterator[bytes]:
@@ -377,6 +397,53 @@ def test_fetcher_verdicts_pass_through(world: World, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(world.fetcher, "_fetch", lost)
     with pytest.raises(FetchError, match="kept dropping"):
         client.download(tf, world.tmp / "downloads")
+
+
+# --- the fetcher seam (agent/trust/fetcher.py) ----------------------------------------------------------------
+
+
+def test_a_fetchers_own_complete_file_is_verified_and_used(world: World) -> None:
+    """`open_complete` hands TUF the fetcher's own file (MqttFetcher's partial file): no fetch, still verified."""
+    url = world.bundle_url()
+    world.fetcher.complete[url] = world.fetcher.files.pop(url)
+    client = world.client()
+    tf = client.require_target(BUNDLE)
+    path = client.download(tf, world.tmp / "downloads")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == tf.hashes["sha256"]
+    assert url not in world.fetcher.requests
+
+    world.fetcher.complete[url] = b"x" * tf.length  # the right length, the wrong bytes
+    with pytest.raises(BundleRejected) as info:
+        client.download(tf, world.tmp / "elsewhere")
+    assert info.value.reason == "hash_mismatch"
+    assert not (world.tmp / "elsewhere" / "digits-1.bundle").exists()
+
+
+def test_the_http_mirror_path_loads_no_mqtt_code() -> None:
+    # the mirror is the fallback when MQTT fails: it must not need paho (nor our MQTT modules) to import
+    code = ("import sys, agent.trust.http_fetcher; "
+            "print([m for m in sys.modules if m.split('.')[0] == 'paho' or m.startswith(('agent.transport', "
+            "'agent.trust.mqtt_fetcher'))])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_http_fetcher_implements_the_chunk_fetcher_methods(tmp_path: Path) -> None:
+    data = os.urandom(2500)
+    sha = hashlib.sha256(data).hexdigest()
+    http = HttpFetcher(tmp_path / "partial", base_url="http://127.0.0.1:9/")
+    fetcher: ChunkFetcher = http
+    chunks = [hashlib.sha256(data[i:i + 1000]).hexdigest() for i in (0, 1000, 2000)]
+    assert fetcher.expect(sha, len(data), 1000, chunks).count == 3
+    with pytest.raises(BundleRejected):
+        fetcher.expect(sha, len(data), 1000, chunks[:2])
+    with fetcher.open_complete(f"mqtt:///targets/bundles/{sha}.x.bundle", len(data)) as f:
+        assert f is None  # a mirror download is streamed: TUF spools its own copy
+    http.partial_dir.mkdir()
+    http.partial_path(sha).write_bytes(data[:1000])  # an interrupted download
+    fetcher.discard(sha)
+    assert not http.partial_path(sha).exists() and sha not in http._plans
+    fetcher.discard(sha)  # nothing left to discard: fine
 
 
 # --- chunk plans from signed metadata ------------------------------------------------------------------------

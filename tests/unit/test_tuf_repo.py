@@ -13,7 +13,8 @@ import pytest
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 
 from packager import tuf_repo
-from packager.tuf_repo import Expiry, RepoError
+from packager.errors import RepoError
+from packager.tuf_repo import Expiry
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 The daemon (`agent/daemon.py`) runs these steps here rather than in its own process so that the TUF stack
 (python-tuf, securesystemslib, cryptography, requests) never stays resident beside the serving model:
 
-    python -m agent.fetch_worker --config FILE --step check|download|verify [--sha256 HEX] [--extract-to DIR]
+    python -m agent.deploy.fetch_worker --config FILE --step check|download|verify [--sha256 HEX] [--extract-to DIR]
                                  [--parent-pid PID] [--parent-fd FD]
 
 `--config` is a JSON document of the agent configuration's sections (what `config_document` writes; values are
@@ -43,7 +43,7 @@ from agent.config import AgentConfig, parse_config
 from agent.errors import BundleRejected, TransportError
 
 if TYPE_CHECKING:
-    from agent.fetch import BundleSource, Candidate
+    from agent.trust.fetch import BundleSource, SignedCandidate
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ def read_config(path: Path) -> AgentConfig:
 
 
 def error_document(e: BaseException) -> dict[str, Any]:
+    reason: str  # a RejectReason, a TransportReason or a class name
     if isinstance(e, BundleRejected):
         kind, reason = "rejected", e.reason
     elif isinstance(e, TransportError):
@@ -121,13 +122,13 @@ def run_step(step: str, source: BundleSource, sha256: str | None, extract_to: Pa
     return {"name": cand.name, "version": cand.version, "sha256": cand.sha256, "path": str(path)}
 
 
-def _require(cand: Candidate, sha256: str | None) -> None:
+def _require(cand: SignedCandidate, sha256: str | None) -> None:
     if sha256 is not None and cand.sha256 != sha256:
         raise BundleRejected(f"the deployment changed to {cand.name} v{cand.version} meanwhile", reason="superseded")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m agent.fetch_worker", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m agent.deploy.fetch_worker", description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, required=True, help="the configuration as JSON (config_document)")
     p.add_argument("--step", choices=STEPS, required=True)
     p.add_argument("--sha256", help="the candidate the daemon is deploying (download, verify)")
@@ -148,7 +149,7 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
     try:
         if args.step != "check" and not args.sha256:
             raise BundleRejected(f"--step {args.step} needs --sha256", reason="usage")
-        from agent.fetch import with_source
+        from agent.trust.fetch import with_source
 
         cfg = read_config(args.config)
         result = with_source(cfg, lambda source: run_step(args.step, source, args.sha256, args.extract_to))

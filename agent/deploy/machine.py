@@ -52,7 +52,15 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from agent.errors import BundleRejected, EdgeshipError, RuntimeUnavailable, TransportError
+from agent.errors import (
+    BundleRejected,
+    FetchWorkerError,
+    InvalidState,
+    InvalidTransition,
+    RuntimeUnavailable,
+    TransportError,
+)
+from agent.errors import DeployStateError as DeployStateError  # re-exported: agent.cli catches it from here
 
 SCHEMA_VERSION = 1
 DEFAULT_KEEP = 2  # known-good bundles kept besides the current one
@@ -66,23 +74,6 @@ NO_DEPLOYMENT = "no_deployment"  # CHECK's no_update reason when nothing is sign
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _T = TypeVar("_T", bound=StrEnum)
-
-
-class DeployStateError(EdgeshipError):
-    """Base of the state machine's errors."""
-
-
-class InvalidTransition(DeployStateError):
-    """`event` is not allowed in `state` by the transition table (or lacks what it needs)."""
-
-    def __init__(self, state: str, event: str, detail: str = "") -> None:
-        super().__init__(f"event {event!r} is not allowed in state {state!r}" + (f": {detail}" if detail else ""))
-        self.state = state
-        self.event = event
-
-
-class InvalidState(DeployStateError):
-    """A deployment state (or its JSON) is malformed or inconsistent."""
 
 
 class State(StrEnum):
@@ -563,6 +554,45 @@ def failure_event(state: State, exc: BaseException) -> tuple[Event, str]:
         return Event.FAILED, exc.reason
     if isinstance(exc, BundleRejected):
         return Event.FAILED, exc.reason
+    if isinstance(exc, FetchWorkerError):
+        return Event.FAILED, exc.type_name
     if isinstance(exc, RuntimeUnavailable):
         return Event.FAILED, "runtime_unavailable"
     return Event.FAILED, type(exc).__name__
+
+
+# --- what a state's work reports, and the one way the driver applies it ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one state's work found (agent/deploy/steps.py returns these; they never call apply themselves).
+
+    `event`/`reason` as for apply(); `found` is CHECK's bundle (with Event.UPDATE_AVAILABLE: on_update_found decides
+    whether it is deployed); `fmt` is STAGE's served format (with Event.OK); `extra` is added to the transition's
+    published event (e.g. STAGE's `staging` figures) and never persisted."""
+
+    event: Event
+    reason: str = ""
+    found: BundleRef | None = None
+    fmt: str | None = None
+    extra: Mapping[str, Any] | None = None
+
+    @classmethod
+    def checked(cls, found: BundleRef | None) -> Outcome:
+        """CHECK's outcome: the bundle the group's deployment names, or None when nothing is signed for it."""
+        return cls(Event.NO_UPDATE, NO_DEPLOYMENT) if found is None else cls(Event.UPDATE_AVAILABLE, found=found)
+
+
+def advance(ds: DeployState, outcome: Outcome, *, at: float, keep: int = DEFAULT_KEEP) -> DeployState:
+    """The state after `ds` given what its work found: CHECK's find goes through on_update_found, STAGE's success
+    through on_staged, everything else straight to apply()."""
+    if ds.state is State.CHECK and outcome.event is Event.UPDATE_AVAILABLE:
+        if outcome.found is None:
+            raise InvalidTransition(ds.state, outcome.event, "the candidate bundle is missing")
+        return on_update_found(ds, outcome.found, at=at)
+    if ds.state is State.STAGE and outcome.event is Event.OK:
+        if outcome.fmt is None:
+            raise InvalidTransition(ds.state, outcome.event, "STAGE's success names the served format")
+        return on_staged(ds, outcome.fmt, at=at)
+    return apply(ds, outcome.event, outcome.reason, at=at, keep=keep)

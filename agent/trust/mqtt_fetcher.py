@@ -1,4 +1,4 @@
-"""python-tuf `FetcherInterface` over MQTT retained topics (docs/transport.md).
+"""A `ChunkFetcher` (a python-tuf `FetcherInterface`) over MQTT retained topics (docs/transport.md).
 
 Metadata `mqtt:///tuf/<file>` is the retained message on `<prefix>tuf/<file>`; none there is a 404. A target
 `mqtt:///targets/<dir>/<sha256>.<name>` is the chunks `<prefix>targets/<sha256>/<i>`, checked one by one against the
@@ -31,40 +31,22 @@ from collections import deque
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import IO
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from tuf.api.exceptions import DownloadError, DownloadHTTPError, DownloadLengthMismatchError
 from tuf.ngclient.fetcher import FetcherInterface
 
-from agent.chunks import MAX_CHUNK_SIZE, ChunkPlan, is_sha256
 from agent.errors import BundleRejected, TransportError
-from agent.mqtt_client import ConnectionLost, Message, MqttClient, RetainedRead, RetainedResult, Topics
+from agent.transport.mqtt import ConnectionLost, Message, MqttClient, RetainedRead, RetainedResult
+from agent.transport.topics import Topics
+from agent.trust.chunks import MAX_CHUNK_SIZE, ChunkPlan
+from agent.trust.fetcher import FetchError, parse_tuf_url
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 16  # chunks per subscription (and per barrier)
 DEFAULT_PIPELINE = 2  # batches subscribed at once: at most 2 x 16 x 128 KiB outstanding, well inside the broker's
 # per-client limits (mosquitto: 20 inflight + 100 queued in 1.x, + 1000 in 2.x)
-
-
-class FetchError(TransportError, DownloadError):
-    """The transport could not deliver a file: both our transport family and what python-tuf expects."""
-
-
-def parse_tuf_url(url: str) -> tuple[str, str]:
-    """`.../tuf/<file>` -> ("metadata", file); `.../targets/<dir>/<sha256>.<name>` -> ("target", sha256).
-
-    Only the path counts, so the same function serves `mqtt:///...` and mirror `https://host/base/...` URLs."""
-    path = urlsplit(url).path
-    segments = path.split("/")
-    name = unquote(segments[-1])
-    if len(segments) >= 2 and segments[-2] == "tuf" and name and "/" not in name:
-        return "metadata", name
-    if "targets" in segments[:-1]:
-        sha, dot, rest = name.partition(".")
-        if is_sha256(sha) and dot and rest:
-            return "target", sha
-    raise DownloadError(f"not a TUF metadata or hash-prefixed target URL: {url}")
 
 
 class MqttFetcher(FetcherInterface):

@@ -1,13 +1,18 @@
 """The agent's trust decisions: python-tuf's ngclient behind edgeship's typed errors (see docs/transport.md).
 
-Nothing here talks to a broker: the transport is a `tuf.ngclient.FetcherInterface` handed in (MQTT retained
-topics, an HTTP mirror, or an in-memory store in tests). Everything the agent trusts comes out of this module
-verified by TUF: metadata (rollback, freeze, mix-and-match, key rotation), target length and hashes, and the
-signed per-chunk sha256 list a fetcher uses to check each chunk as it arrives.
+Nothing here talks to a broker: the transport is a `ChunkFetcher` handed in (MQTT retained topics, an HTTP mirror,
+or an in-memory store in tests). Everything the agent trusts comes out of this module verified by TUF: metadata
+(rollback, freeze, mix-and-match, key rotation), target length and hashes, and the signed per-chunk sha256 list a
+fetcher uses to check each chunk as it arrives.
 
 Trusted metadata on disk is written only by ngclient itself, after verification. ngclient's layout (tuf >= 6):
 `root_history/<N>.root.json`, `root.json` (a symlink to the newest trusted root), `timestamp.json`,
-`snapshot.json`, `targets.json`. All python-tuf use on the agent side lives in this module.
+`snapshot.json`, `targets.json`. The Updater, and so every trust decision, is in this module; python-tuf is also
+imported, only within agent/trust, by:
+    fetcher.py       `DownloadError`, the base python-tuf expects of `FetchError`
+    mqtt_fetcher.py  `FetcherInterface` (its base class) and the download errors ngclient understands (a 404)
+    http_fetcher.py  the same, for the HTTP mirror
+    fetch.py         `TargetFile`, the signed target info that `SignedCandidate` carries between the steps
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
-from agent.chunks import ChunkPlan
-from agent.errors import BundleRejected, EdgeshipError, TransportError
+from agent.errors import BundleRejected, EdgeshipError, RejectReason, TransportError
 from agent.fsutil import fsync_dir
+from agent.trust.chunks import ChunkPlan
+from agent.trust.fetcher import ChunkFetcher
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +80,7 @@ class TrustedClient:
     rotations across restarts without re-walking from the provisioned one.
     """
 
-    def __init__(self, metadata_dir: Path, root_json: Path | bytes, fetcher: FetcherInterface,
+    def __init__(self, metadata_dir: Path, root_json: Path | bytes, fetcher: ChunkFetcher,
                  metadata_base_url: str, target_base_url: str,
                  max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
                  max_target_bytes: int = DEFAULT_MAX_TARGET_BYTES) -> None:
@@ -195,6 +201,7 @@ class TrustedClient:
             if isinstance(e, tuf_exc.DownloadHTTPError):
                 return TransportError(f"{where}: not available from the transport (status {e.status_code})")
             return TransportError(f"{where}: download failed: {e}")
+        reason: RejectReason
         if isinstance(e, tuf_exc.ExpiredMetadataError):
             reason = "expired"
         elif isinstance(e, tuf_exc.BadVersionNumberError):
@@ -211,7 +218,7 @@ class TrustedClient:
         logger.warning("TUF rejected %s: %s (%s)", where, e, reason)
         return BundleRejected(f"{where}: {e}", reason=reason)
 
-    def _signature_reason(self) -> str:
+    def _signature_reason(self) -> RejectReason:
         """"unknown_key" when no signature on the rejected metadata is by a key the trusted root gives that role,
         "threshold" when some are but not enough (ngclient reports both as UnsignedMetadataError)."""
         last = self._fetcher.last
@@ -237,7 +244,7 @@ class _RecordingFetcher(FetcherInterface):
     """Passes everything to the injected fetcher and remembers the last URL (and metadata bytes) asked for, so a
     rejection can name the file and tell an unknown key from too few signatures."""
 
-    def __init__(self, inner: FetcherInterface) -> None:
+    def __init__(self, inner: ChunkFetcher) -> None:
         self.inner = inner
         self.last: _Download | None = None
         self.temp_dir: Path | None = None  # where a target is spooled before ngclient verifies it
@@ -259,9 +266,8 @@ class _RecordingFetcher(FetcherInterface):
         that keeps the whole target in a file of its own (MqttFetcher.open_complete) hands that over instead."""
         self.last = _Download(url)
         with contextlib.ExitStack() as stack:
-            open_complete = getattr(self.inner, "open_complete", None)  # MqttFetcher: its own verified file
-            with _as_download_error(url):
-                whole = stack.enter_context(open_complete(url, max_length)) if open_complete is not None else None
+            with _as_download_error(url):  # MqttFetcher: its own verified file; HttpFetcher: None
+                whole = stack.enter_context(self.inner.open_complete(url, max_length))
             if whole is not None:
                 yield whole  # ngclient hashes and copies it; its verification errors pass unwrapped
                 return

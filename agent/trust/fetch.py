@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tuf.api.metadata import TargetFile
-from tuf.ngclient import FetcherInterface
 
 from agent.bundle import Manifest, verify_bundle
 from agent.config import AgentConfig
 from agent.errors import BundleRejected, TransportError
 from agent.fsutil import fsync_dir
-from agent.trust import TrustedClient
+from agent.trust.client import TrustedClient
+from agent.trust.fetcher import ChunkFetcher
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -63,22 +63,16 @@ def parse_deployment(data: bytes, group: str) -> tuple[str, str, int]:
     return path, name, version
 
 
-def _discard(fetcher: FetcherInterface, tf: TargetFile) -> None:
-    discard = getattr(fetcher, "discard", None)
-    if discard is not None:  # the verified file is kept; its chunks are no longer needed
-        discard(tf.hashes["sha256"])
-
-
-def _expect(fetcher: FetcherInterface, client: TrustedClient, tf: TargetFile) -> None:
+def _expect(fetcher: ChunkFetcher, client: TrustedClient, tf: TargetFile) -> None:
+    """Register `tf`'s signed chunk plan: the fetcher checks every chunk against it as it arrives."""
     plan = client.chunk_plan(tf)
-    expect = getattr(fetcher, "expect", None)
-    if expect is not None:  # chunk-aware fetchers check every chunk against the signed list as it arrives
-        expect(plan.sha256, plan.length, plan.chunk_size, list(plan.chunk_hashes))
+    fetcher.expect(plan.sha256, plan.length, plan.chunk_size, list(plan.chunk_hashes))
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """What the group's signed deployment document says this device should run."""
+class SignedCandidate:
+    """What the group's signed deployment document says this device should run, with the signed TUF target info
+    of the bundle and the deployment (agent/deploy's `Candidate` is the part of it the daemon sees)."""
 
     name: str
     version: int
@@ -91,14 +85,14 @@ class Candidate:
 class BundleSource:
     """The deployment steps CHECK, DOWNLOAD and VERIFY over one trusted client and fetcher."""
 
-    def __init__(self, cfg: AgentConfig, fetcher: FetcherInterface, transport: str) -> None:
+    def __init__(self, cfg: AgentConfig, fetcher: ChunkFetcher, transport: str) -> None:
         self.cfg, self.fetcher, self.transport = cfg, fetcher, transport
         self.state = cfg.agent.state_dir
         self.client = TrustedClient(self.state / "tuf", cfg.trust.root, fetcher, METADATA_URL, TARGETS_URL,
                                     max_metadata_bytes=cfg.limits.max_metadata_bytes,
                                     max_target_bytes=cfg.limits.max_bundle_bytes)
 
-    def check(self) -> Candidate:
+    def check(self) -> SignedCandidate:
         """Refresh trust and read the group's deployment (BundleRejected "not_found" when there is none)."""
         self.client.refresh()
         group = self.cfg.agent.group
@@ -107,20 +101,20 @@ class BundleSource:
         # The deployment document waits in incoming/ until its bundle verified: deployments/ never names a
         # bundle the device does not hold.
         dep_file = self.client.download(dep_tf, self.state / "incoming")
-        _discard(self.fetcher, dep_tf)  # every periodic check reads it: leave no partial file behind
+        self.fetcher.discard(dep_tf.hashes["sha256"])  # every periodic check reads it: leave no partial file
         bundle_path, name, version = parse_deployment(dep_file.read_bytes(), group)
         bundle_tf = self.client.require_target(bundle_path)
         custom: dict[str, Any] = dict(bundle_tf.custom)
         if custom.get("name") != name or custom.get("version") != version:
             raise BundleRejected(f"{bundle_path} is signed as {custom.get('name')} v{custom.get('version')}, the "
                                  f"deployment says {name} v{version}", reason="mismatch")
-        return Candidate(name, version, bundle_tf.hashes["sha256"], bundle_tf, dep_tf, dep_file)
+        return SignedCandidate(name, version, bundle_tf.hashes["sha256"], bundle_tf, dep_tf, dep_file)
 
-    def download(self, cand: Candidate) -> Path:
+    def download(self, cand: SignedCandidate) -> Path:
         _expect(self.fetcher, self.client, cand.bundle_tf)
         return self.client.download(cand.bundle_tf, self.state / "bundles")
 
-    def verify(self, cand: Candidate, path: Path, extract_to: Path | None = None) -> Manifest:
+    def verify(self, cand: SignedCandidate, path: Path, extract_to: Path | None = None) -> Manifest:
         """Check the bundle's own manifest and hashes (and unpack it); only then record the deployment."""
         try:
             if extract_to is not None:
@@ -138,7 +132,7 @@ class BundleSource:
         (self.state / "deployments").mkdir(exist_ok=True)
         os.replace(cand.deployment_file, self.state / "deployments" / cand.deployment_file.name)
         fsync_dir(self.state / "deployments")
-        _discard(self.fetcher, cand.bundle_tf)
+        self.fetcher.discard(cand.sha256)  # the verified bundle is kept; its chunks are no longer needed
         return manifest
 
 
@@ -150,14 +144,15 @@ def fetch_all(source: BundleSource) -> FetchResult:
     return FetchResult(cand.name, cand.version, cand.sha256, path, source.transport)
 
 
-def fetch_with(cfg: AgentConfig, fetcher: FetcherInterface, transport: str) -> FetchResult:
+def fetch_with(cfg: AgentConfig, fetcher: ChunkFetcher, transport: str) -> FetchResult:
     return fetch_all(BundleSource(cfg, fetcher, transport))
 
 
 def with_source(cfg: AgentConfig, work: Callable[[BundleSource], _T]) -> _T:
     """`work` over MQTT (this process's own client); on a transport failure, over the HTTP mirror if configured."""
-    from agent.mqtt_client import MqttClient, Topics, unique_client_id
-    from agent.mqtt_fetcher import MqttFetcher
+    from agent.transport.mqtt import MqttClient, unique_client_id
+    from agent.transport.topics import Topics
+    from agent.trust.mqtt_fetcher import MqttFetcher
 
     state = cfg.agent.state_dir
     state.mkdir(parents=True, exist_ok=True)
@@ -173,7 +168,7 @@ def with_source(cfg: AgentConfig, work: Callable[[BundleSource], _T]) -> _T:
         if not cfg.mirror.http:
             raise
         log.warning("MQTT fetch failed (%s); trying the HTTP mirror %s", e, cfg.mirror.http)
-    from agent.http_fetcher import HttpFetcher
+    from agent.trust.http_fetcher import HttpFetcher
 
     return work(BundleSource(cfg, HttpFetcher(state / "partial", base_url=cfg.mirror.http), "http"))
 

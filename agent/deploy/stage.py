@@ -26,13 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from agent.bundle import Artifact, Manifest
-from agent.errors import BundleRejected, RuntimeUnavailable
+from agent.bundle import GOLDEN_FILE, Artifact, Manifest, golden_input_key, golden_output_key
+from agent.errors import BundleRejected, RejectReason, RuntimeUnavailable
 from agent.runtime import ModelSession, open_session
 
 log = logging.getLogger(__name__)
 
-GOLDEN = "golden.npz"
 # format -> candidate (import name, distribution name), best first
 _RUNTIME_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
     "onnx": (("onnxruntime", "onnxruntime"),),
@@ -289,12 +288,12 @@ class _Failure:
 
 
 def _load_golden(bundle_dir: Path) -> dict[str, np.ndarray]:
-    path = bundle_dir / GOLDEN
+    path = bundle_dir / GOLDEN_FILE
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # missing, not an npz, pickled objects
-        raise BundleRejected(f"cannot read {GOLDEN} for the parity check: {e}", reason="parity") from e
+        raise BundleRejected(f"cannot read {GOLDEN_FILE} for the parity check: {e}", reason="parity") from e
 
 
 def _golden_for(artifact: Artifact, golden: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
@@ -302,19 +301,19 @@ def _golden_for(artifact: Artifact, golden: Mapping[str, np.ndarray]) -> tuple[d
     """The golden inputs (by the artifact's input names) and this format's expected outputs; KeyError if absent."""
     inputs = {}
     for spec in artifact.inputs:
-        key = f"input.{spec.name}"
+        key = golden_input_key(spec.name)
         if key not in golden:
-            raise KeyError(f"{GOLDEN} has no {key!r}")
+            raise KeyError(f"{GOLDEN_FILE} has no {key!r}")
         inputs[spec.name] = golden[key]
     expected = []
     for i in range(len(artifact.outputs)):
-        key = f"{artifact.format}.output.{i}"
+        key = golden_output_key(artifact.format, i)
         if key not in golden:
-            raise KeyError(f"{GOLDEN} has no {key!r}")
+            raise KeyError(f"{GOLDEN_FILE} has no {key!r}")
         expected.append(golden[key])
     rows = {len(a) for a in inputs.values()}
     if len(rows) != 1 or 0 in rows:
-        raise KeyError(f"{GOLDEN} inputs must have the same, non-zero number of rows, got {sorted(rows)}")
+        raise KeyError(f"{GOLDEN_FILE} inputs must have the same, non-zero number of rows, got {sorted(rows)}")
     return inputs, expected
 
 
@@ -397,7 +396,7 @@ def stage_bundle(bundle_dir: Path, manifest: Manifest, device: DeviceProfile, th
 
     failure_text = {f: x.message for f, x in failures.items()}
     if not passed:
-        reason = "parity" if any(x.stage == "parity" for x in failures.values()) else "load_failed"
+        reason: RejectReason = "parity" if any(x.stage == "parity" for x in failures.values()) else "load_failed"
         raise BundleRejected(f"{manifest.name} v{manifest.version}: no artifact passed staging: "
                              + "; ".join(f"{f}: {m}" for f, m in failure_text.items()), reason=reason)
 

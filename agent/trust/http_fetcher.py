@@ -1,27 +1,29 @@
-"""python-tuf `FetcherInterface` for a static HTTP mirror (the `--http-dir` tree of docs/transport.md).
+"""A `ChunkFetcher` (a python-tuf `FetcherInterface`) for a static HTTP mirror (docs/transport.md's `--http-dir`).
 
 URLs are used as given (`https://mirror/base/tuf/3.root.json`); `mqtt:///tuf/...` and `mqtt:///targets/...` URLs are
 mapped onto `base_url`, so an agent can swap its MQTT fetcher for this one without touching the Updater. Targets are
 downloaded into `partial_dir/<sha256>.partial` and resumed with a Range request; with a signed chunk plan
 (`expect()`) every chunk is checked before it is written, so a partial file only ever holds verified bytes.
+This module imports no MQTT code (no paho): the mirror is the fallback for when MQTT fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 from urllib.parse import urljoin, urlsplit
 
 import requests
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
 from tuf.ngclient.fetcher import FetcherInterface
 
-from agent.chunks import MAX_CHUNK_SIZE, ChunkPlan
-from agent.mqtt_fetcher import FetchError, parse_tuf_url
+from agent.trust.chunks import MAX_CHUNK_SIZE, ChunkPlan
+from agent.trust.fetcher import FetchError, parse_tuf_url
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -59,6 +61,17 @@ class HttpFetcher(FetcherInterface):
 
     def partial_path(self, sha256: str) -> Path:
         return self.partial_dir / f"{sha256}.partial"
+
+    def discard(self, sha256: str) -> None:
+        """Forget a plan and delete its partial file (a complete download has already removed it)."""
+        self._plans.pop(sha256, None)
+        self.partial_path(sha256).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def open_complete(self, url: str, max_length: int) -> Iterator[IO[bytes] | None]:
+        """Always None: a mirror download is streamed and the partial file removed once complete, so TUF spools its
+        own copy (`ChunkFetcher.open_complete`)."""
+        yield None
 
     # ---- FetcherInterface
 

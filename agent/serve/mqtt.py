@@ -15,6 +15,7 @@ topic (again after REWARN_S). See docs/agent.md.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -22,9 +23,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from agent.errors import EdgeshipError
-from agent.http_api import DEFAULT_MAX_BODY, answer_mqtt_request
-from agent.serving import ModelHolder, RequestStats
+from agent.errors import EdgeshipError, ServingError
+from agent.limits import MAX_MESSAGE_BYTES
+from agent.serve.holder import ModelHolder, RequestStats, release_memory
+from agent.serve.oip import TRIM_AFTER_BYTES, run_infer
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +66,38 @@ def response_topic_refusal(topic: str, prefix: str, device_id: str) -> str | Non
     return None
 
 
+def answer_mqtt_request(holder: ModelHolder, stats: RequestStats, payload: bytes,
+                        max_body: int = MAX_MESSAGE_BYTES) -> bytes:
+    """The answer to an MQTT inference request (`devices/<id>/infer/request`): never raises.
+
+    The payload is the HTTP infer body, optionally with `model_name` / `model_version` (default: the model being
+    served). The answer is the HTTP response body, or `{"error": ..., "status": <the HTTP status>}`.
+    """
+    def error(status: int, message: str) -> bytes:
+        return json.dumps({"error": message, "status": status}, separators=(",", ":")).encode()
+
+    if len(payload) > max_body:
+        stats.record_rejected()
+        log.warning("refused an MQTT inference request of %d bytes: over the limit of %d bytes", len(payload),
+                    max_body)
+        return error(413, f"request of {len(payload)} bytes is over the limit of {max_body} bytes")
+    try:
+        return run_infer(holder, stats, bytes(payload))
+    except ServingError as e:
+        return error(e.status, str(e))
+    except Exception:
+        log.exception("MQTT inference request failed")
+        return error(500, "internal server error (logged by the agent)")
+    finally:
+        if len(payload) >= TRIM_AFTER_BYTES:
+            release_memory()
+
+
 class MqttInference:
     """Answers inference requests with the served model; `publish(topic, payload, correlation_data)` sends."""
 
     def __init__(self, holder: ModelHolder, stats: RequestStats, publish: Callable[[str, bytes, bytes | None], Any],
-                 prefix: str, device_id: str, max_payload: int = DEFAULT_MAX_BODY,
+                 prefix: str, device_id: str, max_payload: int = MAX_MESSAGE_BYTES,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.holder = holder
         self.stats = stats

@@ -8,12 +8,13 @@ Fetchers check every chunk against this plan as it arrives, so no unverified byt
 from __future__ import annotations
 
 import hashlib
+import io
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeGuard
+from typing import IO, TypeGuard
 
-from agent.errors import BundleRejected
+from agent.errors import BundleRejected, RejectReason
 
 MAX_CHUNK_SIZE = 128 * 1024  # docs/transport.md: one MQTT chunk message is at most 128 KiB
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -98,7 +99,7 @@ class ChunkPlan:
         """Raise BundleRejected unless `data` is exactly chunk `index` as signed."""
         expected = self.chunk_length(index)
         if len(data) != expected:
-            reason = "too_large" if len(data) > expected else "chunk_mismatch"
+            reason: RejectReason = "too_large" if len(data) > expected else "chunk_mismatch"
             raise BundleRejected(f"{self._label()}: chunk {index} is {len(data)} bytes, signed length is {expected}",
                                  reason=reason)
         if hashlib.sha256(data).hexdigest() != self.chunk_hashes[index]:
@@ -106,8 +107,17 @@ class ChunkPlan:
                                  reason="hash_mismatch")
 
 
-def chunk_hashes(data: bytes, chunk_size: int) -> list[str]:
-    """The sha256 of each `chunk_size` slice of `data` (what the packager signs)."""
+def chunk_hashes(data: bytes | IO[bytes], chunk_size: int,
+                 each: Callable[[bytes], object] | None = None) -> list[str]:
+    """The sha256 of each `chunk_size` slice of `data` (what the packager signs): bytes, or a file read from its
+    current position to its end. `each`, if given, sees every chunk in order, so the packager copies and hashes the
+    whole file in the same pass."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return [hashlib.sha256(data[i : i + chunk_size]).hexdigest() for i in range(0, len(data), chunk_size)]
+    f = io.BytesIO(data) if isinstance(data, bytes) else data
+    out = []
+    while chunk := f.read(chunk_size):  # a regular file returns chunk_size bytes until its last chunk
+        out.append(hashlib.sha256(chunk).hexdigest())
+        if each is not None:
+            each(chunk)
+    return out

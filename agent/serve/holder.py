@@ -1,6 +1,6 @@
 """The model being served, swapped atomically, and the request statistics probation and telemetry read.
 
-Transport-free: the HTTP API (`agent.http_api`) and MQTT inference both call `ModelHolder.infer` with numpy
+Transport-free: the HTTP API (`agent.serve.http`) and MQTT inference both call `ModelHolder.infer` with numpy
 arrays and map its typed errors onto their own status codes.
 
 Swapping is one reference assignment. `infer` reads that reference once, at its start, and uses only what it
@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.bundle import DEFAULT_MAX_BATCH, Manifest
-from agent.errors import EdgeshipError
-from agent.runtime import ModelSession, TensorSpec
+from agent.bundle import DEFAULT_MAX_BATCH, Manifest, TensorSpec
+from agent.errors import BadRequest, BatchTooLarge, InferenceFailed, ModelNotFound, ModelNotReady
+from agent.runtime import ModelSession
 
 log = logging.getLogger(__name__)
 
@@ -45,42 +45,6 @@ def datatype_of(dtype: str | np.dtype[Any]) -> str:
     """The protocol datatype name for a numpy dtype (FP32 for float32, ...)."""
     name = np.dtype(dtype).name
     return _DATATYPE_OF.get(name, name.upper())
-
-
-class ServingError(EdgeshipError):
-    """A request the serving layer refuses or cannot answer. `status` is the matching HTTP status code."""
-
-    status = 500
-
-
-class BadRequest(ServingError):
-    """The request itself is wrong (unknown or missing input, wrong shape or dtype, ...). The message says what."""
-
-    status = 400
-
-
-class ModelNotFound(ServingError):
-    """No model (or no such version of it) is being served under that name."""
-
-    status = 404
-
-
-class ModelNotReady(ServingError):
-    """No model is loaded yet."""
-
-    status = 503
-
-
-class BatchTooLarge(ServingError):
-    """The request has more rows than the model's batch limit allows (`max_batch`). The message names the limit."""
-
-    status = 413
-
-
-class InferenceFailed(ServingError):
-    """The runtime failed on a request that passed validation: the model's fault (or the device's), not the caller's."""
-
-    status = 500
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Where the deployment state lives on disk: one JSON file, replaced atomically, with the previous good copy beside it.
 
-The caller's rule (see agent.deploy_state): persist the new state BEFORE acting on it, and delete bundle files only
+The caller's rule (see agent.deploy.machine): persist the new state BEFORE acting on it, and delete bundle files only
 AFTER a state that no longer refers to them is saved. Then a crash or power cut at any point leaves a file that
 names exactly the old or the new model.
 
@@ -17,21 +17,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from agent.deploy_state import DeployState, InvalidState, decode, encode, initial_state
+from agent.deploy.machine import DeployState, decode, encode, initial_state
+from agent.errors import InvalidState, StateFileError
 from agent.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "deploy-state.json"
-
-
-class StateFileError(InvalidState):
-    """The state file (and its backup, when there is one) cannot be read or is not a valid deployment state."""
-
-    def __init__(self, path: Path, detail: str) -> None:
-        super().__init__(f"deployment state file {path}: {detail}")
-        self.path = path
-        self.detail = detail
 
 
 def _read(path: Path) -> DeployState | None:

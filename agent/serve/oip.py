@@ -1,0 +1,309 @@
+"""The Open Inference Protocol v2 (KServe / Triton REST) as data: request bodies to numpy arrays, results to
+response bodies, model metadata, and one inference run against the served model. Pure of any server: the HTTP
+server (`agent.serve.http`) and MQTT inference (`agent.serve.mqtt`) both speak through it.
+
+Memory: a batch over the limit is refused from the shapes in the body before its tensors are decoded where the
+body allows it (`declared_batches`), else right after the JSON is parsed and before any array is built.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from agent.serve.holder import (
+    DATATYPES,
+    BadRequest,
+    BatchTooLarge,
+    InferResult,
+    LoadedModel,
+    ModelHolder,
+    ModelNotReady,
+    RequestStats,
+    ServingError,
+    check_batch,
+    datatype_of,
+)
+
+log = logging.getLogger(__name__)
+
+# Bodies at least this long are first scanned for their shapes (declared_batches) so an oversize batch is refused
+# without decoding its data; after one this long, freed memory is handed back (release_memory, ~0.1 ms).
+PRECHECK_BYTES = 64 << 10
+TRIM_AFTER_BYTES = 1 << 20
+PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: list[str] | None
+    model_name: str | None = None  # only where there is no URL to say it (MQTT)
+    model_version: str | None = None
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+# A run of characters that only numbers, commas, whitespace and brackets are made of. The look-behind makes it
+# start only where such a run starts, so the scan is linear whatever the body holds.
+_NUMERIC_RUN = re.compile(rb"(?<![-0-9eE.+,\s\[\]])[-0-9eE.+,\s\[\]]{1024,}")
+_NOT_BRACKET = b"-0123456789eE.+, \t\n\r\f\v"
+
+
+def _skeleton_run(m: re.Match[bytes]) -> bytes:
+    run = m.group()
+    ends = [i for i in (run.find(b"["), run.find(b"]"), run.rfind(b"["), run.rfind(b"]")) if i >= 0]
+    if not ends:
+        return run
+    first, last = min(ends), max(ends)
+    core = run[first:last + 1].translate(None, _NOT_BRACKET).replace(b"][", b"],[")
+    return run[:first] + core + run[last + 1:]
+
+
+def declared_batches(body: bytes) -> dict[str, list[int]] | None:
+    """Each input's declared shape, read without decoding the tensor data; None where the body does not allow it.
+
+    Long runs of numbers inside brackets (the `data` arrays) are reduced to their bracket structure (`[[],[]]`)
+    and the rest is parsed as JSON: the keys, names and short arrays such as `shape` are untouched, so a shape read
+    here is the one the full parse would read. Used only to refuse early: whatever it cannot read, the full parse
+    still checks."""
+    try:
+        doc = json.loads(_NUMERIC_RUN.sub(_skeleton_run, body))
+    except (ValueError, RecursionError):
+        return None
+    raw_inputs = doc.get("inputs") if isinstance(doc, dict) else None
+    if not isinstance(raw_inputs, list):
+        return None
+    out: dict[str, list[int]] = {}
+    for raw in raw_inputs:
+        if not isinstance(raw, dict):
+            continue
+        name, shape = raw.get("name"), raw.get("shape")
+        if (isinstance(name, str) and isinstance(shape, list) and shape
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            out[name] = shape
+    return out
+
+
+def parse_infer_request(body: bytes, max_batch: int | None = None, model_name: str = "") -> InferRequest:
+    """An OIP inference request body as numpy arrays in the datatypes the client declared. BadRequest if not.
+
+    With `max_batch`, an input whose leading dimension is over it is refused (BatchTooLarge, naming the limit and
+    `model_name`) before its data becomes an array, and for a body of PRECHECK_BYTES or more before it is parsed."""
+    if max_batch is not None and len(body) >= PRECHECK_BYTES:
+        declared = declared_batches(body)
+        if declared:
+            check_batch(declared, max_batch, model_name)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"request body is not valid UTF-8 (byte {e.start})") from e
+    try:
+        doc = json.loads(text, parse_constant=_no_constants)
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    except ValueError as e:  # NaN/Infinity, or an integer too long to convert
+        raise BadRequest(f"request body is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise BadRequest("request body is not valid JSON: nested too deeply") from e
+    if not isinstance(doc, dict):
+        raise BadRequest(f"request body must be a JSON object, got {_json_type(doc)}")
+
+    req_id = doc.get("id")
+    if req_id is not None and not isinstance(req_id, str):
+        raise BadRequest(f"'id' must be a string, got {_json_type(req_id)}")
+    target: dict[str, str | None] = {}
+    for key in ("model_name", "model_version"):
+        value = doc.get(key)
+        if value is not None and not isinstance(value, str):
+            raise BadRequest(f"{key!r} must be a string, got {_json_type(value)}")
+        target[key] = value
+    if "parameters" in doc and not isinstance(doc["parameters"], dict):
+        raise BadRequest(f"'parameters' must be an object, got {_json_type(doc['parameters'])}")
+    if "inputs" not in doc:
+        raise BadRequest("request has no 'inputs'")
+    raw_inputs = doc["inputs"]
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise BadRequest("'inputs' must be a non-empty list of tensors")
+    inputs: dict[str, np.ndarray] = {}
+    for i, raw in enumerate(raw_inputs):
+        name, arr = _tensor(i, raw, max_batch, model_name)
+        if name in inputs:
+            raise BadRequest(f"input {name!r} is given more than once")
+        inputs[name] = arr
+
+    outputs: list[str] | None = None
+    if doc.get("outputs") is not None:
+        raw_outputs = doc["outputs"]
+        if not isinstance(raw_outputs, list):
+            raise BadRequest(f"'outputs' must be a list, got {_json_type(raw_outputs)}")
+        outputs = []
+        for j, o in enumerate(raw_outputs):
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise BadRequest(f"outputs[{j}] must be an object with a string 'name'")
+            outputs.append(o["name"])
+    return InferRequest(id=req_id, inputs=inputs, outputs=outputs, **target)
+
+
+def _tensor(i: int, raw: Any, max_batch: int | None = None, model_name: str = "") -> tuple[str, np.ndarray]:
+    if not isinstance(raw, dict):
+        raise BadRequest(f"inputs[{i}] must be an object, got {_json_type(raw)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadRequest(f"inputs[{i}] needs a string 'name'")
+    where = f"input {name!r}"
+    for key in ("shape", "datatype", "data"):
+        if key not in raw:
+            raise BadRequest(f"{where} has no {key!r}")
+    params = raw.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise BadRequest(f"{where}: 'parameters' must be an object")
+    if params and "binary_data_size" in params:
+        raise BadRequest(f"{where}: binary tensor data is not supported; send 'data' as JSON")
+
+    datatype = raw["datatype"]
+    if not isinstance(datatype, str):
+        raise BadRequest(f"{where}: 'datatype' must be a string, got {_json_type(datatype)}")
+    if datatype == "BYTES":
+        raise BadRequest(f"{where}: BYTES tensors are not supported; this server takes numeric tensors")
+    if datatype not in DATATYPES:
+        raise BadRequest(f"{where}: unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
+    dtype = np.dtype(DATATYPES[datatype])
+
+    shape = raw["shape"]
+    if (not isinstance(shape, list) or len(shape) > 32
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise BadRequest(f"{where}: 'shape' must be a list of at most 32 non-negative integers, got {shape!r}")
+    if max_batch is not None:
+        check_batch({name: shape}, max_batch, model_name)  # before 'data' becomes an array
+
+    data = raw["data"]
+    if not isinstance(data, list):
+        raise BadRequest(f"{where}: 'data' must be a list (flat or nested), got {_json_type(data)}")
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise BadRequest(f"{where}: 'data' is ragged (nested lists of unequal lengths) or not numeric") from e
+    kind = arr.dtype.kind
+    if kind in "USO":
+        raise BadRequest(f"{where}: {datatype} data must be {_expected(dtype)}; 'data' holds strings, nulls, "
+                         "objects, ragged lists or integers too large for 64 bits")
+    mismatch = (dtype.kind == "b") != (kind == "b") or (dtype.kind in "iu" and kind == "f")
+    if mismatch and not (arr.size == 0 and kind == "f"):  # [] reads as float64: fine for any datatype
+        raise BadRequest(f"{where}: {datatype} data must be {_expected(dtype)}, got {_found(kind)}")
+    if dtype.kind in "iu" and kind in "iu" and arr.size:
+        info = np.iinfo(dtype)
+        if int(arr.min()) < info.min or int(arr.max()) > info.max:
+            raise BadRequest(f"{where}: values outside the {datatype} range [{info.min}, {info.max}]")
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = arr.astype(dtype, copy=False)
+    if dtype.kind == "f" and kind == "f" and arr.size and not bool(np.isfinite(arr).all()):
+        raise BadRequest(f"{where}: values overflow {datatype}")
+
+    needed = math.prod(shape)
+    if needed != arr.size:
+        raise BadRequest(f"{where}: shape {shape} needs {needed} values, 'data' has {arr.size}")
+    try:
+        return name, arr.reshape(shape)
+    except ValueError as e:  # cannot happen once the sizes agree; kept so no numpy error reaches the client raw
+        raise BadRequest(f"{where}: cannot reshape data to {shape}: {e}") from e
+
+
+def _expected(dtype: np.dtype[Any]) -> str:
+    return {"b": "true/false", "i": "integers", "u": "non-negative integers"}.get(dtype.kind, "numbers")
+
+
+def _found(kind: str) -> str:
+    return {"b": "true/false", "f": "non-integer numbers", "i": "integers", "u": "integers"}.get(kind, "other values")
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "a list"
+    return "an object"
+
+
+def encode_infer_response(result: InferResult, request_id: str | None) -> dict[str, Any]:
+    outputs = []
+    for name, arr in result.outputs.items():
+        arr = np.asarray(arr)
+        outputs.append({"name": name, "datatype": datatype_of(arr.dtype), "shape": list(arr.shape),
+                        "data": arr.ravel().tolist()})
+    return {
+        "model_name": result.model.name,
+        "model_version": str(result.model.version),
+        "id": request_id if request_id is not None else uuid.uuid4().hex,
+        "outputs": outputs,
+    }
+
+
+def model_metadata(model: LoadedModel) -> dict[str, Any]:
+    def tensor(s: Any) -> dict[str, Any]:
+        return {"name": s.name, "datatype": datatype_of(s.dtype), "shape": list(s.shape)}
+
+    return {
+        "name": model.name,
+        "versions": [str(model.version)],
+        "platform": PLATFORMS.get(model.fmt, model.fmt),
+        "inputs": [tensor(s) for s in model.inputs],
+        "outputs": [tensor(s) for s in model.outputs],
+    }
+
+
+def run_infer(holder: ModelHolder, stats: RequestStats, body: bytes, name: str | None = None,
+              version: str | None = None) -> bytes:
+    """Parse an OIP request body, run it on the served model, return the response body; record the outcome.
+
+    `name`/`version` come from the URL; None takes the body's `model_name`/`model_version` (MQTT has no URL),
+    and with no name there either, whatever model is being served. Raises ServingError (with `.status`).
+    """
+    start = time.perf_counter()
+    try:
+        served = holder.get()
+        limit: int | None = None
+        if served is not None and (name is None or name == served.name):
+            limit = holder.batch_limit(served)  # holder.infer checks again, on the model it runs
+        request = parse_infer_request(body, limit, served.name if served is not None else "")
+        if name is None:
+            version = request.model_version
+            name = request.model_name
+            if name is None:
+                served = holder.get()
+                if served is None:
+                    raise ModelNotReady("no model is loaded yet")
+                name = served.name
+        result = holder.infer(name, version, request.inputs, request.outputs)
+        data = json.dumps(encode_infer_response(result, request.id), separators=(",", ":")).encode()
+    except ServingError as e:
+        if e.status >= 500 and not isinstance(e, ModelNotReady):  # the model's failure, not the client's
+            stats.record_error()
+            log.warning("inference on %s failed: %s", name, e)
+        else:
+            stats.record_rejected()
+            if isinstance(e, BatchTooLarge):
+                log.info("refused an inference request: %s", e)
+        raise
+    except Exception:
+        stats.record_error()
+        raise
+    stats.record_ok((time.perf_counter() - start) * 1000.0, tag=result.model)
+    return data

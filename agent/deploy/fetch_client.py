@@ -38,7 +38,14 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.deploy.fetch_worker import config_document
 from agent.deploy.machine import BundleRef
-from agent.errors import BundleRejected, FetchWorkerError, StopRequested, TransportError
+from agent.errors import (
+    BundleRejected,
+    FetchWorkerError,
+    StopRequested,
+    TransportError,
+    reject_reason,
+    transport_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -222,11 +229,11 @@ def candidate_from(out: dict[str, Any]) -> Candidate:
 
 def worker_error(doc: dict[str, Any]) -> Exception:
     """The exception a fetch worker's error document stands for."""
-    message, reason, kind = str(doc.get("error", "")), str(doc.get("reason", "")), doc.get("kind")
-    if kind == "rejected":
-        return BundleRejected(message, reason=reason or "invalid")
+    message, reason, kind = str(doc.get("error", "")), doc.get("reason"), doc.get("kind")
+    if kind == "rejected":  # a reason this agent does not know becomes the family's default
+        return BundleRejected(message, reason=reject_reason(reason))
     if kind == "transport":
-        return TransportError(message, reason=reason or "transport")
+        return TransportError(message, reason=transport_reason(reason))
     # failure_event() reports other errors by the worker's own class name
     name = str(doc.get("type") or reason or "")
     return FetchWorkerError(message, type_name=name if name.isidentifier() else "FetchWorkerError")

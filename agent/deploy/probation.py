@@ -19,7 +19,7 @@ import numpy as np
 from agent.bundle import MANIFEST, Manifest, read_golden_rows
 from agent.config import DeploySection
 from agent.deploy.stage import parity_check
-from agent.errors import BundleRejected, ProbationFailed, StopRequested
+from agent.errors import BundleRejected, ProbationFailed, ProbationReason, StopRequested
 from agent.serve.holder import LoadedModel, RequestStats
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ Golden = tuple[dict[str, np.ndarray], list[np.ndarray]]
 
 
 def judge_probation(snapshot: dict[str, Any], budget_ms: float, max_error_rate: float, min_requests: int
-                    ) -> tuple[str, str] | None:
+                    ) -> tuple[ProbationReason, str] | None:
     """(reason, message) when live figures (`RequestStats.snapshot()`) fail probation; None while they pass.
     Below `min_requests` answered requests (or latency samples) a figure is not judged. Pure."""
     answered = int(snapshot["ok"]) + int(snapshot["errors"])

@@ -108,12 +108,15 @@ def test_check_is_none_when_no_deployment_is_signed_for_the_group(tmp_path: Path
 
 
 @pytest.mark.parametrize("doc, exc_type, reason", [
-    ({"error": "bad sig", "reason": "signature", "kind": "rejected", "type": "BundleRejected"},
-     BundleRejected, "signature"),
+    ({"error": "bad sig", "reason": "threshold", "kind": "rejected", "type": "BundleRejected"},
+     BundleRejected, "threshold"),
     ({"error": "chunk 3", "reason": "hash_mismatch", "kind": "transport", "type": "TransportError"},
      TransportError, "hash_mismatch"),
     ({"error": "x", "reason": "", "kind": "rejected"}, BundleRejected, "invalid"),
     ({"error": "x", "kind": "transport"}, TransportError, "transport"),
+    # a reason this agent does not know (a newer worker?) becomes the family's default, never free text
+    ({"error": "x", "reason": "cosmic_ray", "kind": "rejected"}, BundleRejected, "invalid"),
+    ({"error": "x", "reason": "cosmic_ray", "kind": "transport"}, TransportError, "transport"),
 ])
 def test_typed_worker_errors_come_back_with_their_reason(tmp_path: Path, fake: Fake, doc: dict[str, str],
                                                          exc_type: type[Exception], reason: str) -> None:

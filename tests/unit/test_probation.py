@@ -245,7 +245,7 @@ def test_read_golden_rows(release: Path) -> None:
 
 def test_read_golden_rows_refuses_missing_inputs_and_bad_files(release: Path) -> None:
     np.savez(release / GOLDEN_FILE, allow_pickle=False, **{"input.other": GOLDEN_X})
-    with pytest.raises(BundleRejected, match="input.x") as info:
+    with pytest.raises(BundleRejected, match=r"input\.x") as info:
         read_golden_rows(release, _manifest(), "onnx", 5)
     assert info.value.reason == "parity"
     (release / GOLDEN_FILE).write_bytes(b"PK\x03\x04 not really a zip")

@@ -19,16 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from agent.errors import BadRequest, BatchTooLarge, ModelNotReady, ServingError
 from agent.serve.holder import (
     DATATYPES,
-    BadRequest,
-    BatchTooLarge,
     InferResult,
     LoadedModel,
     ModelHolder,
-    ModelNotReady,
     RequestStats,
-    ServingError,
     check_batch,
     datatype_of,
 )

@@ -53,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, load_config
-    from agent.deploy.machine import DeployStateError, no_deployment
+    from agent.deploy.machine import DeployStateError, State, no_deployment, serving_after_restart
     from agent.deploy.store import StateStore
 
     try:
@@ -61,7 +61,7 @@ def _status(args: argparse.Namespace) -> int:
         ds = StateStore.in_dir(cfg.agent.state_dir).load()
     except (ConfigError, DeployStateError) as e:
         return _fail(args, str(e), "config" if isinstance(e, ConfigError) else "state", EXIT_CONFIG)
-    serving = ds.candidate if ds.state.value in ("activate", "probation", "commit") else ds.current
+    serving = serving_after_restart(ds)  # what serves now, or what the next start serves
     le = ds.last_event
     out: dict[str, Any] = {
         "name": serving.name if serving else None, "version": serving.version if serving else None,
@@ -81,7 +81,7 @@ def _status(args: argparse.Namespace) -> int:
     else:
         what = f"{out['name']} v{out['version']} ({out['format']})" if serving else "no model"
         previous = ", ".join(f"v{r.version}" for r in ds.previous) or "none"
-        restarts = f"; restarts {ds.restarts} of {cfg.deploy.max_restarts}" if ds.state.value != "idle" else ""
+        restarts = f"; restarts {ds.restarts} of {cfg.deploy.max_restarts}" if ds.state is not State.IDLE else ""
         stopped = "; stopped cleanly (the next start is not counted)" if ds.clean_stop else ""
         print(f"{what}; state {ds.state.value}; previous {previous}{restarts}{stopped}")
         if le is not None:

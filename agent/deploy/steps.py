@@ -27,7 +27,16 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from agent.deploy.fetch_client import Candidate
-from agent.deploy.machine import BundleRef, DeployState, Event, InvalidTransition, Outcome, State, failure_event
+from agent.deploy.machine import (
+    TRANSITIONS,
+    BundleRef,
+    DeployState,
+    Event,
+    InvalidTransition,
+    Outcome,
+    State,
+    failure_event,
+)
 from agent.errors import ProbationFailed, StopRequested
 from agent.serve.holder import LoadedModel
 
@@ -76,6 +85,9 @@ class ProbationWatch(Protocol):
     def __call__(self, model: LoadedModel | None, release: Path, fmt: str) -> None: ...
 
 
+# COMMIT and ROLLBACK finish a deployment: the table has no failure edge from them
+NO_FAILURE_EVENT = frozenset(s for s in State if (s, Event.FAILED) not in TRANSITIONS)
+
 Handler = Callable[[DeployState], Outcome]
 
 
@@ -121,6 +133,8 @@ class Steps:
             return Outcome(Event.FAILED, e.reason)
         except Exception as e:
             event, reason = failure_event(ds.state, e)
+            if ds.state in NO_FAILURE_EVENT:
+                raise  # nothing to fall back to: the agent exits, and its restart retries the persisted step
             log.warning("%s failed: %s (%s)", ds.state.value, e, reason)
             if ds.state is State.CHECK:
                 # nothing was being deployed: a failed check is "no update this time", not a rollback

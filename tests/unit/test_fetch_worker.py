@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentConfig, parse_config
-from agent.daemon import FetchStepError, _worker_error
+from agent.deploy.fetch_client import worker_error
 from agent.deploy.fetch_worker import config_document, error_document, main, read_config
 from agent.deploy.machine import Event, State, failure_event
-from agent.errors import BundleRejected, TransportError
+from agent.errors import BundleRejected, FetchWorkerError, TransportError
 
 
 def _cfg(tmp_path: Path, **mqtt: object) -> AgentConfig:
@@ -38,11 +38,11 @@ def test_config_document_round_trips(tmp_path: Path) -> None:
 def test_errors_map_back_to_the_same_failure_event(exc: Exception, kind: str, reason: str) -> None:
     doc = json.loads(json.dumps(error_document(exc)))
     assert (doc["kind"], doc["reason"], doc["error"]) == (kind, reason, str(exc))
-    back = _worker_error(doc)
-    assert type(back) is type(exc) or isinstance(back, FetchStepError)
+    back = worker_error(doc)
+    assert type(back) is type(exc) or isinstance(back, FetchWorkerError)
     for state in (State.CHECK, State.DOWNLOAD, State.VERIFY):
         assert failure_event(state, back) == failure_event(state, exc)
-    assert failure_event(State.DOWNLOAD, _worker_error(error_document(TransportError("x"))))[0] is Event.ABORTED
+    assert failure_event(State.DOWNLOAD, worker_error(error_document(TransportError("x"))))[0] is Event.ABORTED
 
 
 def _free_port() -> int:
@@ -60,7 +60,7 @@ def test_unreachable_broker_prints_one_transport_error_line(tmp_path: Path) -> N
     lines = out.getvalue().splitlines()
     assert len(lines) == 1
     doc = json.loads(lines[0])
-    assert doc["kind"] == "transport" and isinstance(_worker_error(doc), TransportError)
+    assert doc["kind"] == "transport" and isinstance(worker_error(doc), TransportError)
 
 
 def test_download_without_a_candidate_is_refused(tmp_path: Path) -> None:

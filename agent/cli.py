@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, check_paths, load_config
     from agent.daemon import run_daemon
+    from agent.errors import StateFileError
 
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
@@ -48,6 +49,9 @@ def _run(args: argparse.Namespace) -> int:
         return run_daemon(cfg)
     except ConfigError as e:  # also what the daemon finds at start, e.g. a [serve] http port already in use
         print(f"edge-agent: config: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StateFileError as e:  # restarting cannot fix it: an operator resets it (docs/errors.md), so not restarted
+        print(f"edge-agent: state: {e} (remove both files to reset this device's deployment state)", file=sys.stderr)
         return EXIT_CONFIG
 
 

@@ -140,6 +140,8 @@ TRANSITIONS: Mapping[tuple[State, Event], State] = MappingProxyType({
     (_S.PROBATION, _E.CRASH_LOOP): _S.ROLLBACK,
 
     (_S.COMMIT, _E.OK): _S.IDLE,
+    # the candidate passed probation, but after a restart in COMMIT it no longer loads (a corrupt release): reject it
+    (_S.COMMIT, _E.FAILED): _S.ROLLBACK,
     (_S.ROLLBACK, _E.OK): _S.IDLE,
 })
 

@@ -38,7 +38,7 @@ from agent.deploy.machine import (
     failure_event,
 )
 from agent.errors import ProbationFailed, StopRequested
-from agent.serve.holder import LoadedModel
+from agent.serve.holder import LoadedModel, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class ProbationWatch(Protocol):
     def __call__(self, model: LoadedModel | None, release: Path, fmt: str) -> None: ...
 
 
-# COMMIT and ROLLBACK finish a deployment: the table has no failure edge from them
+# States whose work has no failure edge (ROLLBACK: it finishes a deployment): an error there is raised as itself
 NO_FAILURE_EVENT = frozenset(s for s in State if (s, Event.FAILED) not in TRANSITIONS)
 
 Handler = Callable[[DeployState], Outcome]
@@ -202,11 +202,13 @@ class Steps:
         serving = self.holder.get()
         self.models = {k: m for k, m in self.models.items() if m is serving}
         self.staged = None
+        release_memory()  # glibc keeps what staging and the dropped sessions freed (1.8 MiB idle RSS for digits)
         return Outcome(Event.OK)
 
     def rollback(self, ds: DeployState) -> Outcome:
         self.serve(ds.current)
         self.staged = None
+        release_memory()
         return Outcome(Event.OK)
 
     # --- serving and files ------------------------------------------------------------------------------------

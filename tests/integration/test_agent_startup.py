@@ -117,3 +117,15 @@ def test_fetch_without_a_deployment_for_the_group_is_worth_a_retry(tmp_path: Pat
     assert r.returncode == 75, r
     assert json.loads(r.stdout)["reason"] == "not_found"
     assert "deployments/lab.json" in _one_line(r.stderr)
+
+
+def test_run_with_a_corrupt_state_file_and_backup_exits_2_in_one_line(tmp_path: Path, root_json: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "deploy-state.json").write_text("{not json")
+    (state / "deploy-state.json.bak").write_text("[]")
+    r = _agent("run", "--config", str(_config(tmp_path, root_json)))
+    assert r.returncode == 2, r
+    line = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("edge-agent:")]
+    assert "Traceback" not in r.stderr and len(line) == 1, r.stderr
+    assert line[0].startswith("edge-agent: state:") and "deploy-state.json" in line[0], line

@@ -129,10 +129,11 @@ def test_table_shape() -> None:
     for (s, e), nxt in TRANSITIONS.items():
         if e in (Event.FAILED, Event.ABORTED, Event.CRASH_LOOP):
             assert nxt is State.ROLLBACK, (s, e)
-    # every state in flight can fail, be restarted and crash-loop; IDLE, COMMIT and ROLLBACK cannot fail
+    # every state in flight can fail, be restarted and crash-loop; IDLE and ROLLBACK cannot fail, COMMIT only when
+    # its candidate no longer loads after a restart
     for s in State:
         in_flight = s not in (State.IDLE, State.COMMIT, State.ROLLBACK)
-        assert ((s, Event.FAILED) in TRANSITIONS) == in_flight
+        assert ((s, Event.FAILED) in TRANSITIONS) == (in_flight or s is State.COMMIT)
         assert ((s, Event.RESTARTED) in TRANSITIONS) == in_flight
         assert ((s, Event.CRASH_LOOP) in TRANSITIONS) == in_flight
     assert TRANSITIONS[(State.ROLLBACK, Event.OK)] is State.IDLE
@@ -170,7 +171,7 @@ def test_invalid_transition_misc() -> None:
     with pytest.raises(InvalidTransition):
         next_state(State.IDLE, "reboot")
     assert next_state(State.DOWNLOAD, "ok") is State.VERIFY  # plain strings are accepted
-    assert allowed_events(State.COMMIT) == {Event.OK}
+    assert allowed_events(State.COMMIT) == {Event.OK, Event.FAILED}
     with pytest.raises(InvalidTransition):
         on_update_found(BASE, NEW, at=T0)  # not in CHECK
     with pytest.raises(InvalidTransition):
@@ -255,7 +256,7 @@ def test_failure_in_each_state(tmp_path: Path, state: State, event: Event, reaso
     assert (newer.current, newer.previous) == (replace(NEWER, format="onnx"), (OLD,))
 
 
-@pytest.mark.parametrize("state", [State.IDLE, State.COMMIT, State.ROLLBACK])
+@pytest.mark.parametrize("state", [State.IDLE, State.ROLLBACK])
 def test_no_failure_edge(state: State) -> None:
     with pytest.raises(InvalidTransition):
         apply(drive(state), Event.FAILED, "x", at=T0)

@@ -345,7 +345,7 @@ def test_stop_requested_before_a_step_runs_none(rig: Rig) -> None:
 
 
 def test_a_rollback_that_cannot_load_the_current_bundle_propagates_unsaved(rig: Rig) -> None:
-    """COMMIT and ROLLBACK finish a deployment and the table has no failure edge from them: an error there is
+    """ROLLBACK finishes a deployment and the table has no failure edge from it: an error there is
     raised as itself (the agent exits and its restart retries the persisted step), not as an InvalidTransition,
     and nothing is saved."""
     ds = rig.at(State.ROLLBACK)
@@ -426,6 +426,19 @@ def test_candidate_that_fails_to_load_after_a_restart_is_rolled_back(rig: Rig, s
     assert [(e["from"], e["to"], e["event"]) for e in rig.link.events] == [
         (state.value, "probation", "restarted"), ("probation", "rollback", "failed")]
     assert rig.serves() == 1  # the current bundle serves at once, before ROLLBACK's work runs
+
+
+def test_committing_candidate_that_fails_to_load_after_a_restart_is_rolled_back(rig: Rig) -> None:
+    """A restart in COMMIT whose candidate no longer loads: rejected and rolled back, not a restart loop."""
+    rig.store.ds = rig.at(State.COMMIT)
+    rig.stager.broken[sha(2)] = RuntimeUnavailable("gone")
+    new = rig.deployer.start()
+    assert new.last_event is not None
+    assert (new.state, new.last_event.event, new.last_event.reason) == (State.ROLLBACK, Event.FAILED, "load_failed")
+    assert [(e["from"], e["to"], e["event"]) for e in rig.link.events] == [("commit", "rollback", "failed")]
+    assert rig.serves() == 1
+    final = rig.deployer.drive(new)
+    assert final.state is State.IDLE and final.current is not None and final.current.sha256 == sha(1)
 
 
 def test_current_that_fails_to_load_after_a_restart_serves_nothing_and_blames_nothing(rig: Rig) -> None:

@@ -79,6 +79,21 @@ class DeploySection:
 
 
 @dataclass(frozen=True)
+class TelemetrySection:
+    interval_s: float = 10.0  # a telemetry message this often (docs/telemetry.md)
+    parity_interval_s: float = 3600.0  # golden parity through the serving model this often
+    shadow_cpu_budget: float = 0.1  # share of one core a shadow bundle may use
+    shadow_sample: float = 0.1  # share of live requests also run on the shadow bundle (within the budget)
+    queue_max_messages: int = 100_000  # store-and-forward queue on disk while the broker is unreachable ...
+    queue_max_bytes: int = 50_000_000  # ... bounded both ways: the oldest telemetry goes first, never events
+    feedback_max_entries: int = 10_000  # recent predictions kept for labelled feedback ...
+    feedback_ttl_s: float = 3600.0  # ... and for how long
+    drift_window: int = 1000  # live outputs per drift window
+    drift_min_samples: int = 200  # fewer than this: drift is "unknown", never "fine"
+    metrics: bool = True  # /metrics (Prometheus text) on the [serve] http server
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     agent: AgentSection
     mqtt: MqttSection
@@ -87,6 +102,7 @@ class AgentConfig:
     serve: ServeSection
     limits: LimitsSection
     deploy: DeploySection = DeploySection()
+    telemetry: TelemetrySection = TelemetrySection()
 
     @property
     def topic_prefix(self) -> str:
@@ -95,12 +111,16 @@ class AgentConfig:
 
 _SECTIONS: dict[str, type] = {"agent": AgentSection, "mqtt": MqttSection, "trust": TrustSection,
                               "mirror": MirrorSection, "serve": ServeSection, "limits": LimitsSection,
-                              "deploy": DeploySection}
+                              "deploy": DeploySection, "telemetry": TelemetrySection}
 _BOUNDS = {"max_bundle_bytes": (1 << 10, 64 << 30), "max_metadata_bytes": (1 << 10, 64 << 20),
            "chunk_timeout_s": (0.1, 3600.0), "connect_timeout_s": (0.1, 600.0), "receive_window": (1, 1024),
            "poll_interval_s": (1.0, 86400.0), "probation_s": (0.0, 86400.0), "probation_requests": (0, 10**9),
            "max_error_rate": (0.0, 1.0), "min_requests_for_rate": (1, 10**6), "stage_timeout_s": (1.0, 3600.0),
-           "keep": (1, 64), "max_batch": (0, 65536), "max_restarts": (1, 100), "threads": (1, 256)}
+           "keep": (1, 64), "max_batch": (0, 65536), "max_restarts": (1, 100), "threads": (1, 256),
+           "interval_s": (0.1, 86400.0), "parity_interval_s": (1.0, 7 * 86400.0), "shadow_cpu_budget": (0.0, 1.0),
+           "shadow_sample": (0.0, 1.0), "queue_max_messages": (100, 10**7), "queue_max_bytes": (1 << 20, 10 << 30),
+           "feedback_max_entries": (0, 10**6), "feedback_ttl_s": (1.0, 30 * 86400.0), "drift_window": (10, 10**7),
+           "drift_min_samples": (1, 10**7)}
 
 
 def _convert(section: str, name: str, typ: Any, value: Any) -> Any:
@@ -110,6 +130,12 @@ def _convert(section: str, name: str, typ: Any, value: Any) -> Any:
             if not isinstance(value, str) or not value:
                 raise ValueError("expected a path")
             return Path(value)
+        if typ in (bool, "bool"):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")  # from an EDGESHIP_* variable
+            raise ValueError("expected true or false")
         if typ in (int, "int"):
             if isinstance(value, bool):
                 raise ValueError("expected an integer")

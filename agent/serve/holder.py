@@ -3,6 +3,10 @@
 Transport-free: the HTTP API (`agent.serve.http`) and MQTT inference both call `ModelHolder.infer` with numpy
 arrays and map its typed errors onto their own status codes.
 
+Telemetry listens through `ServeObserver`s on `RequestStats.observers`: each is told about every request once it
+is decided (answered, refused or failed), before the answer is sent, so labelled feedback sent after an answer always
+finds its id. An observer that raises is logged and never fails the request. Labels reach a `FeedbackSink`.
+
 Swapping is one reference assignment. `infer` reads that reference once, at its start, and uses only what it
 read, so a request that began before a swap finishes on the old session and none fails; the old session is
 freed when its last request lets go of it.
@@ -18,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -29,6 +33,7 @@ from agent.runtime import ModelSession
 log = logging.getLogger(__name__)
 
 DEFAULT_LATENCY_WINDOW = 4096
+OBSERVER_REWARN_S = 60.0  # a failing observer's later exceptions are logged at most this often
 
 # Open Inference Protocol (KServe v2 / Triton) tensor datatypes -> numpy dtype names. BYTES has no numeric
 # equivalent: the models served here take numbers only.
@@ -73,11 +78,42 @@ class LoadedModel:
 
 @dataclass(frozen=True)
 class InferResult:
-    """Outputs of one request, in the model's output order (or the order asked for), and which model made them."""
+    """Outputs of one request, in the model's output order (or the order asked for), and which model made them.
+
+    `all_outputs` holds every output of the model in its own order, whatever the request asked for (observers
+    judge accuracy and drift on them); empty means the same as `outputs`."""
 
     model: LoadedModel
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     run_ms: float = 0.0  # time spent in the session's run()
+    all_outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.all_outputs:
+            object.__setattr__(self, "all_outputs", self.outputs)
+
+
+class ServeObserver(Protocol):
+    """Told about every inference request (telemetry: agent/telemetry/hub.py). Called on the request's thread,
+    before its answer is sent: keep it quick. Exceptions are logged, never passed to the request."""
+
+    def answered(self, request_id: str, model: LoadedModel, inputs: dict[str, np.ndarray],
+                 outputs: list[np.ndarray] | dict[str, np.ndarray], ms: float) -> None:
+        """A request answered by `model`: the id returned to the caller, the decoded inputs, every output of the
+        model (a dict in the model's output order) and the latency in ms."""
+
+    def failed(self, model: LoadedModel | None, kind: Literal["error", "rejected"], ms: float | None) -> None:
+        """A request refused (`rejected`: the client's fault, 4xx/503) or failed (`error`: the model's, 5xx).
+        `model` is the served model the request was for (None: no model, or another name); `ms` None when the
+        request never reached the serving layer (body too slow or too large, too many at once)."""
+
+
+class FeedbackSink(Protocol):
+    """Takes labels for earlier answers (POST /v2/models/<name>/feedback, MQTT devices/<id>/feedback)."""
+
+    def feedback(self, model_name: str, request_id: str, label: Any) -> str:
+        """"accepted", "unknown", "expired" or "duplicate"; ValueError (a label of the wrong type or shape for
+        the prediction) when nothing was changed."""
 
 
 class RequestStats:
@@ -91,9 +127,11 @@ class RequestStats:
     a different (non-None) tag is one that started on the previous model and is dropped from the new window.
     """
 
-    def __init__(self, window: int = DEFAULT_LATENCY_WINDOW) -> None:
+    def __init__(self, window: int = DEFAULT_LATENCY_WINDOW, observers: Sequence[ServeObserver] = ()) -> None:
         if window < 1:
             raise ValueError(f"latency window must be >= 1, got {window}")
+        self.observers: list[ServeObserver] = list(observers)  # told about every request (module doc)
+        self._observer_warned: dict[int, float] = {}  # id(observer) -> when its last exception was logged
         self._lock = threading.Lock()
         self._latencies: deque[float] = deque(maxlen=window)
         self._ok = 0
@@ -118,15 +156,52 @@ class RequestStats:
                 self._ok += 1
                 self._latencies.append(float(latency_ms))
 
-    def record_rejected(self, tag: object | None = None) -> None:
+    def record_answer(self, request_id: str, model: LoadedModel, inputs: dict[str, np.ndarray],
+                      outputs: dict[str, np.ndarray], ms: float) -> None:
+        """An answered request: counted as ok (on `model`'s window), then the observers are told."""
+        self.record_ok(ms, tag=model)
+        for observer in list(self.observers):
+            try:
+                observer.answered(request_id, model, inputs, outputs, ms)
+            except Exception:
+                self._observer_failed(observer)
+
+    def record_rejected(self, tag: object | None = None, *, model: LoadedModel | None = None,
+                        ms: float | None = None) -> None:
+        """A request refused as the client's fault; observers are told (`model`: the served model it was for)."""
         with self._lock:
             if self._current(tag):
                 self._rejected += 1
+        self._failed(model, "rejected", ms)
 
-    def record_error(self, tag: object | None = None) -> None:
+    def record_error(self, tag: object | None = None, *, model: LoadedModel | None = None,
+                     ms: float | None = None) -> None:
+        """A request the server failed to answer; observers are told."""
         with self._lock:
             if self._current(tag):
                 self._errors += 1
+        self._failed(model, "error", ms)
+
+    def _failed(self, model: LoadedModel | None, kind: Literal["error", "rejected"], ms: float | None) -> None:
+        for observer in list(self.observers):
+            try:
+                observer.failed(model, kind, ms)
+            except Exception:
+                self._observer_failed(observer)
+
+    def _observer_failed(self, observer: ServeObserver) -> None:
+        # Called from an except block. With a traceback the first time, then at most every OBSERVER_REWARN_S: an
+        # observer broken for good must not flood the journal at the request rate.
+        now = time.monotonic()
+        with self._lock:
+            last = self._observer_warned.get(id(observer))
+            loud = last is None or now - last >= OBSERVER_REWARN_S
+            if loud:
+                self._observer_warned[id(observer)] = now
+        if loud:
+            log.exception("serving observer %r failed (the request is unaffected)", observer)
+        else:
+            log.debug("serving observer %r failed again", observer, exc_info=True)
 
     def snapshot(self) -> dict[str, Any]:
         """count (all requests), ok, rejected, errors, error_rate, latency p50/p95/p99 in ms (None if no samples),
@@ -222,7 +297,7 @@ class ModelHolder:
             raise InferenceFailed(f"model {model.name!r} version {model.version} failed to run: {first}") from e
         run_ms = (time.perf_counter() - start) * 1000.0
         by_name = dict(zip(known, arrays, strict=True))
-        return InferResult(model=model, outputs={n: by_name[n] for n in wanted}, run_ms=run_ms)
+        return InferResult(model=model, outputs={n: by_name[n] for n in wanted}, run_ms=run_ms, all_outputs=by_name)
 
 
 def check_model(model: LoadedModel | None, name: str, version: str | None) -> LoadedModel:

@@ -5,7 +5,15 @@
     GET  /v2/health/ready                             200 when a model is loaded, 503 before
     GET  /v2/models/<name>[/versions/<v>]             model metadata
     GET  /v2/models/<name>[/versions/<v>]/ready       200 when that model is served
-    POST /v2/models/<name>[/versions/<v>]/infer       JSON tensors in, JSON tensors out
+    POST /v2/models/<name>[/versions/<v>]/infer       JSON tensors in, JSON tensors out (with an `id`)
+    POST /v2/models/<name>/feedback                   `{"id", "label"}` for an earlier answer -> `{"id", "result"}`
+    GET  /metrics                                     Prometheus text, from the `metrics` callable
+
+Every inference answer carries an `id`: the request's, or a generated one. Feedback goes to the `feedback` sink
+(FeedbackSink, agent.serve.holder); result "accepted", "unknown", "expired" or "duplicate", all 200. Without a sink
+the feedback endpoint answers 404, and /metrics too without a `metrics` callable. A feedback body is at most
+MAX_FEEDBACK_BYTES (64 KiB, else 413); a body that is not JSON, lacks `id`, or has a label of the wrong type or
+shape is 400 and changes nothing.
 
 Errors are `{"error": "<message>"}` with 400 (malformed request), 404 (unknown model or version, unknown
 path), 405 (wrong method), 408 (body too slow), 411 (no Content-Length), 413 (body over the limit, or more rows
@@ -32,7 +40,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
@@ -43,12 +51,14 @@ from agent import __version__
 from agent.errors import ListenError, ServingError
 from agent.limits import MAX_MESSAGE_BYTES
 from agent.serve.holder import (
+    FeedbackSink,
+    LoadedModel,
     ModelHolder,
     RequestStats,
     check_model,
     release_memory,
 )
-from agent.serve.oip import TRIM_AFTER_BYTES, model_metadata, run_infer
+from agent.serve.oip import MAX_FEEDBACK_BYTES, TRIM_AFTER_BYTES, model_metadata, run_feedback, run_infer
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +71,8 @@ DEFAULT_MAX_INFLIGHT = 4  # requests parsed/run at once: bounds memory (a 16 MiB
 
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 _JSON = "application/json"
+# prometheus_client.CONTENT_TYPE_PLAIN_0_0_4, what its generate_latest() writes (not imported: RSS)
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _HttpError(Exception):
@@ -79,6 +91,8 @@ def _route(target: str) -> tuple[str, str | None, str | None] | None:
     parts = [unquote(p) for p in urlsplit(target).path.strip("/").split("/")]
     if parts == ["v2"]:
         return ("server", None, None)
+    if parts == ["metrics"]:
+        return ("metrics", None, None)
     if parts in (["v2", "health", "live"], ["v2", "health", "ready"]):
         return (f"health_{parts[2]}", None, None)
     if len(parts) < 3 or parts[:2] != ["v2", "models"] or not parts[2]:
@@ -91,9 +105,17 @@ def _route(target: str) -> tuple[str, str | None, str | None] | None:
         version, rest = rest[1], rest[2:]
     if not rest:
         return ("model", name, version)
+    if rest == ["feedback"] and version is None:  # the id names the prediction: no version in the path
+        return ("feedback", name, None)
     if rest in (["ready"], ["infer"]):
         return (rest[0], name, version)
     return None
+
+
+def _served_as(holder: ModelHolder, name: str) -> LoadedModel | None:
+    """The served model if it is called `name` (whom a refused request was for), else None."""
+    model = holder.get()
+    return model if model is not None and model.name == name else None
 
 
 # --- the server ------------------------------------------------------------------------------------------------
@@ -153,7 +175,8 @@ class _Handler(BaseHTTPRequestHandler):
     def handle_expect_100(self) -> bool:
         try:
             if self.command == "POST":
-                self._content_length()  # refuse a body we would refuse anyway before the client sends it
+                route = _route(self.path)  # refuse a body we would refuse anyway before the client sends it
+                self._content_length(MAX_FEEDBACK_BYTES if route is not None and route[0] == "feedback" else None)
         except _HttpError as e:
             self._send_error(e)
             return False
@@ -205,13 +228,18 @@ class _Handler(BaseHTTPRequestHandler):
             if route is None:
                 raise _HttpError(404, f"no such endpoint: {urlsplit(self.path).path}")
             endpoint, name, version = route
-            allowed = ("POST",) if endpoint == "infer" else ("GET", "HEAD")
+            allowed = ("POST",) if endpoint in ("infer", "feedback") else ("GET", "HEAD")
             if self.command not in allowed:
                 raise _HttpError(405, f"{self.command} is not allowed on {urlsplit(self.path).path}; use "
                                  f"{' or '.join(allowed)}", headers=[("Allow", ", ".join(allowed))])
             if endpoint == "infer":
                 assert name is not None
                 self._infer(name, version)
+            elif endpoint == "feedback":
+                assert name is not None
+                self._feedback(name)
+            elif endpoint == "metrics":
+                self._metrics()
             else:
                 self._get(endpoint, name, version)
         except _HttpError as e:
@@ -248,10 +276,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._read_body()  # before taking a slot: a slow sender must not hold one
         except _HttpError:
-            server.stats.record_rejected()
+            server.stats.record_rejected(model=_served_as(server.holder, name))
             raise
         if not server.inflight.acquire(timeout=server.conn_timeout):
-            server.stats.record_rejected()
+            server.stats.record_rejected(model=_served_as(server.holder, name))
             raise _HttpError(503, "too many inference requests at once; retry later", headers=[("Retry-After", "1")])
         size = len(body)
         try:
@@ -263,9 +291,22 @@ class _Handler(BaseHTTPRequestHandler):
                 release_memory()  # the body, its lists and arrays are gone: hand the memory back
         self._send_bytes(200, data)
 
+    def _feedback(self, name: str) -> None:
+        sink = self.server.feedback
+        if sink is None:
+            raise _HttpError(404, "feedback is not enabled on this agent")
+        body = self._read_body(min(self.server.max_body, MAX_FEEDBACK_BYTES))
+        self._send_bytes(200, run_feedback(sink, body, name))
+
+    def _metrics(self) -> None:
+        metrics = self.server.metrics
+        if metrics is None:
+            raise _HttpError(404, "/metrics is not enabled on this agent")
+        self._send_bytes(200, metrics(), content_type=PROMETHEUS_TEXT)
+
     # -- reading and writing --
 
-    def _content_length(self) -> int:
+    def _content_length(self, limit: int | None = None) -> int:
         if "Transfer-Encoding" in self.headers:
             raise _HttpError(411, "Transfer-Encoding is not supported; send the body with a Content-Length",
                              close=True)
@@ -275,13 +316,13 @@ class _Handler(BaseHTTPRequestHandler):
         if len(set(values)) > 1 or not _CONTENT_LENGTH.fullmatch(values[0].strip()):
             raise _HttpError(400, f"bad Content-Length {', '.join(values)!r}", close=True)
         n = int(values[0])
-        if n > self.server.max_body:
-            raise _HttpError(413, f"request body of {n} bytes is over the limit of {self.server.max_body} bytes",
-                             close=True)
+        limit = self.server.max_body if limit is None else limit
+        if n > limit:
+            raise _HttpError(413, f"request body of {n} bytes is over the limit of {limit} bytes", close=True)
         return n
 
-    def _read_body(self) -> bytes:
-        n = self._content_length()
+    def _read_body(self, limit: int | None = None) -> bytes:
+        n = self._content_length(limit)
         try:
             body = self.rfile.read(n)
         except TimeoutError as e:
@@ -300,12 +341,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_bytes(status, json.dumps(obj, separators=(",", ":")).encode(), close, headers)
 
     def _send_bytes(self, status: int, body: bytes, close: bool = False,
-                    headers: Sequence[tuple[str, str]] = ()) -> None:
+                    headers: Sequence[tuple[str, str]] = (), content_type: str = _JSON) -> None:
         if self.request_version == "HTTP/0.9":  # no client speaks it; garbage request lines land here
             self.request_version = "HTTP/1.0"  # so the answer still has a status line and headers
         self.connection.settimeout(self.conn_timeout)  # writing gets its own bound: a client that never reads
         self.send_response(status)
-        self.send_header("Content-Type", _JSON)
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for key, value in headers:
             self.send_header(key, value)
@@ -321,9 +362,12 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], holder: ModelHolder, stats: RequestStats, max_body: int,
-                 conn_timeout: float, max_connections: int, max_inflight: int) -> None:
+                 conn_timeout: float, max_connections: int, max_inflight: int, feedback: FeedbackSink | None = None,
+                 metrics: Callable[[], bytes] | None = None) -> None:
         self.holder = holder
         self.stats = stats
+        self.feedback = feedback
+        self.metrics = metrics
         self.max_body = max_body
         self.conn_timeout = conn_timeout
         self.closing = False
@@ -401,7 +445,8 @@ class _Server6(_Server):
 class InferenceServer:
     """The OIP v2 REST API over `holder`, recording into `stats`, on a background thread.
 
-    `port=0` binds a free port; `.port` is the actual one once started.
+    `port=0` binds a free port; `.port` is the actual one once started. `feedback`: where labels go (None: the
+    feedback endpoint answers 404). `metrics`: returns the Prometheus text GET /metrics answers (None: 404).
     """
 
     def __init__(
@@ -415,6 +460,8 @@ class InferenceServer:
         timeout: float = DEFAULT_TIMEOUT_S,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        feedback: FeedbackSink | None = None,
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be 0..65535, got {port}")
@@ -432,6 +479,8 @@ class InferenceServer:
         self.timeout = timeout
         self.max_connections = max_connections
         self.max_inflight = max_inflight
+        self.feedback = feedback
+        self.metrics = metrics
         self._bound_port = port
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -451,7 +500,7 @@ class InferenceServer:
         cls = _Server6 if ":" in self.host else _Server
         try:
             server = cls((self.host, self._port), self.holder, self.stats, self.max_body, self.timeout,
-                         self.max_connections, self.max_inflight)
+                         self.max_connections, self.max_inflight, self.feedback, self.metrics)
         except OSError as e:
             raise ListenError(f"cannot listen on {self.host}:{self._port}: {e.strerror or e}") from e
         self._server = server

@@ -1,4 +1,16 @@
-"""MQTT inference: answer `devices/<id>/infer/request` messages, on topics the request may choose.
+"""MQTT inference and feedback: answer `devices/<id>/infer/request` messages, on topics the request may choose, and
+take labels from `devices/<id>/feedback`.
+
+API for the daemon (which subscribes and hands each `Message` over, on a worker thread):
+- `MqttInference(holder, stats, publish, prefix, device_id, feedback=sink)`; `publish(topic, payload,
+  correlation_data)` sends one answer; `feedback` is the FeedbackSink (None: feedback messages are ignored).
+- `.answer(msg)`: one inference request. The answer carries the OIP `id` (the request's, or a generated one).
+- `.feedback(msg)`: one feedback message, the same JSON as POST /v2/models/<name>/feedback (`{"id", "label"}`,
+  optionally `"model_name"`, default the served model's name), at most MAX_FEEDBACK_BYTES. With an MQTT 5
+  response topic (allowed by the rules below) the agent answers there `{"id", "result"}` or `{"error", "status"}`
+  (400 malformed, 413 too large) with the request's correlation data; without one it answers nothing. A
+  feedback message whose response topic is refused is not applied.
+Neither method raises.
 
 A request names its response topic (MQTT 5 Response Topic). The agent answers only where a client could not use it
 to write into the fleet's own namespace (TUF metadata, targets, deployments, another device's topics):
@@ -9,8 +21,8 @@ to write into the fleet's own namespace (TUF metadata, targets, deployments, ano
   support takes, and paho refuses them on publish), and either outside the fleet prefix or this device's own
   `<prefix>devices/<id>/infer/response` or a topic under it.
 
-A refused topic gets no answer, the request is counted as rejected, and the reason is logged at WARNING once per
-topic (again after REWARN_S). See docs/agent.md.
+A refused topic gets no answer, an inference request is counted as rejected, and the reason is logged at WARNING
+once per topic (again after REWARN_S). See docs/agent.md.
 """
 
 from __future__ import annotations
@@ -25,8 +37,8 @@ from typing import Any
 
 from agent.errors import EdgeshipError, ServingError
 from agent.limits import MAX_MESSAGE_BYTES
-from agent.serve.holder import ModelHolder, RequestStats, release_memory
-from agent.serve.oip import TRIM_AFTER_BYTES, run_infer
+from agent.serve.holder import FeedbackSink, ModelHolder, RequestStats, release_memory
+from agent.serve.oip import MAX_FEEDBACK_BYTES, TRIM_AFTER_BYTES, run_feedback, run_infer
 
 log = logging.getLogger(__name__)
 
@@ -73,24 +85,43 @@ def answer_mqtt_request(holder: ModelHolder, stats: RequestStats, payload: bytes
     The payload is the HTTP infer body, optionally with `model_name` / `model_version` (default: the model being
     served). The answer is the HTTP response body, or `{"error": ..., "status": <the HTTP status>}`.
     """
-    def error(status: int, message: str) -> bytes:
-        return json.dumps({"error": message, "status": status}, separators=(",", ":")).encode()
-
     if len(payload) > max_body:
-        stats.record_rejected()
+        stats.record_rejected(model=holder.get())
         log.warning("refused an MQTT inference request of %d bytes: over the limit of %d bytes", len(payload),
                     max_body)
-        return error(413, f"request of {len(payload)} bytes is over the limit of {max_body} bytes")
+        return error_answer(413, f"request of {len(payload)} bytes is over the limit of {max_body} bytes")
     try:
         return run_infer(holder, stats, bytes(payload))
     except ServingError as e:
-        return error(e.status, str(e))
+        return error_answer(e.status, str(e))
     except Exception:
         log.exception("MQTT inference request failed")
-        return error(500, "internal server error (logged by the agent)")
+        return error_answer(500, "internal server error (logged by the agent)")
     finally:
         if len(payload) >= TRIM_AFTER_BYTES:
             release_memory()
+
+
+def answer_mqtt_feedback(sink: FeedbackSink, holder: ModelHolder, payload: bytes,
+                         max_body: int = MAX_FEEDBACK_BYTES) -> bytes:
+    """The answer to an MQTT feedback message (`devices/<id>/feedback`): `{"id", "result"}` or
+    `{"error", "status"}`; never raises. Malformed or oversize feedback never reaches the sink."""
+    if len(payload) > max_body:
+        log.info("refused MQTT feedback of %d bytes: over the limit of %d bytes", len(payload), max_body)
+        return error_answer(413, f"feedback of {len(payload)} bytes is over the limit of {max_body} bytes")
+    try:
+        return run_feedback(sink, bytes(payload), None, holder.get())
+    except ServingError as e:
+        log.info("refused MQTT feedback: %s", e)
+        return error_answer(e.status, str(e))
+    except Exception:
+        log.exception("MQTT feedback failed")
+        return error_answer(500, "internal server error (logged by the agent)")
+
+
+def error_answer(status: int, message: str) -> bytes:
+    """An MQTT error answer: the HTTP API's status and message."""
+    return json.dumps({"error": message, "status": status}, separators=(",", ":")).encode()
 
 
 class MqttInference:
@@ -98,8 +129,9 @@ class MqttInference:
 
     def __init__(self, holder: ModelHolder, stats: RequestStats, publish: Callable[[str, bytes, bytes | None], Any],
                  prefix: str, device_id: str, max_payload: int = MAX_MESSAGE_BYTES,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, feedback: FeedbackSink | None = None) -> None:
         self.holder = holder
+        self.sink = feedback
         self.stats = stats
         self._publish = publish
         self.prefix = prefix
@@ -120,7 +152,7 @@ class MqttInference:
         topic = msg.response_topic or response_topic(self.prefix, self.device_id)
         reason = response_topic_refusal(topic, self.prefix, self.device_id)
         if reason is not None:
-            self.stats.record_rejected()
+            self.stats.record_rejected(model=self.holder.get())
             self._warn(topic, f"not answering an MQTT inference request: response topic {topic!r} {reason}")
             return
         body = answer_mqtt_request(self.holder, self.stats, msg.payload, self.max_payload)
@@ -128,6 +160,31 @@ class MqttInference:
             self._publish(topic, body, msg.correlation_data)
         except (EdgeshipError, ValueError) as e:
             log.warning("could not answer an inference request on %r: %s", topic, e)
+
+    def feedback(self, msg: Any) -> None:
+        """Take one feedback message (a `Message`; module doc); never raises: whatever goes wrong is logged."""
+        try:
+            self._feedback(msg)
+        except Exception:
+            log.exception("MQTT feedback on %s failed", getattr(msg, "topic", "?"))
+
+    def _feedback(self, msg: Any) -> None:
+        if self.sink is None:
+            log.debug("ignoring MQTT feedback on %s: feedback is not enabled", msg.topic)
+            return
+        topic = msg.response_topic
+        if topic is not None:
+            reason = response_topic_refusal(topic, self.prefix, self.device_id)
+            if reason is not None:  # refused as a whole, like an inference request: nothing applied
+                self._warn(topic, f"not taking MQTT feedback: response topic {topic!r} {reason}")
+                return
+        body = answer_mqtt_feedback(self.sink, self.holder, msg.payload)
+        if topic is None:
+            return
+        try:
+            self._publish(topic, body, msg.correlation_data)
+        except (EdgeshipError, ValueError) as e:
+            log.warning("could not answer feedback on %r: %s", topic, e)
 
     def _warn(self, topic: str, message: str) -> None:
         now = self._clock()

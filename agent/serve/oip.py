@@ -1,6 +1,7 @@
 """The Open Inference Protocol v2 (KServe / Triton REST) as data: request bodies to numpy arrays, results to
 response bodies, model metadata, and one inference run against the served model. Pure of any server: the HTTP
-server (`agent.serve.http`) and MQTT inference (`agent.serve.mqtt`) both speak through it.
+server (`agent.serve.http`) and MQTT inference (`agent.serve.mqtt`) both speak through it. Labelled feedback
+(`{"id", "label"}` for an earlier answer's id) is parsed and handed to a FeedbackSink here too (`run_feedback`).
 
 Memory: a batch over the limit is refused from the shapes in the body before its tensors are decoded where the
 body allows it (`declared_batches`), else right after the JSON is parsed and before any array is built.
@@ -19,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import BadRequest, BatchTooLarge, ModelNotReady, ServingError
+from agent.errors import BadRequest, BatchTooLarge, InferenceFailed, ModelNotReady, ServingError
 from agent.serve.holder import (
     DATATYPES,
+    FeedbackSink,
     InferResult,
     LoadedModel,
     ModelHolder,
@@ -272,8 +274,12 @@ def run_infer(holder: ModelHolder, stats: RequestStats, body: bytes, name: str |
 
     `name`/`version` come from the URL; None takes the body's `model_name`/`model_version` (MQTT has no URL),
     and with no name there either, whatever model is being served. Raises ServingError (with `.status`).
+
+    The answer's `id` is the request's, or a new one when it has none (or an empty one); the observers on `stats`
+    are told that same id, before this returns (so feedback sent after the answer finds it).
     """
     start = time.perf_counter()
+    served: LoadedModel | None = None
     try:
         served = holder.get()
         limit: int | None = None
@@ -289,18 +295,92 @@ def run_infer(holder: ModelHolder, stats: RequestStats, body: bytes, name: str |
                     raise ModelNotReady("no model is loaded yet")
                 name = served.name
         result = holder.infer(name, version, request.inputs, request.outputs)
-        data = json.dumps(encode_infer_response(result, request.id), separators=(",", ":")).encode()
+        request_id = request.id or uuid.uuid4().hex
+        data = json.dumps(encode_infer_response(result, request_id), separators=(",", ":")).encode()
     except ServingError as e:
+        ms = (time.perf_counter() - start) * 1000.0
+        target = served if served is not None and (name is None or name == served.name) else None
         if e.status >= 500 and not isinstance(e, ModelNotReady):  # the model's failure, not the client's
-            stats.record_error()
+            stats.record_error(model=target, ms=ms)
             log.warning("inference on %s failed: %s", name, e)
         else:
-            stats.record_rejected()
+            stats.record_rejected(model=target, ms=ms)
             if isinstance(e, BatchTooLarge):
                 log.info("refused an inference request: %s", e)
         raise
     except Exception:
-        stats.record_error()
+        ms = (time.perf_counter() - start) * 1000.0
+        stats.record_error(model=served if served is not None and name in (None, served.name) else None, ms=ms)
         raise
-    stats.record_ok((time.perf_counter() - start) * 1000.0, tag=result.model)
+    stats.record_answer(request_id, result.model, request.inputs, result.all_outputs,
+                        (time.perf_counter() - start) * 1000.0)
     return data
+
+
+# --- labelled feedback -------------------------------------------------------------------------------------------
+
+MAX_FEEDBACK_BYTES = 64 << 10  # a label is a number or a short list: anything longer is refused unread (413)
+FEEDBACK_RESULTS = ("accepted", "unknown", "expired", "duplicate")
+
+
+@dataclass(frozen=True)
+class FeedbackRequest:
+    """`{"id": <an answer's id>, "label": <int | number | list of numbers>}`; `model_name` only over MQTT."""
+
+    id: str
+    label: int | float | list[int | float]
+    model_name: str | None = None
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def parse_feedback(body: bytes) -> FeedbackRequest:
+    """A feedback body as a FeedbackRequest; BadRequest (naming the problem) if it is not one."""
+    try:
+        doc = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"feedback body is not valid UTF-8 (byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"feedback body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    except (ValueError, RecursionError) as e:  # NaN/Infinity, huge integers, deep nesting
+        raise BadRequest(f"feedback body is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise BadRequest(f"feedback body must be a JSON object, got {_json_type(doc)}")
+    req_id = doc.get("id")
+    if not isinstance(req_id, str) or not req_id:
+        what = "missing" if req_id is None else f"{_json_type(req_id)}" if not isinstance(req_id, str) else "empty"
+        raise BadRequest(f"feedback needs 'id': the id of the answer it labels (a non-empty string; got {what})")
+    if "label" not in doc:
+        raise BadRequest("feedback needs 'label': a class index, a value, or a list of numbers")
+    label = doc["label"]
+    if isinstance(label, list):
+        if not label or not all(_number(v) for v in label):
+            raise BadRequest("'label' as a list must be a non-empty list of finite numbers")
+    elif not _number(label):
+        raise BadRequest(f"'label' must be an integer, a number or a list of numbers, got {_json_type(label)}")
+    model_name = doc.get("model_name")
+    if model_name is not None and not isinstance(model_name, str):
+        raise BadRequest(f"'model_name' must be a string, got {_json_type(model_name)}")
+    return FeedbackRequest(id=req_id, label=label, model_name=model_name)
+
+
+def run_feedback(sink: FeedbackSink, body: bytes, name: str | None = None,
+                 served: LoadedModel | None = None) -> bytes:
+    """Hand one feedback body to `sink`; the answer `{"id", "result"}` (result: one of FEEDBACK_RESULTS).
+
+    `name` comes from the URL; None takes the body's `model_name`, else the served model's name (MQTT). Unknown and
+    expired ids are answers, not errors. BadRequest for a malformed body or a label the sink refuses (ValueError):
+    the sink is not called, or changed nothing. A body over MAX_FEEDBACK_BYTES is the caller's to refuse (413).
+    """
+    request = parse_feedback(body)
+    if name is None:
+        name = request.model_name or (served.name if served is not None else "")
+    try:
+        result = sink.feedback(name, request.id, request.label)
+    except ValueError as e:
+        raise BadRequest(f"'label' does not fit the prediction of {request.id!r}: {e}") from e
+    if result not in FEEDBACK_RESULTS:
+        raise InferenceFailed(f"feedback sink answered {result!r}, not one of {FEEDBACK_RESULTS}")
+    return json.dumps({"id": request.id, "result": result}, separators=(",", ":")).encode()

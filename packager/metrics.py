@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agent.telemetry.drift import reference_drift
+
 METRIC_BY_TASK = {"classification": "top1", "regression": "mse", "embedding": "cosine"}
 DEFAULT_MAX_DROP = {"classification": 1.0, "regression": 1.0, "embedding": 0.01}
 
@@ -76,7 +78,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def reference_histograms(task: str, output: np.ndarray, bins: int = 20) -> dict[str, object]:
-    """What normal outputs look like on the evaluation set, for drift detection on the device later."""
+    """What normal outputs look like on the evaluation set, for drift detection on the device later.
+
+    "drift" holds what the device measures against (agent/telemetry/drift.py): decile bin edges of one number per
+    row (top-1 confidence, row mean or L2 norm, by task) and the reference counts per bin; the other sections
+    describe the outputs for people and the fleet view.
+    """
     flat = output.reshape(len(output), -1).astype(np.float64)
     ref: dict[str, object] = {"task": task, "samples": len(flat), "bins": bins}
     if task == "classification":
@@ -91,6 +98,9 @@ def reference_histograms(task: str, output: np.ndarray, bins: int = 20) -> dict[
     v_counts, v_edges = np.histogram(flat, bins=bins)
     ref["output_values"] = {"edges": _floats(v_edges), "counts": v_counts.tolist(),
                             "mean": float(flat.mean()), "std": float(flat.std())}
+    drift = reference_drift(task, output)
+    if drift is not None:
+        ref["drift"] = drift
     return ref
 
 

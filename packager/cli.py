@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("bundle", type=Path)
     pub.add_argument("--repo", type=Path, required=True)
     pub.add_argument("--group", default="default", help="device group whose deployment this becomes")
+    pub.add_argument("--shadow", type=Path, metavar="SHADOW_BUNDLE",
+                     help="also sign this bundle for the group to run in shadow on a sample of live inputs (never "
+                          "answering from it); each publish writes the whole deployment: omit it to end a shadow")
     _transport_args(pub, required=False)
 
     ref = sub.add_parser("refresh", help="re-sign timestamp (and snapshot when due) and publish it")
@@ -86,7 +89,36 @@ def _parser() -> argparse.ArgumentParser:
     un.add_argument("bundles", nargs="*", metavar="NAME-VERSION")
     un.add_argument("--repo", type=Path, required=True)
     _transport_args(un, required=False)
+
+    _fleet_args(sub)
     return p
+
+
+def _fleet_args(sub: Any) -> None:
+    from packager.fleet.view import EVENTS_WAIT_S, STATUS_WAIT_S  # pure: no paho or rich for other commands
+
+    fl = sub.add_parser("fleet", help="the fleet's view from the devices' state, telemetry and events")
+    fsub = fl.add_subparsers(dest="fleet_command", required=True)
+    fs = fsub.add_parser("status", help="one row per device: state, bundle, latency, accuracy, drift, resources")
+    fw = fsub.add_parser("watch", help="the status table, live (Ctrl-C quits)")
+    fe = fsub.add_parser("events", help="the devices' transition events, de-duplicated, one per line")
+    for f in (fs, fw, fe):
+        f.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+        f.add_argument("--fleet", default="default", help="topic prefix edgeship/<fleet>/ (default: default)")
+        f.add_argument("--ca-file", help="CA certificate for mqtts://")
+    for f in (fs, fw):
+        f.add_argument("--group", help="only devices whose state names this group")
+        f.add_argument("--error-rate-alarm", type=float, default=0.05,
+                       help="error rate above which a device is flagged (default 0.05)")
+    fs.add_argument("--json", action="store_true", help='print {"devices": [...]} on stdout')
+    fs.add_argument("--wait", type=float, default=STATUS_WAIT_S,
+                    help=f"longest time to listen for telemetry, seconds (default {STATUS_WAIT_S:g}: "
+                         "two of the agent's default intervals)")
+    fe.add_argument("--follow", action="store_true", help="keep printing events until Ctrl-C")
+    fe.add_argument("--device", help="only this device's events")
+    fe.add_argument("--json", action="store_true", help="one JSON object per line")
+    fe.add_argument("--wait", type=float, default=EVENTS_WAIT_S,
+                    help=f"without --follow, listen this many seconds (default {EVENTS_WAIT_S:g})")
 
 
 def _transport_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -241,15 +273,20 @@ def _publish(args: argparse.Namespace) -> int:
     topics = pub.topics_for(args.fleet)
     if args.command == "publish" and not args.bundle.is_file():
         raise InputError(f"bundle {args.bundle}: no such file")
+    if args.command == "publish" and args.shadow is not None and not args.shadow.is_file():
+        raise InputError(f"--shadow {args.shadow}: no such file")
     client = _connect(args)
     try:
         if args.command == "publish":
-            r = pub.publish(args.repo, args.bundle, args.group, client, topics, args.http_dir, _ProgressBar())
+            r = pub.publish(args.repo, args.bundle, args.group, client, topics, args.http_dir, _ProgressBar(),
+                            shadow=args.shadow)
             where = ", ".join(w for w, on in (("broker", client), ("mirror", args.http_dir)) if on)
             sent = f"{r.stats.chunks_published} chunks sent, {r.stats.chunks_skipped} already there" if r.stats \
                 else "no broker"
             print(f"published {r.bundle_target} for group {args.group} ({r.sha256[:12]}) to {where}: {sent}; "
                   f"timestamp v{r.timestamp_version}")
+            if r.shadow_target is not None:
+                print(f"group {args.group} runs {r.shadow_target} in shadow")
         elif args.command == "refresh":
             changed, version = pub.refresh(args.repo, client, topics, args.http_dir, args.force_snapshot)
             print(f"re-signed {', '.join(changed)}; timestamp v{version}")
@@ -262,13 +299,45 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fleet(args: argparse.Namespace) -> int:
+    from packager import publish as pub
+
+    _check_transport_args(args)
+    if getattr(args, "device", None) is not None:
+        pub.check_level_name("--device", args.device)
+    wait = getattr(args, "wait", None)
+    if wait is not None and not (math.isfinite(wait) and wait > 0):
+        raise InputError(f"--wait {wait:g}: must be a positive number of seconds")
+    alarm = getattr(args, "error_rate_alarm", None)
+    if alarm is not None and not (math.isfinite(alarm) and 0 <= alarm <= 1):
+        raise InputError(f"--error-rate-alarm {alarm:g}: must be in [0, 1]")
+    prefix = pub.topics_for(args.fleet).prefix
+    client = _connect(args)
+    try:
+        if args.fleet_command == "status":
+            from packager.fleet import status
+
+            return status.run(client, prefix, wait=args.wait, group=args.group, as_json=args.json,
+                              error_rate_alarm=args.error_rate_alarm)
+        if args.fleet_command == "watch":
+            from packager.fleet import watch
+
+            return watch.run(client, prefix, group=args.group, error_rate_alarm=args.error_rate_alarm)
+        from packager.fleet import events
+
+        return events.run(client, prefix, device=args.device, follow=args.follow, wait=args.wait,
+                          as_json=args.json)
+    finally:
+        client.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         commands = {"build": _build, "inspect": _inspect, "keys": _keys, "publish": _publish, "refresh": _publish,
-                    "unpublish": _publish}
+                    "unpublish": _publish, "fleet": _fleet}
         return commands[args.command](args)
     except BundleRejected as e:
         print(f"packager: bundle rejected ({e.reason}): {e}", file=sys.stderr)

@@ -1,0 +1,62 @@
+"""`packager fleet status`: listen to the fleet for a short window, then print one row per device.
+
+The retained `state` of every device arrives at once; telemetry is periodic, so the window is about two telemetry
+intervals (`--wait`, default 20 s for the agent's default 10 s). It ends early once every online device has sent
+two telemetry messages (enough to tell missing sequence numbers), or after a second when no device is online.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from rich.console import Console
+
+from agent.transport.mqtt import MqttClient
+from packager.fleet.table import render
+from packager.fleet.view import DEFAULT_ERROR_RATE_ALARM, FleetView
+
+log = logging.getLogger(__name__)
+
+SETTLE_S = 1.0  # retained messages follow the SUBACK within milliseconds; a second is plenty on a slow link
+
+
+def collect(client: MqttClient, view: FleetView, *, wait: float, group: str | None = None,
+            clock: Callable[[], float] = time.monotonic) -> None:
+    """Feed `view` what arrives on the devices' state and telemetry topics for up to `wait` seconds."""
+    with client.subscribe_stream(view.filters(("state", "telemetry"))) as sub:
+        log.info("subscribed to %s", " ".join(sub.filters))
+        start = clock()
+        deadline = start + wait
+        while (now := clock()) < deadline:
+            if now - start >= min(SETTLE_S, wait) and not [
+                    d for d in view.waiting_for() if group is None or view.rows[d].group == group]:
+                break
+            msg = sub.get(timeout=min(deadline - now, 0.2))
+            if msg is not None:
+                view.feed(msg.topic, msg.payload)
+
+
+def run(client: MqttClient, prefix: str, *, wait: float, group: str | None, as_json: bool,
+        error_rate_alarm: float = DEFAULT_ERROR_RATE_ALARM, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    view = FleetView(prefix)
+    collect(client, view, wait=wait, group=group)
+    if as_json:
+        print(json.dumps(view.to_json(group, error_rate_alarm)), file=out)
+    else:
+        rows = view.devices(group)
+        if rows:
+            console = Console(file=out, width=None if out.isatty() else 200)
+            console.print(render(rows, error_rate_alarm=error_rate_alarm))
+        else:
+            print(f"no devices under {prefix}" + (f" in group {group}" if group else ""), file=out)
+    skipped = sum(view.skipped.values())
+    if skipped:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(view.skipped.items()))
+        print(f"packager: skipped {skipped} malformed message(s): {reasons}", file=sys.stderr)
+    return 0

@@ -6,11 +6,14 @@ stops cleanly.
   process per step) and judging probation with `watch_probation`; the rule everywhere: persist, then act;
 - serving: one `ModelHolder` read by the HTTP server (agent/serve/http.py) and MQTT inference (agent/serve/mqtt.py),
   so inference never waits for a deployment step;
-- the broker: one `MqttClient`; transitions reach it through `MqttLink` (events, the retained state, the birth
-  message republished after a reconnect); `notify` pokes wake the loop for a check.
+- the broker: one `MqttClient`; transitions reach it through `MqttLink` (agent/telemetry/link.py: events through
+  the telemetry queue, the retained state and birth message directly); `notify` pokes wake the loop for a check;
+- telemetry: one `Telemetry` hub (agent/telemetry/hub.py) that serving reports into (observer, feedback sink,
+  /metrics), and the `Publisher` sending its messages and the events through the disk queue (docs/telemetry.md).
 
 Threads: the main thread drives the state machine (and starts every fetch worker); the HTTP server and paho's
-network thread serve requests and only read the one model reference.
+network thread serve requests and only read the one model reference; the publisher's two threads build and flush
+telemetry.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -25,7 +29,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.config import AgentConfig, ConfigError
@@ -34,10 +38,14 @@ from agent.deploy.fetch_client import FetchClient
 from agent.deploy.machine import BundleRef, DeployState
 from agent.deploy.probation import read_manifest, watch_probation
 from agent.deploy.stage import DeviceProfile, StagedModel, stage_bundle
-from agent.deploy.steps import Staged, Steps
+from agent.deploy.steps import Staged, Steps, release_dir
 from agent.deploy.store import StateStore
-from agent.errors import EdgeshipError, TransportError
+from agent.errors import TransportError
 from agent.serve.holder import LoadedModel, ModelHolder, RequestStats
+from agent.telemetry.hub import Telemetry
+from agent.telemetry.link import MqttLink
+from agent.telemetry.publisher import Publisher
+from agent.telemetry.queue import DiskQueue
 
 if TYPE_CHECKING:  # paho and the HTTP server are imported when first used
     from agent.serve.http import InferenceServer
@@ -46,7 +54,7 @@ if TYPE_CHECKING:  # paho and the HTTP server are imported when first used
 
 log = logging.getLogger(__name__)
 
-MAX_BEFORE_CONNECT = 64  # events kept for the broker while it was never reachable yet; later ones are dropped
+RECONNECT_CAP_S = 120.0  # the first connection's retry backoff: doubling from 1 s up to this, with full jitter
 EXIT_HUNG = 70  # the agent exits when a model hangs it; systemd restarts it and the crash counter decides
 
 
@@ -88,54 +96,6 @@ class ThreadStager:
         return Staged(model, staged.to_event())
 
 
-class MqttLink:
-    """The deployment's `Link` over the daemon's MQTT client: `devices/<id>/events` and the retained
-    `devices/<id>/state` (also the client's birth message, republished after every reconnect). What is published
-    before the first connection is kept (up to MAX_BEFORE_CONNECT) and sent once connected."""
-
-    def __init__(self, device_id: str) -> None:
-        self.device_id = device_id
-        self.client: MqttClient | None = None
-        self._pending: list[tuple[str, dict[str, Any], bool]] = []
-        self._lock = threading.Lock()
-
-    def attach(self, client: MqttClient) -> None:
-        with self._lock:
-            self.client = client
-            pending, self._pending = self._pending, []
-        for leaf, payload, retain in pending:
-            self._publish(leaf, payload, retain)
-
-    def event(self, payload: dict[str, Any]) -> None:
-        self._publish("events", payload, retain=False)
-
-    def state(self, payload: dict[str, Any], *, online: bool) -> None:
-        from agent.transport.mqtt import Will
-
-        client = self.client
-        if client is not None and online:
-            client.birth = Will(client.topics.device(self.device_id, "state"), json.dumps(payload).encode(),
-                                retain=True, qos=1)
-        self._publish("state", payload, retain=True)
-
-    def _publish(self, leaf: str, payload: dict[str, Any], retain: bool) -> None:
-        client = self.client
-        if client is None:  # e.g. start() records the restart's transition before connecting: send it later
-            with self._lock:
-                client = self.client
-                if client is None:
-                    if len(self._pending) < MAX_BEFORE_CONNECT:
-                        self._pending.append((leaf, payload, retain))
-                    return
-        if not client.is_connected:
-            return
-        try:
-            client.publish(client.topics.device(self.device_id, leaf), json.dumps(payload).encode(), retain=retain,
-                           qos=1, wait=False)
-        except EdgeshipError as e:
-            log.warning("could not publish %s: %s", leaf, e)
-
-
 class Daemon:
     def __init__(self, cfg: AgentConfig, *, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
@@ -148,7 +108,14 @@ class Daemon:
         self.stopping = threading.Event()
         self.mqtt: MqttClient | None = None
         self.http: InferenceServer | None = None
-        self.link = MqttLink(cfg.agent.device_id)
+        tcfg = cfg.telemetry
+        self.telemetry = Telemetry(tcfg, self.state_dir, serving=self.holder.get, release_of=self.release_of)
+        self.stats.observers.append(self.telemetry)
+        self.queue = DiskQueue(self.state_dir / "telemetry.db", max_messages=tcfg.queue_max_messages,
+                               max_bytes=tcfg.queue_max_bytes)
+        self.publisher = Publisher(self.queue, cfg.agent.device_id, build=self.telemetry.message_body,
+                                   interval_s=tcfg.interval_s, clock=clock)
+        self.link = MqttLink(cfg.agent.device_id, self.publisher)
         self._infer_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mqtt-infer")
         self._answerer: MqttInference | None = None
 
@@ -169,8 +136,17 @@ class Daemon:
         self.check_listen()
         ds = self.deployer.start()
         self._start_http(ds)
+        self.publisher.start()
         self._connect()
         return ds
+
+    def release_of(self, model: LoadedModel) -> Path | None:
+        """The release directory of a serving model (its reference.json and golden rows), from the saved state."""
+        ds = self.store.load()
+        for ref in (ds.current, ds.candidate):
+            if ref is not None and (ref.name, ref.version) == (model.name, model.version):
+                return release_dir(self.state_dir, ref.name, ref.version, ref.sha256)
+        return None
 
     def _listen_address(self) -> tuple[str, int]:
         host, _, port = self.cfg.serve.http.rpartition(":")
@@ -202,7 +178,8 @@ class Daemon:
         from agent.serve.http import InferenceServer, ListenError
 
         host, port = self._listen_address()
-        self.http = InferenceServer(self.holder, self.stats, host, port)
+        metrics = self.telemetry.metrics_text if self.cfg.telemetry.metrics else None
+        self.http = InferenceServer(self.holder, self.stats, host, port, feedback=self.telemetry, metrics=metrics)
         try:
             self.http.start()
         except ListenError as e:  # taken since check_listen(): not the model's fault, so not counted as a crash
@@ -235,8 +212,10 @@ class Daemon:
         self._attach(client)
 
     def _connect_later(self) -> None:
-        delay = 1.0
-        while not self.stopping.wait(delay):
+        # Exponential backoff with full jitter, so a fleet does not reconnect in step after a broker outage. (paho's
+        # own automatic reconnects after a first connection: agent/transport/mqtt.py's reconnect_delay_set.)
+        backoff = 1.0
+        while not self.stopping.wait(random.uniform(0.5, 1.0) * backoff):
             client = self._new_client()
             try:
                 client.connect(timeout=self.cfg.mqtt.connect_timeout_s)
@@ -244,7 +223,7 @@ class Daemon:
             except TransportError as e:
                 client.close()
                 log.debug("broker still unreachable: %s", e)
-                delay = min(2 * delay, 30.0)
+                backoff = min(2 * backoff, RECONNECT_CAP_S)
                 continue
             log.info("connected to the broker")
             self.deployer.announce(self.store.load())
@@ -255,19 +234,22 @@ class Daemon:
         """Use a connected client: subscribe, send what was recorded before, serve MQTT requests."""
         from agent.serve.mqtt import MqttInference
 
+        dev = self.cfg.agent.device_id
         notify = client.subscribe_stream([client.topics.notify])
-        requests = client.subscribe_stream([client.topics.device(self.cfg.agent.device_id, "infer/request")])
+        requests = client.subscribe_stream([client.topics.device(dev, "infer/request")])
+        feedback = client.subscribe_stream([client.topics.device(dev, "feedback")])
 
         def publish(topic: str, body: bytes, correlation: bytes | None) -> None:
             client.publish(topic, body, retain=False, qos=1, wait=False, correlation_data=correlation)
 
         # which response topics are answered, and the refusals' log: agent/serve/mqtt.py
-        self._answerer = MqttInference(self.holder, self.stats, publish, client.topics.prefix,
-                                       self.cfg.agent.device_id)
+        self._answerer = MqttInference(self.holder, self.stats, publish, client.topics.prefix, dev,
+                                       feedback=self.telemetry)
         self.mqtt = client
         self.link.attach(client)
         threading.Thread(target=self._notify_loop, args=(notify,), name="notify", daemon=True).start()
         threading.Thread(target=self._infer_loop, args=(requests,), name="mqtt-infer", daemon=True).start()
+        threading.Thread(target=self._feedback_loop, args=(feedback,), name="mqtt-feedback", daemon=True).start()
 
     def _notify_loop(self, sub: Subscription) -> None:
         for _msg in sub:
@@ -280,6 +262,11 @@ class Daemon:
     def _answer(self, msg: Message) -> None:
         if self._answerer is not None:
             self._answerer.answer(msg)  # never raises; logs what went wrong
+
+    def _feedback_loop(self, sub: Subscription) -> None:
+        for msg in sub:
+            if self._answerer is not None:
+                self._infer_pool.submit(self._answerer.feedback, msg)  # never raises either
 
     # --- running -----------------------------------------------------------------------------------------------
 
@@ -304,8 +291,10 @@ class Daemon:
         self.deployer.announce(ds, status="offline")  # a clean disconnect does not fire the last will
         if self.http is not None:
             self.http.stop()
+        self.publisher.stop()  # what the broker takes within 2 s; the rest stays queued on disk for the next run
         if self.mqtt is not None:
             self.mqtt.close()
+        self.queue.close()
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
         # Last, once nothing serves: a model that crashes the agent before this point still counts as a crash.
         self.deployer.stop(ds)

@@ -19,7 +19,7 @@ from typing import Any
 
 from tuf.api.metadata import TargetFile
 
-from agent.bundle import sha256_file, verify_bundle
+from agent.bundle import Manifest, sha256_file, verify_bundle
 from agent.transport.mqtt import MqttClient, parse_broker_url
 from agent.transport.topics import Topics
 from packager import tuf_repo
@@ -65,9 +65,26 @@ def deployment_target_path(group: str) -> str:
     return f"deployments/{group}.json"
 
 
-def deployment_document(group: str, target_path: str, name: str, version: int, sha256: str) -> bytes:
-    """What a group should run. Signed as a TUF target, so a device trusts it like the bundle itself."""
-    doc = {"group": group, "bundle": target_path, "name": name, "version": version, "sha256": sha256}
+@dataclass(frozen=True)
+class ShadowSpec:
+    """A bundle a group runs in shadow beside what it serves (never answering a caller from it)."""
+
+    bundle: str  # its target path, `bundles/<name>-<version>.bundle`
+    name: str
+    version: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bundle": self.bundle, "name": self.name, "version": self.version, "sha256": self.sha256}
+
+
+def deployment_document(group: str, target_path: str, name: str, version: int, sha256: str,
+                        shadow: ShadowSpec | None = None) -> bytes:
+    """What a group should run (and, optionally, run in shadow). Signed as a TUF target, so a device trusts it like
+    the bundle itself. Agents that predate shadow mode read only the keys they know and ignore `shadow`."""
+    doc: dict[str, Any] = {"group": group, "bundle": target_path, "name": name, "version": version, "sha256": sha256}
+    if shadow is not None:
+        doc["shadow"] = shadow.to_json()
     return json.dumps(doc, sort_keys=True).encode() + b"\n"
 
 
@@ -80,6 +97,7 @@ class PublishResult:
     added: tuple[str, ...]  # target paths newly signed by this run (empty on a rerun)
     stats: PublishStats | None
     http_files: int
+    shadow_target: str | None = None  # the shadow bundle's target path, when the deployment names one
 
 
 def _timestamp_version(metadata: dict[str, bytes]) -> int:
@@ -106,46 +124,86 @@ def push(repo: Path, client: MqttClient | None, topics: Topics, targets: list[Ta
     return stats, http_files, version
 
 
-def sign_bundle(repo: Path, bundle: Path, group: str) -> tuple[list[TargetFile], tuple[str, ...], str]:
-    """Add the bundle and the group's deployment document as targets, unless the repository already has them.
+def _bundle_custom(manifest: Manifest) -> dict[str, Any]:
+    return {
+        "name": manifest.name, "version": manifest.version, "task": manifest.task,
+        "formats": [a.format for a in manifest.artifacts],
+        "runtimes": sorted({a.runtime for a in manifest.artifacts}),
+        "arch": list(manifest.target.get("arch", [])), "min_ram_mb": manifest.target.get("min_ram_mb"),
+    }
 
-    Returns the two TargetFiles to push, the target paths newly added, and the bundle's sha256.
+
+def _bundle_item(bundle: Path, manifest: Manifest, existing: dict[str, TargetFile],
+                 items: list[tuple[str, Path, dict[str, Any]]]) -> tuple[str, str]:
+    """(target path, sha256) of `bundle`; queues it in `items` unless the repository already signs it."""
+    path = bundle_target_path(manifest.name, manifest.version)
+    digest = sha256_file(bundle)
+    if path in existing:
+        if existing[path].hashes.get("sha256") != digest:
+            raise InputError(f"{path} is already published with different content: bundles are immutable, "
+                             "build a new version")
+    elif all(p != path for p, _, _ in items):
+        items.append((path, bundle, _bundle_custom(manifest)))
+    return path, digest
+
+
+def check_shadow_compatible(serving: Manifest, shadow: Manifest) -> None:
+    """InputError unless `shadow` can run on the serving model's live inputs and be compared with its outputs."""
+    if (shadow.name, shadow.version) == (serving.name, serving.version):
+        raise InputError(f"--shadow: {shadow.name} v{shadow.version} is the bundle being published; shadow another")
+    if shadow.task != serving.task:
+        raise InputError(f"--shadow: {shadow.name} v{shadow.version} is a {shadow.task} model, "
+                         f"{serving.name} v{serving.version} a {serving.task} one: their answers cannot be compared")
+    theirs = {s.name for s in shadow.inputs}
+    ours = {s.name for s in serving.inputs}
+    if theirs != ours:
+        raise InputError(f"--shadow: {shadow.name} v{shadow.version} takes inputs {sorted(theirs)}, "
+                         f"{serving.name} v{serving.version} takes {sorted(ours)}: it could not run on live inputs")
+
+
+def sign_bundle(repo: Path, bundle: Path, group: str,
+                shadow: Path | None = None) -> tuple[list[TargetFile], tuple[str, ...], str]:
+    """Add the bundle (and the `shadow` bundle, if any) and the group's deployment document as targets, unless the
+    repository already has them. The document is rewritten whole: publishing without `shadow` ends a shadow.
+
+    Returns the TargetFiles to push (bundle, deployment, then the shadow bundle), the target paths newly added,
+    and the bundle's sha256.
     """
     check_level_name("--group", group)
     manifest = verify_bundle(bundle).manifest  # never sign something a device would refuse
-    bundle_path = bundle_target_path(manifest.name, manifest.version)
+    shadow_manifest = verify_bundle(shadow).manifest if shadow is not None else None
+    if shadow_manifest is not None:
+        check_shadow_compatible(manifest, shadow_manifest)
     dep_path = deployment_target_path(group)
     existing = tuf_repo.referenced_targets(repo)
     items: list[tuple[str, Path, dict[str, Any]]] = []
-    digest = sha256_file(bundle)
-    if bundle_path in existing:
-        if existing[bundle_path].hashes.get("sha256") != digest:
-            raise InputError(f"{bundle_path} is already published with different content: bundles are immutable, "
-                             "build a new version")
-    else:
-        items.append((bundle_path, bundle, {
-            "name": manifest.name, "version": manifest.version, "task": manifest.task,
-            "formats": [a.format for a in manifest.artifacts],
-            "runtimes": sorted({a.runtime for a in manifest.artifacts}),
-            "arch": list(manifest.target.get("arch", [])), "min_ram_mb": manifest.target.get("min_ram_mb"),
-        }))
+    bundle_path, digest = _bundle_item(bundle, manifest, existing, items)
+    spec: ShadowSpec | None = None
+    if shadow is not None and shadow_manifest is not None:
+        shadow_path, shadow_digest = _bundle_item(shadow, shadow_manifest, existing, items)
+        spec = ShadowSpec(shadow_path, shadow_manifest.name, shadow_manifest.version, shadow_digest)
     with tempfile.TemporaryDirectory(prefix="edgeship-publish-") as tmp:
         doc = Path(tmp) / f"{group}.json"
-        doc.write_bytes(deployment_document(group, bundle_path, manifest.name, manifest.version, digest))
+        doc.write_bytes(deployment_document(group, bundle_path, manifest.name, manifest.version, digest, spec))
         current = existing.get(dep_path)
         if current is None or current.hashes.get("sha256") != sha256_file(doc):
-            items.append((dep_path, doc, {"group": group, "name": manifest.name, "version": manifest.version}))
+            custom: dict[str, Any] = {"group": group, "name": manifest.name, "version": manifest.version}
+            if spec is not None:  # so `unpublish` refuses to drop a bundle a group still shadows
+                custom["shadow"] = {"name": spec.name, "version": spec.version}
+            items.append((dep_path, doc, custom))
         if items:
             tuf_repo.add_targets(repo, items, chunk_size=CHUNK_SIZE)
     signed = tuf_repo.referenced_targets(repo)
-    return [signed[bundle_path], signed[dep_path]], tuple(p for p, _, _ in items), digest
+    targets = [signed[bundle_path], signed[dep_path]] + ([signed[spec.bundle]] if spec is not None else [])
+    return targets, tuple(p for p, _, _ in items), digest
 
 
 def publish(repo: Path, bundle: Path, group: str, client: MqttClient | None, topics: Topics,
-            http_dir: Path | None, progress: Progress | None = None) -> PublishResult:
-    targets, added, digest = sign_bundle(repo, bundle, group)
+            http_dir: Path | None, progress: Progress | None = None, shadow: Path | None = None) -> PublishResult:
+    targets, added, digest = sign_bundle(repo, bundle, group, shadow)
     stats, http_files, version = push(repo, client, topics, targets, http_dir, progress)
-    return PublishResult(targets[0].path, targets[1].path, digest, version, added, stats, http_files)
+    return PublishResult(targets[0].path, targets[1].path, digest, version, added, stats, http_files,
+                         targets[2].path if len(targets) > 2 else None)
 
 
 def refresh(repo: Path, client: MqttClient | None, topics: Topics, http_dir: Path | None,
@@ -177,6 +235,10 @@ def unpublish(repo: Path, bundles: list[str], client: MqttClient | None, topics:
                  and f"{tf.custom.get('name')}-{tf.custom.get('version')}" == ref]
         if users:
             raise InputError(f"{ref} is what {', '.join(users)} deploys: publish another bundle for that group first")
+        shadows = [p for p, tf in signed.items() if p.startswith("deployments/") and _shadow_ref(tf) == ref]
+        if shadows:
+            raise InputError(f"{ref} is what {', '.join(shadows)} runs in shadow: publish that group's bundle "
+                             "without --shadow (or with another) first")
         tuf_repo.remove_target(repo, path)
         removed.append(path)
     garbage = unreferenced_files(repo)
@@ -191,6 +253,11 @@ def unpublish(repo: Path, bundles: list[str], client: MqttClient | None, topics:
         f.unlink()
         log.info("garbage-collected target %s", f.name)
     return removed, garbage
+
+
+def _shadow_ref(tf: TargetFile) -> str | None:
+    shadow = dict(tf.custom).get("shadow")
+    return f"{shadow.get('name')}-{shadow.get('version')}" if isinstance(shadow, dict) else None
 
 
 def _remove_mirror_copy(http_dir: Path, sha: str) -> None:

@@ -12,6 +12,8 @@ imports none of them (nor paho); it starts the worker, bounds how long it may ru
     cand = client.candidate_for(ref)   # in DOWNLOAD/VERIFY: the remembered one, or a fresh CHECK after a restart
     path = client.download(cand)
     client.verify(cand, Path(ref.path))
+    client.last_shadow                 # the shadow bundle the latest CHECK answer named (None: none)
+    client.fetch_shadow(shadow, release_dir)   # download + verify + unpack it; no deployment state is touched
 
 Errors: the worker's typed errors come back as BundleRejected / TransportError with the worker's reason; anything
 else it raised as FetchWorkerError (`type_name` is the worker's class name, which `failure_event` reports); no
@@ -55,6 +57,16 @@ POLL_S = 0.5  # how often a running worker's deadline and the stop request are l
 
 
 @dataclass(frozen=True)
+class ShadowCandidate:
+    """The bundle the group's signed deployment names as its shadow, as the fetch worker's CHECK reported it."""
+
+    name: str
+    version: int
+    sha256: str
+    chunks: int = 1
+
+
+@dataclass(frozen=True)
 class Candidate:
     """What the group's signed deployment names, as the fetch worker's CHECK reported it."""
 
@@ -62,6 +74,7 @@ class Candidate:
     version: int
     sha256: str
     chunks: int = 1  # of the signed chunk plan: bounds how long a download may take
+    shadow: ShadowCandidate | None = None  # the bundle to run in shadow beside it (agent/telemetry/shadow.py)
 
 
 class FetchClient:
@@ -79,6 +92,7 @@ class FetchClient:
         self._config: Path | None = None
         self._prechecked: tuple[Candidate | None, Exception | None] | None = None
         self._candidate: Candidate | None = None  # in memory only: CHECK is re-run after a restart
+        self.last_shadow: ShadowCandidate | None = None  # what the latest CHECK answer named as the shadow
 
     # --- the steps ---------------------------------------------------------------------------------------------
 
@@ -114,7 +128,7 @@ class FetchClient:
         """The candidate's signed info: from this run's CHECK, or a fresh CHECK after a restart (or when CHECK
         remembered another). BundleRejected("superseded") when the deployment names another bundle now."""
         if self._candidate is None or self._candidate.sha256 != ref.sha256:
-            cand = candidate_from(self._run("check"))
+            cand = self._candidate_from(self._run("check"))
             if cand.sha256 != ref.sha256:
                 raise BundleRejected(f"the deployment changed to {cand.name} v{cand.version} meanwhile",
                                      reason="superseded")
@@ -133,6 +147,14 @@ class FetchClient:
     def verify(self, cand: Candidate, extract_to: Path) -> None:
         """Verify the downloaded bundle against its signed target and this device, extracting it to `extract_to`."""
         self._run("verify", cand.sha256, chunks=cand.chunks, extract_to=extract_to)
+
+    def fetch_shadow(self, shadow: ShadowCandidate, extract_to: Path) -> Path:
+        """Download and verify the shadow bundle (every check a candidate gets) and unpack it to `extract_to`;
+        returns `extract_to`. Touches no deployment state: call it between deployment steps (from the main
+        thread, like every step). BundleRejected "superseded" when the deployment names another shadow now,
+        "not_found" when it names none."""
+        self._run("shadow", shadow.sha256, chunks=shadow.chunks, extract_to=extract_to)
+        return extract_to
 
     # --- running a worker --------------------------------------------------------------------------------------
 
@@ -159,9 +181,15 @@ class FetchClient:
             out = self._run("check")
         except BundleRejected as e:
             if e.reason == "not_found":  # no deployment for this group yet
+                self.last_shadow = None
                 return None
             raise
-        return candidate_from(out)
+        return self._candidate_from(out)
+
+    def _candidate_from(self, out: dict[str, Any]) -> Candidate:
+        cand = candidate_from(out)
+        self.last_shadow = cand.shadow
+        return cand
 
     def _run(self, step: str, sha256: str | None = None, *, chunks: int = 1,
              extract_to: Path | None = None) -> dict[str, Any]:
@@ -222,9 +250,24 @@ class FetchClient:
 def candidate_from(out: dict[str, Any]) -> Candidate:
     """The Candidate of a worker's CHECK answer; TransportError("fetch_worker") when it is malformed."""
     try:
-        return Candidate(str(out["name"]), int(out["version"]), str(out["sha256"]), int(out.get("chunks", 1)))
+        return Candidate(str(out["name"]), int(out["version"]), str(out["sha256"]), int(out.get("chunks", 1)),
+                         shadow_from(out.get("shadow")))
     except (KeyError, TypeError, ValueError) as e:
         raise TransportError(f"the fetch worker's check answer is malformed: {e}", reason="fetch_worker") from e
+
+
+def shadow_from(raw: object) -> ShadowCandidate | None:
+    """The ShadowCandidate of a CHECK answer's `shadow` (None when absent, null or malformed: a shadow is optional
+    and never a reason to refuse the deployment; a worker that predates shadow mode sends none)."""
+    if raw is None:
+        return None
+    try:
+        if not isinstance(raw, dict):
+            raise TypeError(f"not an object: {raw!r}")
+        return ShadowCandidate(str(raw["name"]), int(raw["version"]), str(raw["sha256"]), int(raw.get("chunks", 1)))
+    except (KeyError, TypeError, ValueError) as e:
+        log.warning("ignoring a malformed shadow in the fetch worker's check answer: %s", e)
+        return None
 
 
 def worker_error(doc: dict[str, Any]) -> Exception:

@@ -3,14 +3,18 @@
 The daemon (`agent/daemon.py`) runs these steps here rather than in its own process so that the TUF stack
 (python-tuf, securesystemslib, cryptography, requests) never stays resident beside the serving model:
 
-    python -m agent.deploy.fetch_worker --config FILE --step check|download|verify [--sha256 HEX] [--extract-to DIR]
-                                 [--parent-pid PID] [--parent-fd FD]
+    python -m agent.deploy.fetch_worker --config FILE --step check|download|verify|shadow [--sha256 HEX]
+                                 [--extract-to DIR] [--parent-pid PID] [--parent-fd FD]
 
 `--config` is a JSON document of the agent configuration's sections (what `config_document` writes; values are
 final, `EDGESHIP_*` overrides are not applied again). The worker connects its own MQTT client
 (`edge-agent-<id>-fetch-<pid>-<random>`: unique, so it never takes over another process's session) and falls back
 to the HTTP mirror like `agent.fetch.fetch`. Every step but `check` first re-reads the signed deployment and
-refuses to go on ("superseded") when it no longer names `--sha256`.
+refuses to go on ("superseded") when it no longer names `--sha256` (for `shadow`: as its shadow bundle).
+
+`shadow` downloads and verifies the shadow bundle the deployment names (`--sha256` is the shadow's), unpacking it
+to `--extract-to`, with every check a candidate gets; it records no deployment (the state machine never sees a
+shadow). A deployment that names no shadow is "not_found".
 
 The worker ends when the daemon that started it dies (a SIGKILL included), so a restarted daemon never finds an
 earlier worker still fetching: on Linux the kernel sends it SIGKILL (`PR_SET_PDEATHSIG`, set first thing, then
@@ -18,9 +22,12 @@ earlier worker still fetching: on Linux the kernel sends it SIGKILL (`PR_SET_PDE
 of a pipe whose write end only the daemon holds, and exits at its end of file.
 
 It prints exactly one JSON line on stdout:
-    check     {"name", "version", "sha256", "length", "chunks"}
+    check     {"name", "version", "sha256", "length", "chunks", "shadow"}
+              shadow: {"name", "version", "sha256", "length", "chunks"} of the shadow bundle, or null (none, or an
+              entry that does not check out: logged, and never a reason to refuse the deployment itself)
     download  {"name", "version", "sha256", "path"}
     verify    {"name", "version", "sha256", "path"}
+    shadow    {"name", "version", "sha256", "path", "release"}   (the shadow's; release: where it was unpacked)
     failure   {"error": message, "reason": reason, "kind": "rejected" | "transport" | "error", "type": class name}
 """
 
@@ -47,7 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STEPS = ("check", "download", "verify")
+STEPS = ("check", "download", "verify", "shadow")
 EXIT_ORPHANED = 3  # the daemon died: nobody is left to read the answer
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -114,12 +121,43 @@ def run_step(step: str, source: BundleSource, sha256: str | None, extract_to: Pa
     if step == "check":
         plan = source.client.chunk_plan(cand.bundle_tf)
         return {"name": cand.name, "version": cand.version, "sha256": cand.sha256, "length": cand.bundle_tf.length,
-                "chunks": len(plan.chunk_hashes)}
+                "chunks": len(plan.chunk_hashes), "shadow": _shadow_summary(source, cand)}
+    if step == "shadow":
+        return _shadow_step(source, cand, sha256, extract_to)
     _require(cand, sha256)
     path = source.download(cand)
     if step == "verify":
         source.verify(cand, path, extract_to=extract_to)
     return {"name": cand.name, "version": cand.version, "sha256": cand.sha256, "path": str(path)}
+
+
+def _shadow_summary(source: BundleSource, cand: SignedCandidate) -> dict[str, Any] | None:
+    """What `check` reports of the shadow. Its failures are logged, not raised: a shadow is optional."""
+    try:
+        shadow = source.shadow(cand)
+        if shadow is None:
+            return None
+        plan = source.client.chunk_plan(shadow.bundle_tf)
+    except BundleRejected as e:
+        log.warning("ignoring the deployment's shadow: %s (%s)", e, e.reason)
+        return None
+    return {"name": shadow.name, "version": shadow.version, "sha256": shadow.sha256,
+            "length": shadow.bundle_tf.length, "chunks": len(plan.chunk_hashes)}
+
+
+def _shadow_step(source: BundleSource, cand: SignedCandidate, sha256: str | None,
+                 extract_to: Path | None) -> dict[str, Any]:
+    shadow = source.shadow(cand)
+    if shadow is None:
+        raise BundleRejected(f"the deployment of {cand.name} v{cand.version} names no shadow bundle",
+                             reason="not_found")
+    if sha256 is not None and shadow.sha256 != sha256:
+        raise BundleRejected(f"the deployment's shadow changed to {shadow.name} v{shadow.version} meanwhile",
+                             reason="superseded")
+    path = source.download(shadow)
+    source.verify_shadow(shadow, path, extract_to=extract_to)
+    return {"name": shadow.name, "version": shadow.version, "sha256": shadow.sha256, "path": str(path),
+            "release": str(extract_to) if extract_to is not None else None}
 
 
 def _require(cand: SignedCandidate, sha256: str | None) -> None:
@@ -131,8 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m agent.deploy.fetch_worker", description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, required=True, help="the configuration as JSON (config_document)")
     p.add_argument("--step", choices=STEPS, required=True)
-    p.add_argument("--sha256", help="the candidate the daemon is deploying (download, verify)")
-    p.add_argument("--extract-to", type=Path, help="the release directory to unpack the bundle to (verify)")
+    p.add_argument("--sha256", help="the candidate the daemon is deploying (download, verify), or the shadow "
+                                    "bundle it fetches (shadow)")
+    p.add_argument("--extract-to", type=Path, help="the release directory to unpack the bundle to (verify, shadow)")
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--parent-pid", type=int, help="the daemon's pid: exit at once if it is no longer the parent")
     p.add_argument("--parent-fd", type=int, help="read end of a pipe from the daemon: exit when it reaches EOF")

@@ -63,6 +63,39 @@ def parse_deployment(data: bytes, group: str) -> tuple[str, str, int]:
     return path, name, version
 
 
+@dataclass(frozen=True)
+class ShadowEntry:
+    """The deployment document's optional `shadow`: a bundle the group runs beside the serving one, never
+    answering from it (docs/transport.md)."""
+
+    bundle: str  # target path, bundles/<name>-<version>.bundle
+    name: str
+    version: int
+    sha256: str
+
+
+def parse_shadow(data: bytes, group: str) -> ShadowEntry | None:
+    """The `shadow` entry of a signed deployment document (None when it names none); malformed -> BundleRejected.
+
+    `parse_deployment` never reads it, so a bad shadow entry cannot hold up the deployment itself."""
+    try:
+        doc = json.loads(data)
+        raw = doc.get("shadow") if isinstance(doc, dict) else None
+    except ValueError as e:
+        raise BundleRejected(f"deployment document for group {group!r} is malformed: {e}", reason="malformed") from e
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise BundleRejected(f"deployment document for group {group!r}: shadow must be an object",
+                             reason="malformed")
+    path, name, version, sha = raw.get("bundle"), raw.get("name"), raw.get("version"), raw.get("sha256")
+    if not isinstance(path, str) or not path.startswith("bundles/") or not isinstance(name, str) \
+            or isinstance(version, bool) or not isinstance(version, int) or not isinstance(sha, str):
+        raise BundleRejected(f"deployment document for group {group!r}: shadow does not describe a bundle",
+                             reason="malformed")
+    return ShadowEntry(path, name, version, sha)
+
+
 def _expect(fetcher: ChunkFetcher, client: TrustedClient, tf: TargetFile) -> None:
     """Register `tf`'s signed chunk plan: the fetcher checks every chunk against it as it arrives."""
     plan = client.chunk_plan(tf)
@@ -80,6 +113,16 @@ class SignedCandidate:
     bundle_tf: TargetFile
     deployment_tf: TargetFile
     deployment_file: Path  # in incoming/ until the bundle verified
+
+
+@dataclass(frozen=True)
+class SignedShadow:
+    """The bundle a signed deployment names as its shadow, with its signed TUF target info."""
+
+    name: str
+    version: int
+    sha256: str
+    bundle_tf: TargetFile
 
 
 class BundleSource:
@@ -110,12 +153,27 @@ class BundleSource:
                                  f"deployment says {name} v{version}", reason="mismatch")
         return SignedCandidate(name, version, bundle_tf.hashes["sha256"], bundle_tf, dep_tf, dep_file)
 
-    def download(self, cand: SignedCandidate) -> Path:
+    def shadow(self, cand: SignedCandidate) -> SignedShadow | None:
+        """The shadow bundle `cand`'s deployment document names (None when none), checked against its signed
+        target like the candidate itself: BundleRejected "malformed", "not_found" or "mismatch"."""
+        entry = parse_shadow(cand.deployment_file.read_bytes(), self.cfg.agent.group)
+        if entry is None:
+            return None
+        tf = self.client.require_target(entry.bundle)
+        custom: dict[str, Any] = dict(tf.custom)
+        if custom.get("name") != entry.name or custom.get("version") != entry.version \
+                or tf.hashes.get("sha256") != entry.sha256:
+            raise BundleRejected(f"shadow {entry.bundle} is signed as {custom.get('name')} v{custom.get('version')} "
+                                 f"({tf.hashes.get('sha256', '?')[:12]}), the deployment says {entry.name} "
+                                 f"v{entry.version} ({entry.sha256[:12]})", reason="mismatch")
+        return SignedShadow(entry.name, entry.version, tf.hashes["sha256"], tf)
+
+    def download(self, cand: SignedCandidate | SignedShadow) -> Path:
         _expect(self.fetcher, self.client, cand.bundle_tf)
         return self.client.download(cand.bundle_tf, self.state / "bundles")
 
-    def verify(self, cand: SignedCandidate, path: Path, extract_to: Path | None = None) -> Manifest:
-        """Check the bundle's own manifest and hashes (and unpack it); only then record the deployment."""
+    def _check_bundle(self, cand: SignedCandidate | SignedShadow, path: Path, extract_to: Path | None) -> Manifest:
+        """The bundle's own manifest and hashes checked (and unpacked), as signed; an unusable file is deleted."""
         try:
             if extract_to is not None:
                 # leftovers of an attempt killed midway: the final directory, or verify_bundle's staging one
@@ -129,6 +187,17 @@ class BundleSource:
         except BundleRejected:
             path.unlink(missing_ok=True)  # signed but unusable: never leave it where a later step could pick it up
             raise
+        return manifest
+
+    def verify_shadow(self, shadow: SignedShadow, path: Path, extract_to: Path | None = None) -> Manifest:
+        """Like `verify`, but records nothing: a shadow is no deployment, the state machine never sees it."""
+        manifest = self._check_bundle(shadow, path, extract_to)
+        self.fetcher.discard(shadow.sha256)
+        return manifest
+
+    def verify(self, cand: SignedCandidate, path: Path, extract_to: Path | None = None) -> Manifest:
+        """Check the bundle's own manifest and hashes (and unpack it); only then record the deployment."""
+        manifest = self._check_bundle(cand, path, extract_to)
         (self.state / "deployments").mkdir(exist_ok=True)
         os.replace(cand.deployment_file, self.state / "deployments" / cand.deployment_file.name)
         fsync_dir(self.state / "deployments")

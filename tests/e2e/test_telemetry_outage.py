@@ -146,7 +146,7 @@ def test_outage_and_restart_lose_nothing(fleet: tuple[Mosquitto, Collector, list
                                          digits: tuple[Path, np.ndarray]) -> None:
     broker, collector, devices = fleet
     bundle, x = digits
-    a, b = devices
+    a = devices[0]
     for dev in devices:
         dev.start()
         dev.publish(bundle)

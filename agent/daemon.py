@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from agent import __version__
 from agent.config import AgentConfig, ConfigError
@@ -37,7 +37,7 @@ from agent.deploy.driver import Deployer
 from agent.deploy.fetch_client import FetchClient
 from agent.deploy.machine import BundleRef, DeployState
 from agent.deploy.probation import read_manifest, watch_probation
-from agent.deploy.stage import DeviceProfile, StagedModel, stage_bundle
+from agent.deploy.stage import DeviceProfile, stage_bundle
 from agent.deploy.steps import Staged, Steps, release_dir
 from agent.deploy.store import StateStore
 from agent.errors import TransportError
@@ -46,6 +46,8 @@ from agent.telemetry.hub import Telemetry
 from agent.telemetry.link import MqttLink
 from agent.telemetry.publisher import Publisher
 from agent.telemetry.queue import DiskQueue
+from agent.telemetry.shadow import load_shadow
+from agent.telemetry.shadow_manager import ShadowManager
 
 if TYPE_CHECKING:  # paho and the HTTP server are imported when first used
     from agent.serve.http import InferenceServer
@@ -56,12 +58,14 @@ log = logging.getLogger(__name__)
 
 RECONNECT_CAP_S = 120.0  # the first connection's retry backoff: doubling from 1 s up to this, with full jitter
 EXIT_HUNG = 70  # the agent exits when a model hangs it; systemd restarts it and the crash counter decides
+T = TypeVar("T")
 
 
 class ThreadStager:
-    """Stages a release in a thread bounded by [deploy] stage_timeout_s. A native call that never returns cannot
-    be interrupted from Python: the agent exits (EXIT_HUNG), and the restart counter, persisted before STAGE, rolls
-    the bundle back after max_restarts."""
+    """Stages a release (and loads a shadow bundle) in a thread bounded by [deploy] stage_timeout_s. A native call
+    that never returns cannot be interrupted from Python: the agent exits (EXIT_HUNG), and the restart counter,
+    persisted before STAGE, rolls the bundle back after max_restarts (a hung shadow: agent/telemetry/shadow_manager.py
+    does not load it again)."""
 
     def __init__(self, cfg: AgentConfig, device: DeviceProfile) -> None:
         self.threads = cfg.deploy.threads
@@ -71,29 +75,38 @@ class ThreadStager:
     def stage(self, ref: BundleRef, *, warm_runs: int, timing_runs: int) -> Staged:
         path = Path(ref.path)
         manifest = read_manifest(path)
-        result: list[StagedModel] = []
-        errors: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                result.append(stage_bundle(path, manifest, self.device, threads=self.threads, warmup=warm_runs,
-                                           timing_runs=timing_runs))
-            except BaseException as e:
-                errors.append(e)
-
-        worker = threading.Thread(target=work, name="stage", daemon=True)
-        worker.start()
-        worker.join(self.timeout_s)
-        if worker.is_alive():
-            log.critical("staging %s v%s hung for %gs; exiting so the supervisor restarts the agent", ref.name,
-                         ref.version, self.timeout_s)
-            logging.shutdown()
-            os._exit(EXIT_HUNG)
-        if errors:
-            raise errors[0]
-        staged = result[0]
+        staged = bounded(lambda: stage_bundle(path, manifest, self.device, threads=self.threads, warmup=warm_runs,
+                                              timing_runs=timing_runs),
+                         self.timeout_s, f"staging {ref.name} v{ref.version}")
         model = LoadedModel(ref.name, ref.version, staged.fmt, staged.session, manifest=manifest)
         return Staged(model, staged.to_event())
+
+    def load_shadow(self, release: Path) -> LoadedModel:
+        """agent/telemetry/shadow.py's load_shadow, bounded like staging (it stages the shadow bundle)."""
+        return bounded(lambda: load_shadow(release, self.device), self.timeout_s, f"loading the shadow {release.name}")
+
+
+def bounded(work: Callable[[], T], timeout_s: float, what: str) -> T:
+    """`work()` in a thread, waited for at most `timeout_s`: a native call that hangs exits the agent (EXIT_HUNG)."""
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as e:
+            errors.append(e)
+
+    worker = threading.Thread(target=run, name="stage", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        log.critical("%s hung for %gs; exiting so the supervisor restarts the agent", what, timeout_s)
+        logging.shutdown()
+        os._exit(EXIT_HUNG)
+    if errors:
+        raise errors[0]
+    return result[0]
 
 
 class Daemon:
@@ -123,8 +136,12 @@ class Daemon:
             watch_probation(model, self.stats, release, fmt, cfg.deploy, self.stopping)
 
         fetch = FetchClient(cfg, stopping=self.stopping, connected=lambda: self.mqtt is not None)
-        self.steps = Steps(fetch=fetch, stager=ThreadStager(cfg, DeviceProfile.detect()), holder=self.holder,
-                           watch=watch, state_dir=self.state_dir, group=cfg.agent.group)
+        stager = ThreadStager(cfg, DeviceProfile.detect())
+        self.steps = Steps(fetch=fetch, stager=stager, holder=self.holder, watch=watch, state_dir=self.state_dir,
+                           group=cfg.agent.group)
+        self.shadows = ShadowManager(fetch, self.state_dir, tcfg, self.stats.observers, load=stager.load_shadow,
+                                     in_use=self.bundles_in_use)
+        self.telemetry.shadow = self.shadows.snapshot
         self.deployer = Deployer(self.steps, self.store, self.link, device_id=cfg.agent.device_id,
                                  group=cfg.agent.group, agent_version=__version__, stopping=self.stopping,
                                  clock=clock, keep=cfg.deploy.keep, max_restarts=cfg.deploy.max_restarts)
@@ -147,6 +164,11 @@ class Daemon:
             if ref is not None and (ref.name, ref.version) == (model.name, model.version):
                 return release_dir(self.state_dir, ref.name, ref.version, ref.sha256)
         return None
+
+    def bundles_in_use(self) -> set[str]:
+        """The sha256s of the bundles the saved deployment state refers to (current, candidate, kept)."""
+        ds = self.store.load()
+        return {ref.sha256 for ref in (ds.current, ds.candidate, *ds.previous) if ref is not None}
 
     def _listen_address(self) -> tuple[str, int]:
         host, _, port = self.cfg.serve.http.rpartition(":")
@@ -282,6 +304,7 @@ class Daemon:
                 if self.stopping.is_set():
                     break
                 ds = self.deployer.check(ds)
+                self.shadows.after_check()  # the shadow bundle the check's answer named, if any
                 next_check = time.monotonic() + self.cfg.deploy.poll_interval_s
         self.shutdown(ds)
         return 0
@@ -294,6 +317,7 @@ class Daemon:
         self.publisher.stop()  # what the broker takes within 2 s; the rest stays queued on disk for the next run
         if self.mqtt is not None:
             self.mqtt.close()
+        self.shadows.close()
         self.queue.close()
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
         # Last, once nothing serves: a model that crashes the agent before this point still counts as a crash.

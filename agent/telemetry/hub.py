@@ -5,6 +5,7 @@
     stats.observers.append(hub)          # ServeObserver: every answered / failed request
     InferenceServer(..., feedback=hub, metrics=hub.metrics_text)   # FeedbackSink and the /metrics body
     Publisher(queue, device_id, build=hub.message_body, ...)
+    hub.shadow = shadows.snapshot        # the shadow_* figures (agent/telemetry/shadow_manager.py)
 
 It owns InferenceFigures (counters, latency histogram), FeedbackBook (labelled accuracy), the DriftMonitor of the
 serving bundle (rebuilt from its release's reference.json when the serving bundle changes) and the ParitySchedule
@@ -73,6 +74,8 @@ class Telemetry:
         self._parity_key: Key | None = None
         self.last_resources: dict[str, Any] = {}  # the latest sample, for /metrics
         self._registry: CollectorRegistry | None = None
+        # the shadow bundle's figures (ShadowManager.snapshot: null fields while none runs); None: not wired
+        self.shadow: Callable[[], dict[str, Any]] | None = None
 
     # --- ServeObserver -------------------------------------------------------------------------------------
 
@@ -152,7 +155,8 @@ class Telemetry:
                 **self.inference.snapshot(name, version, now, advance=advance),
                 **self.book.snapshot(name, version),
                 **self._drift_figures(model),
-                **self._parity_figures(model, run=advance)}
+                **self._parity_figures(model, run=advance),
+                **(self.shadow() if self.shadow is not None else {})}
 
     def message_body(self, now: float) -> dict[str, Any]:
         """The telemetry message without its envelope (agent/telemetry/publisher.py adds schema, device, ts,

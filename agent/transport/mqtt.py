@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import queue
+import random
 import re
 import socket
 import ssl
@@ -34,7 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
@@ -59,6 +60,20 @@ MAX_TOPICS_PER_SUBSCRIBE = 64
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _UNSUPPORTED_PROTOCOL = (1, 0x84)
 _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # 3.1.1 CONNACK code 1 / MQTT 5 reason 0x84
+# paho's automatic reconnect after a lost connection: it waits min_delay, then doubles the wait per failed attempt up
+# to max_delay, and starts again at min_delay after a successful CONNACK. paho has no jitter, so each client draws its
+# own min_delay: a fleet that lost its broker at the same moment then retries spread out, not in lockstep.
+RECONNECT_MIN_DELAY_S = (0.5, 1.5)
+RECONNECT_MAX_DELAY_S = 120.0
+
+
+def reconnect_min_delay(rng: random.Random | None = None) -> float:
+    """A random first reconnect wait in RECONNECT_MIN_DELAY_S (seconds)."""
+    low, high = RECONNECT_MIN_DELAY_S
+    return (rng or _RNG).uniform(low, high)
+
+
+_RNG = random.SystemRandom()  # os.urandom: no shared seed, not even between forked processes
 
 
 @dataclass(frozen=True)
@@ -440,6 +455,8 @@ class MqttClient:
         self.will = will
         self.birth = birth
         self.receive_window = receive_window
+        self.reconnect_min_delay = reconnect_min_delay()  # this client's jitter (see RECONNECT_MIN_DELAY_S)
+        self.reconnect_max_delay = RECONNECT_MAX_DELAY_S
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -492,7 +509,9 @@ class MqttClient:
         if self.will is not None:  # paho sends it with every CONNECT, reconnects included
             w = self.will
             client.will_set(w.topic, w.payload, qos=w.qos, retain=w.retain)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # paho annotates int but only compares, doubles and sleeps on them: a float min_delay is the jitter
+        client.reconnect_delay_set(min_delay=cast(int, self.reconnect_min_delay),
+                                   max_delay=cast(int, self.reconnect_max_delay))
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

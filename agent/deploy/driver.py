@@ -34,6 +34,7 @@ from agent.deploy.machine import (
     on_restart,
     serving_after_restart,
 )
+from agent.deploy.rollout import Membership, rollout_fields
 from agent.deploy.steps import Steps
 from agent.errors import StopRequested
 from agent.serve.holder import LoadedModel
@@ -144,7 +145,7 @@ class Deployer:
         self._last_no_update = le.reason if le.event is Event.NO_UPDATE else None
         log.log(logging.DEBUG if quiet else logging.INFO, "%s -> %s (%s%s)", old_state.value, ds.state.value,
                 le.event.value, f": {le.reason}" if le.reason else "")
-        self.link.event(event_payload(self.device_id, old_state, ds, extra))
+        self.link.event(event_payload(self.device_id, old_state, ds, extra, rollout=self.rollout()))
         if _state_key(self.state_payload(ds)) != self._last_state_key:
             self.announce(ds)  # the retained state follows every transition (a periodic no_update changes nothing)
 
@@ -159,9 +160,17 @@ class Deployer:
             "serving": _describe(self.steps.holder.get()),
             # the last check found nothing signed for this group: a mistyped [agent] group shows here
             "no_deployment": no_deployment(ds),
+            # the group's rollout as it concerns this device, from the latest check (None: no rollout)
+            **rollout_fields(self.rollout()),
             "since": ds.updated_at,  # when the state machine last moved (None on a fresh device)
             "at": self.clock(),  # when this message was made
         }
+
+    def rollout(self) -> Membership | None:
+        """This device's place in the rollout the latest check read (the FetchClient keeps it in memory; a
+        restarted agent reports none until its first check, which it runs at start)."""
+        m = getattr(self.steps.fetch, "last_rollout", None)  # fakes of the FetchPort may not have it
+        return m if isinstance(m, Membership) else None
 
     def announce(self, ds: DeployState, status: str = "online") -> None:
         """Publish the retained state: at start, on every transition that changes it, at a clean stop ("offline")
@@ -171,16 +180,18 @@ class Deployer:
         self.link.state(payload, online=status == "online")
 
 
-def event_payload(device_id: str, old_state: State, ds: DeployState, extra: Mapping[str, Any] | None = None
-                  ) -> dict[str, Any]:
-    """The `devices/<id>/events` message of the transition from `old_state` into `ds`."""
+def event_payload(device_id: str, old_state: State, ds: DeployState, extra: Mapping[str, Any] | None = None,
+                  *, rollout: Membership | None = None) -> dict[str, Any]:
+    """The `devices/<id>/events` message of the transition from `old_state` into `ds` (`rollout`: the device's
+    place in the rollout the latest check read, as `rollout_id`/`rollout_wave`)."""
     le = ds.last_event
     assert le is not None
     bundle = ds.candidate or ds.current
     event = {"device": device_id, "from": old_state.value, "to": ds.state.value,
              "event": le.event.value, "reason": le.reason, "at": le.at,
              "bundle": None if bundle is None else {"name": bundle.name, "version": bundle.version,
-                                                    "sha256": bundle.sha256, "format": bundle.format}}
+                                                    "sha256": bundle.sha256, "format": bundle.format},
+             **rollout_fields(rollout)}
     if extra:
         event.update(extra)
     return event

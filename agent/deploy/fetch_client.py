@@ -13,6 +13,7 @@ imports none of them (nor paho); it starts the worker, bounds how long it may ru
     path = client.download(cand)
     client.verify(cand, Path(ref.path))
     client.last_shadow                 # the shadow bundle the latest CHECK answer named (None: none)
+    client.last_rollout                # this device's place in the latest CHECK's rollout (None: no rollout)
     client.fetch_shadow(shadow, release_dir)   # download + verify + unpack it; no deployment state is touched
 
 Errors: the worker's typed errors come back as BundleRejected / TransportError with the worker's reason; anything
@@ -40,6 +41,7 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.deploy.fetch_worker import config_document
 from agent.deploy.machine import BundleRef
+from agent.deploy.rollout import Membership
 from agent.errors import (
     BundleRejected,
     FetchWorkerError,
@@ -75,6 +77,7 @@ class Candidate:
     sha256: str
     chunks: int = 1  # of the signed chunk plan: bounds how long a download may take
     shadow: ShadowCandidate | None = None  # the bundle to run in shadow beside it (agent/telemetry/shadow.py)
+    rollout: Membership | None = None  # the rollout that chose it for this device (None: the document has none)
 
 
 class FetchClient:
@@ -93,6 +96,7 @@ class FetchClient:
         self._prechecked: tuple[Candidate | None, Exception | None] | None = None
         self._candidate: Candidate | None = None  # in memory only: CHECK is re-run after a restart
         self.last_shadow: ShadowCandidate | None = None  # what the latest CHECK answer named as the shadow
+        self.last_rollout: Membership | None = None  # the latest CHECK answer's rollout membership
 
     # --- the steps ---------------------------------------------------------------------------------------------
 
@@ -110,8 +114,9 @@ class FetchClient:
             self._prechecked = (None, e)
 
     def check(self) -> Candidate | None:
-        """The group's deployment (None when none is signed for it: `not_found`), from the precheck if one ran
-        since the last check, else from a worker now."""
+        """The group's deployment (None when none is signed for it: `not_found`, or when this device is outside a
+        rollout's wave and nothing else is named for it: then `last_rollout.follows` is "none"), from the precheck
+        if one ran since the last check, else from a worker now."""
         pre, self._prechecked = self._prechecked, None
         if pre is None:
             return self._check_worker()
@@ -128,7 +133,12 @@ class FetchClient:
         """The candidate's signed info: from this run's CHECK, or a fresh CHECK after a restart (or when CHECK
         remembered another). BundleRejected("superseded") when the deployment names another bundle now."""
         if self._candidate is None or self._candidate.sha256 != ref.sha256:
-            cand = self._candidate_from(self._run("check"))
+            out = self._run("check")
+            if out.get("not_in_wave"):
+                self.last_rollout, self.last_shadow = Membership.from_json(out.get("rollout")), None
+                raise BundleRejected("the deployment no longer names a bundle for this device (outside the "
+                                     "rollout's wave)", reason="superseded")
+            cand = self._candidate_from(out)
             if cand.sha256 != ref.sha256:
                 raise BundleRejected(f"the deployment changed to {cand.name} v{cand.version} meanwhile",
                                      reason="superseded")
@@ -181,14 +191,17 @@ class FetchClient:
             out = self._run("check")
         except BundleRejected as e:
             if e.reason == "not_found":  # no deployment for this group yet
-                self.last_shadow = None
+                self.last_shadow, self.last_rollout = None, None
                 return None
             raise
+        if out.get("not_in_wave"):  # a rollout this device is outside of, with no previous bundle to run
+            self.last_shadow, self.last_rollout = None, Membership.from_json(out.get("rollout"))
+            return None
         return self._candidate_from(out)
 
     def _candidate_from(self, out: dict[str, Any]) -> Candidate:
         cand = candidate_from(out)
-        self.last_shadow = cand.shadow
+        self.last_shadow, self.last_rollout = cand.shadow, cand.rollout
         return cand
 
     def _run(self, step: str, sha256: str | None = None, *, chunks: int = 1,
@@ -251,7 +264,7 @@ def candidate_from(out: dict[str, Any]) -> Candidate:
     """The Candidate of a worker's CHECK answer; TransportError("fetch_worker") when it is malformed."""
     try:
         return Candidate(str(out["name"]), int(out["version"]), str(out["sha256"]), int(out.get("chunks", 1)),
-                         shadow_from(out.get("shadow")))
+                         shadow_from(out.get("shadow")), Membership.from_json(out.get("rollout")))
     except (KeyError, TypeError, ValueError) as e:
         raise TransportError(f"the fetch worker's check answer is malformed: {e}", reason="fetch_worker") from e
 

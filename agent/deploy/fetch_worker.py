@@ -22,9 +22,13 @@ earlier worker still fetching: on Linux the kernel sends it SIGKILL (`PR_SET_PDE
 of a pipe whose write end only the daemon holds, and exits at its end of file.
 
 It prints exactly one JSON line on stdout:
-    check     {"name", "version", "sha256", "length", "chunks", "shadow"}
+    check     {"name", "version", "sha256", "length", "chunks", "shadow", "rollout"}
               shadow: {"name", "version", "sha256", "length", "chunks"} of the shadow bundle, or null (none, or an
               entry that does not check out: logged, and never a reason to refuse the deployment itself)
+              rollout: {"id", "wave", "follows", "reverted"} (agent/deploy/rollout.py Membership), or null when the
+              document has no rollout entry; name/version/sha256 are then of the bundle it names for this device
+              (the new one, or the rollout's `previous`)
+    check     {"not_in_wave": true, "rollout": {...}}   (outside a rollout's wave, and no previous bundle named)
     download  {"name", "version", "sha256", "path"}
     verify    {"name", "version", "sha256", "path"}
     shadow    {"name", "version", "sha256", "path", "release"}   (the shadow's; release: where it was unpacked)
@@ -117,11 +121,21 @@ def error_document(e: BaseException) -> dict[str, Any]:
 
 def run_step(step: str, source: BundleSource, sha256: str | None, extract_to: Path | None) -> dict[str, Any]:
     """Do `step` with `source`; the result document (errors propagate)."""
-    cand = source.check()
+    try:
+        cand = source.check()
+    except BundleRejected as e:
+        member = source.last_rollout
+        if member is None or member.follows != "none" or e.reason != "not_found":
+            raise
+        if step == "check":
+            return {"not_in_wave": True, "rollout": member.to_json()}
+        raise BundleRejected(f"the deployment no longer names a bundle for this device: {e}",
+                             reason="superseded") from e
     if step == "check":
         plan = source.client.chunk_plan(cand.bundle_tf)
         return {"name": cand.name, "version": cand.version, "sha256": cand.sha256, "length": cand.bundle_tf.length,
-                "chunks": len(plan.chunk_hashes), "shadow": _shadow_summary(source, cand)}
+                "chunks": len(plan.chunk_hashes), "shadow": _shadow_summary(source, cand),
+                "rollout": None if cand.rollout is None else cand.rollout.to_json()}
     if step == "shadow":
         return _shadow_step(source, cand, sha256, extract_to)
     _require(cand, sha256)

@@ -71,6 +71,11 @@ MAX_REASON = 200  # characters; longer reasons are clipped by apply()
 CRASH_LOOP = "crash_loop"
 CLEAN_STOP = "clean_stop"  # the reason of a `restarted` event that was not counted
 NO_DEPLOYMENT = "no_deployment"  # CHECK's no_update reason when nothing is signed for the device's group
+NOT_IN_WAVE = "not_in_wave"  # CHECK's no_update reason: outside a rollout's wave, no previous bundle named
+# Failures that roll back without putting the candidate on the rejected list: the group's signed deployment moved
+# on (a rollout aborted or advanced meanwhile), which is the controller's decision, not this device's verdict on
+# the bundle; a later deployment of the same bundle must reach the device again.
+NOT_BLAMED = frozenset({"superseded"})
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _T = TypeVar("_T", bound=StrEnum)
@@ -422,7 +427,8 @@ def apply(ds: DeployState, event: Event | str, reason: str = "", *, at: float, k
     - restarted / crash_loop (see on_restart) count a restart, unless `ds.clean_stop` (the agent stopped cleanly).
     - every transition clears `clean_stop`: a crash after it counts again.
     - entering ROLLBACK on failed/crash_loop records the candidate in `rejected` with the reason (and drops it
-      from `previous`: it is no longer known-good); `aborted` rolls back without blaming it.
+      from `previous`: it is no longer known-good); `aborted`, and a failure whose reason is in NOT_BLAMED
+      ("superseded": the deployment moved on, e.g. a rollout was aborted), roll back without blaming it.
     - COMMIT -ok-> IDLE: the candidate becomes current, the old current goes first in `previous`, which is trimmed
       to `keep`; use bundles_to_delete(ds, new) for the files no longer needed.
     - entering IDLE clears the candidate and the crash counter.
@@ -445,7 +451,8 @@ def apply(ds: DeployState, event: Event | str, reason: str = "", *, at: float, k
     current, previous, rejected = ds.current, ds.previous, dict(ds.rejected)
     if event in (Event.RESTARTED, Event.CRASH_LOOP) and ds.state in COUNTED and not ds.clean_stop:
         restarts += 1
-    if nxt is State.ROLLBACK and ds.state is not State.ROLLBACK and cand is not None and event in _REJECTING:
+    if nxt is State.ROLLBACK and ds.state is not State.ROLLBACK and cand is not None and event in _REJECTING \
+            and reason not in NOT_BLAMED:
         rejected.pop(cand.sha256, None)  # re-inserted as the newest
         rejected[cand.sha256] = reason or event.value
         while len(rejected) > MAX_REJECTED:
@@ -581,9 +588,12 @@ class Outcome:
     extra: Mapping[str, Any] | None = None
 
     @classmethod
-    def checked(cls, found: BundleRef | None) -> Outcome:
-        """CHECK's outcome: the bundle the group's deployment names, or None when nothing is signed for it."""
-        return cls(Event.NO_UPDATE, NO_DEPLOYMENT) if found is None else cls(Event.UPDATE_AVAILABLE, found=found)
+    def checked(cls, found: BundleRef | None, none_reason: str = NO_DEPLOYMENT) -> Outcome:
+        """CHECK's outcome: the bundle the group's deployment names for this device, or None when nothing is
+        signed for it (`none_reason`: NO_DEPLOYMENT, or NOT_IN_WAVE outside a rollout's wave)."""
+        if found is None:
+            return cls(Event.NO_UPDATE, none_reason)
+        return cls(Event.UPDATE_AVAILABLE, found=found)
 
 
 def advance(ds: DeployState, outcome: Outcome, *, at: float, keep: int = DEFAULT_KEEP) -> DeployState:

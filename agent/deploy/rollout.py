@@ -147,3 +147,46 @@ def target_for(doc: Mapping[str, Any], device_id: str, group: str) -> Target | N
         return None
     p = rollout.previous
     return Target(p.bundle, p.name, p.version, rollout.id, member_wave, previous=True, reverted=reverted)
+
+
+@dataclass(frozen=True)
+class Membership:
+    """What a device reports of the rollout its group's document carries (retained state, events, telemetry):
+    `follows` is "bundle" (the rollout's new version), "previous", or "none" (outside the wave, no previous)."""
+
+    rollout_id: str
+    rollout_wave: int | None
+    follows: Literal["bundle", "previous", "none"]
+    reverted: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.rollout_id, "wave": self.rollout_wave, "follows": self.follows, "reverted": self.reverted}
+
+    @classmethod
+    def from_json(cls, raw: object) -> Membership | None:
+        """None for None or anything malformed (an answer from a worker that predates rollouts sends none)."""
+        if not isinstance(raw, Mapping):
+            return None
+        rid, wave, follows, reverted = raw.get("id"), raw.get("wave"), raw.get("follows"), raw.get("reverted", False)
+        if not isinstance(rid, str) or not (wave is None or (isinstance(wave, int) and not isinstance(wave, bool))) \
+                or follows not in ("bundle", "previous", "none") or not isinstance(reverted, bool):
+            return None
+        return cls(rid, wave, follows, reverted)
+
+
+def membership(doc: Mapping[str, Any], device_id: str, group: str) -> Membership | None:
+    """This device's place in the document's rollout (None: the document has no rollout)."""
+    rollout = parse_rollout(doc, group)
+    if rollout is None:
+        return None
+    target = target_for(doc, device_id, group)
+    if target is None:
+        own = wave_of(device_id, group, list(rollout.waves))
+        return Membership(rollout.id, own if own is not None and own <= rollout.wave else None, "none",
+                          rollout.state == "aborted")
+    return Membership(rollout.id, target.rollout_wave, "previous" if target.previous else "bundle", target.reverted)
+
+
+def rollout_fields(m: Membership | None) -> dict[str, Any]:
+    """The flat fields the state, event and telemetry messages carry (docs/telemetry.md)."""
+    return {"rollout_id": None if m is None else m.rollout_id, "rollout_wave": None if m is None else m.rollout_wave}

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from agent.deploy.fetch_client import Candidate
 from agent.deploy.machine import (
+    NOT_IN_WAVE,
     TRANSITIONS,
     BundleRef,
     DeployState,
@@ -154,6 +155,9 @@ class Steps:
         self.fetch.remember(cand)
         self.staged = None
         if cand is None:
+            rollout = getattr(self.fetch, "last_rollout", None)  # FetchClient's; fakes without it: no rollout
+            if rollout is not None and rollout.follows == "none":
+                return Outcome.checked(None, NOT_IN_WAVE)  # outside the rollout's wave: not a missing deployment
             if not self._warned_no_deployment:  # once, and again only after a deployment was found meanwhile
                 log.warning("no deployment is signed for group %r (deployments/%s.json): nothing to deploy; "
                             "check [agent] group", self.group, self.group)

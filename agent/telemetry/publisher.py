@@ -67,6 +67,8 @@ class Publisher:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._flush_lock = threading.Lock()
+        # the device's rollout membership as the latest deployment event told it (agent/deploy/rollout.py)
+        self.rollout: dict[str, Any] = {"rollout_id": None, "rollout_wave": None}
 
     # --- inputs --------------------------------------------------------------------------------------------
 
@@ -75,7 +77,7 @@ class Publisher:
         now = self.clock()
         body = self.build(now)
         payload: dict[str, Any] = {"schema": SCHEMA, "device": self.device_id, "name": body.pop("name", None),
-                                   "version": body.pop("version", None), "ts": now, **body,
+                                   "version": body.pop("version", None), "ts": now, **self.rollout, **body,
                                    "telemetry_dropped_total": self.queue.telemetry_dropped_total,
                                    "events_dropped_total": self.queue.events_dropped_total,
                                    "queue_messages": len(self.queue), "queue_bytes": self.queue.bytes}
@@ -86,6 +88,8 @@ class Publisher:
     def event(self, payload: dict[str, Any]) -> int | None:
         """Queue one deployment event (agent/deploy/driver.py's event_payload) with the envelope added."""
         bundle = payload.get("bundle") or {}
+        if "rollout_id" in payload:
+            self.rollout = {"rollout_id": payload.get("rollout_id"), "rollout_wave": payload.get("rollout_wave")}
         envelope = {"schema": SCHEMA, "device": self.device_id, "name": bundle.get("name"),
                     "version": bundle.get("version"), "ts": self.clock()}
         seq = self._put(EVENT, "events", {**envelope, **payload})

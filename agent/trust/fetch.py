@@ -25,6 +25,7 @@ from tuf.api.metadata import TargetFile
 
 from agent.bundle import Manifest, verify_bundle
 from agent.config import AgentConfig
+from agent.deploy.rollout import Membership, membership, target_for
 from agent.errors import BundleRejected, TransportError
 from agent.fsutil import fsync_dir
 from agent.trust.client import TrustedClient
@@ -113,6 +114,7 @@ class SignedCandidate:
     bundle_tf: TargetFile
     deployment_tf: TargetFile
     deployment_file: Path  # in incoming/ until the bundle verified
+    rollout: Membership | None = None  # the document's rollout, as it concerns this device (None: no rollout)
 
 
 @dataclass(frozen=True)
@@ -134,9 +136,14 @@ class BundleSource:
         self.client = TrustedClient(self.state / "tuf", cfg.trust.root, fetcher, METADATA_URL, TARGETS_URL,
                                     max_metadata_bytes=cfg.limits.max_metadata_bytes,
                                     max_target_bytes=cfg.limits.max_bundle_bytes)
+        self.last_rollout: Membership | None = None  # the latest check's rollout membership (None: no rollout)
 
     def check(self) -> SignedCandidate:
-        """Refresh trust and read the group's deployment (BundleRejected "not_found" when there is none)."""
+        """Refresh trust and read the group's deployment: the bundle it names for this device (its rollout entry
+        decides between the new bundle and `previous`, agent/deploy/rollout.py). BundleRejected "not_found" when
+        nothing is signed for the group, or when the device is outside a rollout's wave and the document names no
+        previous bundle (then `last_rollout.follows` is "none")."""
+        self.last_rollout = None
         self.client.refresh()
         group = self.cfg.agent.group
         dep_tf = self.client.require_target(f"deployments/{group}.json")
@@ -145,13 +152,25 @@ class BundleSource:
         # bundle the device does not hold.
         dep_file = self.client.download(dep_tf, self.state / "incoming")
         self.fetcher.discard(dep_tf.hashes["sha256"])  # every periodic check reads it: leave no partial file
-        bundle_path, name, version = parse_deployment(dep_file.read_bytes(), group)
-        bundle_tf = self.client.require_target(bundle_path)
+        data = dep_file.read_bytes()
+        parse_deployment(data, group)
+        doc = json.loads(data)
+        device = self.cfg.agent.device_id
+        self.last_rollout = member = membership(doc, device, group)
+        target = target_for(doc, device, group)
+        if target is None:
+            assert member is not None  # only a rollout leaves a device without a target
+            raise BundleRejected(f"device {device!r} is outside rollout {member.rollout_id!r}'s reached wave and "
+                                 "the deployment names no previous bundle", reason="not_found")
+        # The target chosen, `previous` included, must be a signed target whose signed name and version are what
+        # the document says: the same check whichever entry named it.
+        bundle_tf = self.client.require_target(target.bundle)
         custom: dict[str, Any] = dict(bundle_tf.custom)
-        if custom.get("name") != name or custom.get("version") != version:
-            raise BundleRejected(f"{bundle_path} is signed as {custom.get('name')} v{custom.get('version')}, the "
-                                 f"deployment says {name} v{version}", reason="mismatch")
-        return SignedCandidate(name, version, bundle_tf.hashes["sha256"], bundle_tf, dep_tf, dep_file)
+        if custom.get("name") != target.name or custom.get("version") != target.version:
+            raise BundleRejected(f"{target.bundle} is signed as {custom.get('name')} v{custom.get('version')}, the "
+                                 f"deployment says {target.name} v{target.version}", reason="mismatch")
+        return SignedCandidate(target.name, target.version, bundle_tf.hashes["sha256"], bundle_tf, dep_tf, dep_file,
+                               member)
 
     def shadow(self, cand: SignedCandidate) -> SignedShadow | None:
         """The shadow bundle `cand`'s deployment document names (None when none), checked against its signed

@@ -91,7 +91,17 @@ def _parser() -> argparse.ArgumentParser:
     _transport_args(un, required=False)
 
     _fleet_args(sub)
+    _dashboard_args(sub)
     return p
+
+
+def _dashboard_args(sub: Any) -> None:
+    d = sub.add_parser("dashboard", help="serve the fleet's live page; the browser reads the broker over WebSockets")
+    d.add_argument("--broker-ws", required=True, help="the broker's websockets listener: ws://HOST:PORT or wss://...")
+    d.add_argument("--fleet", default="default", help="topic prefix edgeship/<fleet>/ (default: default)")
+    d.add_argument("--listen", default="127.0.0.1:8088", help="HOST:PORT to serve the page on (default "
+                   "127.0.0.1:8088)")
+    d.add_argument("--open", action="store_true", help="open the page in the default browser")
 
 
 def _fleet_args(sub: Any) -> None:
@@ -331,13 +341,33 @@ def _fleet(args: argparse.Namespace) -> int:
         client.close()
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    from packager.dashboard.server import make_server
+    from packager.publish import check_level_name
+
+    server = make_server(args.listen, args.broker_ws, check_level_name("--fleet", args.fleet))
+    print(f"dashboard on {server.url} (broker {args.broker_ws}, fleet {args.fleet}); Ctrl-C stops", flush=True)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.server_close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         commands = {"build": _build, "inspect": _inspect, "keys": _keys, "publish": _publish, "refresh": _publish,
-                    "unpublish": _publish, "fleet": _fleet}
+                    "unpublish": _publish, "fleet": _fleet,
+                    "dashboard": _dashboard}
         return commands[args.command](args)
     except BundleRejected as e:
         print(f"packager: bundle rejected ({e.reason}): {e}", file=sys.stderr)

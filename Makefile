@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := out/demo
 
-.PHONY: venv test lint unit demo bench bench-transfer bench-agent clean
+.PHONY: venv test lint unit demo bench bench-transfer bench-agent bench-telemetry clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,9 @@ bench-transfer: venv
 
 bench-agent: venv
 	$(BIN)/python benchmarks/agent_bench.py --out benchmarks/results/agent.json
+
+bench-telemetry: venv
+	$(BIN)/python benchmarks/telemetry_bench.py --out benchmarks/results/telemetry.json
 
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache

@@ -498,7 +498,7 @@
     if (b !== null) parts.push(`${b[0] ?? "?"} v${b[1] ?? "?"}`);
     const reason = text(e.reason);
     if (reason) parts.push(`(${reason})`);
-    const li = el("li", e.to === "rollback" || reason ? "failed" : "", parts.join(" "));
+    const li = el("li", e.to === "rollback" ? "failed" : "", parts.join(" ")); // a reason alone is no failure (no_update)
     li.dataset.from = text(e.from) ?? "";
     li.dataset.to = text(e.to) ?? "";
     li.dataset.version = b !== null && b[1] !== null ? String(b[1]) : "";

@@ -88,9 +88,10 @@ class TelemetrySection:
     queue_max_bytes: int = 50_000_000  # ... bounded both ways: the oldest telemetry goes first, never events
     feedback_max_entries: int = 10_000  # recent predictions kept for labelled feedback ...
     feedback_ttl_s: float = 3600.0  # ... and for how long
-    drift_window: int = 1000  # live outputs per drift window
+    drift_window: int = 500  # the latest live outputs drift is judged on (sliding)
     drift_min_samples: int = 200  # fewer than this: drift is "unknown", never "fine"
     metrics: bool = True  # /metrics (Prometheus text) on the [serve] http server
+    home_assistant: bool = False  # retained Home Assistant MQTT discovery configs for this device (docs/dashboard.md)
 
 
 @dataclass(frozen=True)

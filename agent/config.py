@@ -200,6 +200,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None,
 OTHER_ENV = frozenset({
     "EDGESHIP_MOSQUITTO",  # examples/local_broker.py: the mosquitto binary the tests and benchmarks start
     "EDGESHIP_REPO", "EDGESHIP_BROKER", "EDGESHIP_FLEET",  # systemd/edgeship-refresh.service
+    "EDGESHIP_TELEGRAF_PASSWORD",  # docs/dashboard.md: Telegraf's broker password, read by Telegraf
 })
 
 

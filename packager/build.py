@@ -375,7 +375,8 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
         golden_path = work / GOLDEN_FILE
         np.savez(golden_path, allow_pickle=False, **golden)
         reference_path = work / "reference.json"
-        reference_path.write_text(report_json(metrics.reference_histograms(task, fp32_out)))
+        reference_path.write_text(report_json(metrics.reference_histograms(
+            task, fp32_out, inputs=next(iter(eval_ds.inputs.values())))))
         (work / "report.json").write_text(report_json(report))
         (work / "report.html").write_text(report_html(report))
         members.update({GOLDEN_FILE: golden_path, "reference.json": reference_path,

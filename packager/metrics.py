@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.telemetry.drift import reference_drift
+from agent.telemetry.drift import INPUT_STATISTIC, reference_drift
 
 METRIC_BY_TASK = {"classification": "top1", "regression": "mse", "embedding": "cosine"}
 DEFAULT_MAX_DROP = {"classification": 1.0, "regression": 1.0, "embedding": 0.01}
@@ -77,12 +77,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def reference_histograms(task: str, output: np.ndarray, bins: int = 20) -> dict[str, object]:
+def reference_histograms(task: str, output: np.ndarray, bins: int = 20,
+                         inputs: np.ndarray | None = None) -> dict[str, object]:
     """What normal outputs look like on the evaluation set, for drift detection on the device later.
 
     "drift" holds what the device measures against (agent/telemetry/drift.py): decile bin edges of one number per
     row (top-1 confidence, row mean or L2 norm, by task) and the reference counts per bin; the other sections
-    describe the outputs for people and the fleet view.
+    describe the outputs for people and the fleet view. "drift_input" (when `inputs`, the first input on the
+    evaluation set, is given) holds the same for the mean of each input row.
     """
     flat = output.reshape(len(output), -1).astype(np.float64)
     ref: dict[str, object] = {"task": task, "samples": len(flat), "bins": bins}
@@ -101,6 +103,9 @@ def reference_histograms(task: str, output: np.ndarray, bins: int = 20) -> dict[
     drift = reference_drift(task, output)
     if drift is not None:
         ref["drift"] = drift
+    drift_input = reference_drift(task, inputs, statistic=INPUT_STATISTIC) if inputs is not None else None
+    if drift_input is not None:
+        ref["drift_input"] = drift_input
     return ref
 
 

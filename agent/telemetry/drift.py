@@ -10,6 +10,10 @@ so each reference bin holds about 10% of the rows, together with the reference c
 confidences, say) are merged, so there may be fewer bins. Bin 0 is (-inf, edges[0]), bin i is
 [edges[i-1], edges[i]), the last bin [edges[-1], +inf): a value outside the reference range lands in an end bin.
 
+The same is done for the inputs (section "drift_input"): the statistic `input_mean` is the mean of each row of the
+model's first input on the evaluation set (for an image, its brightness), so a shift of the inputs shows even
+while the outputs still look confident. The hub reports it as `drift_input_*` beside the output's `drift_*`.
+
 The device counts the same statistic of its live outputs into those bins over a sliding window of the last
 `window` rows and reports the counts and the population stability index
 
@@ -41,6 +45,7 @@ PSI_WARN = 0.1
 PSI_ALARM = 0.25
 STATISTIC_BY_TASK = {"classification": "top1_confidence", "regression": "output_mean",
                      "embedding": "output_l2_norm"}
+INPUT_STATISTIC = "input_mean"  # the per-input summary: the mean of each row of the first input
 DriftStatus = Literal["unknown", "ok", "warn", "alarm"]
 
 
@@ -55,7 +60,7 @@ def drift_values(statistic: str, output: np.ndarray) -> np.ndarray:
         z = rows - rows.max(axis=1, keepdims=True)
         e = np.exp(z)
         return np.asarray(e.max(axis=1) / e.sum(axis=1))
-    if statistic == "output_mean":
+    if statistic in ("output_mean", INPUT_STATISTIC):
         return np.asarray(rows.mean(axis=1))
     if statistic == "output_l2_norm":
         return np.asarray(np.linalg.norm(rows, axis=1))
@@ -68,10 +73,12 @@ def bin_counts(edges: Sequence[float], values: np.ndarray) -> list[int]:
     return [int(c) for c in np.bincount(idx, minlength=len(edges) + 1)]
 
 
-def reference_drift(task: str, output: np.ndarray, bins: int = DRIFT_BINS) -> dict[str, Any] | None:
+def reference_drift(task: str, output: np.ndarray, bins: int = DRIFT_BINS, *,
+                    statistic: str | None = None) -> dict[str, Any] | None:
     """The "drift" section of reference.json for the fp32 `output` (first output) on the evaluation set; None
-    when there are no finite rows to take deciles of."""
-    statistic = STATISTIC_BY_TASK[task]
+    when there are no finite rows to take deciles of. `statistic=INPUT_STATISTIC` with the first input instead of
+    the output: the "drift_input" section."""
+    statistic = statistic or STATISTIC_BY_TASK[task]
     values = drift_values(statistic, output)
     values = values[np.isfinite(values)]
     if not len(values):
@@ -135,17 +142,18 @@ class DriftMonitor:
         self._counts = np.zeros(len(edges) + 1, dtype=np.int64)
 
     @classmethod
-    def from_reference(cls, reference_json: Mapping[str, Any], *, min_samples: int,
-                       window: int) -> DriftMonitor | None:
-        """A monitor for the bundle's reference.json, or None (logged) when it has no usable "drift" section."""
-        section = reference_json.get("drift") if isinstance(reference_json, Mapping) else None
+    def from_reference(cls, reference_json: Mapping[str, Any], *, min_samples: int, window: int,
+                       key: str = "drift") -> DriftMonitor | None:
+        """A monitor for the bundle's reference.json, or None (logged) when it has no usable `key` section
+        ("drift": the outputs, "drift_input": the inputs)."""
+        section = reference_json.get(key) if isinstance(reference_json, Mapping) else None
         if section is None:
-            log.info("reference.json has no drift section (a bundle built before it existed): drift is unknown")
+            log.info("reference.json has no %s section (a bundle built before it existed): unknown", key)
             return None
         try:
             return cls._parse(section, min_samples=min_samples, window=window)
         except (ValueError, TypeError, KeyError) as e:
-            log.warning("reference.json drift section unusable, drift is unknown: %s", e)
+            log.warning("reference.json %s section unusable, drift is unknown: %s", key, e)
             return None
 
     @classmethod
@@ -166,7 +174,8 @@ class DriftMonitor:
         return cls(statistic, edges, counts, min_samples=min_samples, window=window)
 
     def observe(self, outputs: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> None:
-        """Count the statistic of each row of the first output; non-finite rows are skipped."""
+        """Count the statistic of each row of the first array (the first output, or the first input for
+        `input_mean`); non-finite rows are skipped."""
         values = list(outputs.values()) if isinstance(outputs, Mapping) else list(outputs)
         if not values or not np.asarray(values[0]).size:
             return

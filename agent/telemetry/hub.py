@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 REFERENCE_FILE = "reference.json"
 NO_DRIFT: dict[str, Any] = {"drift_psi": None, "drift_status": "unknown", "drift_samples": 0,
-                            "drift_bin_counts": None, "drift_reference_counts": None}
+                            "drift_bin_counts": None, "drift_reference_counts": None,
+                            "drift_input_psi": None, "drift_input_status": "unknown", "drift_input_samples": 0}
 NO_PARITY: dict[str, Any] = {"parity_ok": None, "parity_score": None, "parity_checked_at": None}
 Key = tuple[str, int]
 
@@ -70,6 +71,7 @@ class Telemetry:
         self._lock = threading.Lock()
         self._drift_key: Key | None = None
         self._drift: DriftMonitor | None = None
+        self._drift_input: DriftMonitor | None = None  # of the first input's row means (reference "drift_input")
         self._parity: dict[Key, dict[str, Any]] = {}
         self._parity_key: Key | None = None
         self.last_resources: dict[str, Any] = {}  # the latest sample, for /metrics
@@ -85,9 +87,12 @@ class Telemetry:
         arrays = _as_list(outputs)
         task = model.manifest.task if model.manifest is not None else "classification"
         self.book.remember(request_id, model.name, model.version, task, arrays)
-        drift = self._drift_for(model)
+        drift, drift_input = self._drift_for(model)
         if drift is not None:
             drift.observe(arrays)
+        if drift_input is not None and inputs:
+            first = model.inputs[0].name if model.inputs else None
+            drift_input.observe([inputs[first] if first in inputs else next(iter(inputs.values()))])
 
     def failed(self, model: LoadedModel | None, kind: Literal["error", "rejected"], ms: float | None) -> None:
         self.inference.record(kind, ms, None if model is None else model.name,
@@ -101,30 +106,41 @@ class Telemetry:
 
     # --- drift and parity of the serving bundle ------------------------------------------------------------
 
-    def _drift_for(self, model: LoadedModel) -> DriftMonitor | None:
+    def _drift_for(self, model: LoadedModel) -> tuple[DriftMonitor | None, DriftMonitor | None]:
         key = (model.name, model.version)
         with self._lock:
-            if key != self._drift_key:  # a new serving bundle: a new monitor from its own reference
-                self._drift_key, self._drift = key, self._load_drift(model)
-            return self._drift
+            if key != self._drift_key:  # a new serving bundle: new monitors from its own reference
+                self._drift_key = key
+                self._drift, self._drift_input = self._load_drift(model)
+            return self._drift, self._drift_input
 
-    def _load_drift(self, model: LoadedModel) -> DriftMonitor | None:
+    def _load_drift(self, model: LoadedModel) -> tuple[DriftMonitor | None, DriftMonitor | None]:
+        """The output and input monitors of `model`'s reference.json (None each where there is no section)."""
         release = self.release_of(model)
         if release is None or not (release / REFERENCE_FILE).is_file():
             log.info("%s v%s has no %s: drift is unknown", model.name, model.version, REFERENCE_FILE)
-            return None
+            return None, None
         try:
             reference = json.loads((release / REFERENCE_FILE).read_text())
-            return DriftMonitor.from_reference(reference, min_samples=self.cfg.drift_min_samples,
-                                               window=self.cfg.drift_window)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError) as e:
             log.warning("%s v%s: unusable %s (%s): drift is unknown", model.name, model.version, REFERENCE_FILE, e)
-            return None
+            return None, None
+        n, window = self.cfg.drift_min_samples, self.cfg.drift_window
+        return (DriftMonitor.from_reference(reference, min_samples=n, window=window),
+                DriftMonitor.from_reference(reference, min_samples=n, window=window, key="drift_input"))
 
     def _drift_figures(self, model: LoadedModel | None) -> dict[str, Any]:
         with self._lock:
-            drift = self._drift if model is not None and self._drift_key == (model.name, model.version) else None
-        return {**NO_DRIFT, **drift.snapshot()} if drift is not None else dict(NO_DRIFT)
+            ours = model is not None and self._drift_key == (model.name, model.version)
+            drift, drift_input = (self._drift, self._drift_input) if ours else (None, None)
+        figures = dict(NO_DRIFT)
+        if drift is not None:
+            figures.update(drift.snapshot())
+        if drift_input is not None:
+            snap = drift_input.snapshot()
+            figures.update({"drift_input_psi": snap["drift_psi"], "drift_input_status": snap["drift_status"],
+                            "drift_input_samples": snap["drift_samples"]})
+        return figures
 
     def _parity_figures(self, model: LoadedModel | None, run: bool) -> dict[str, Any]:
         if model is None:

@@ -212,14 +212,17 @@ def test_shadow_agreement_equals_the_offline_agreement(agent: Agent, built: Buil
     before = telemetry.settled(dev)
     assert before["shadow_agreement_kind"] == "top1" and before["shadow_cpu_budget"] == 1.0
     x = built.x[:200]
-    for i in range(0, len(x), 4):  # batches of 4 rows: every row is compared
-        _infer(dev, x[i:i + 4])
-    requests = len(x) // 4
 
-    def handled(m: dict[str, Any]) -> int:  # requests the shadow compared or skipped
+    def handled(m: dict[str, Any]) -> int:  # requests the shadow compared, skipped or failed on
         return int(m["shadow_samples"] + m["shadow_skipped_total"] + m["shadow_errors_total"])
 
-    after = telemetry.wait(dev, lambda m: handled(m) >= handled(before) + requests, "every request shadowed")
+    # batches of 20 rows, each sent once the shadow has handled the previous one: a busy shadow skips requests
+    # (by design), and this test is about the figures of the ones it compares, not about the machine's load
+    after = before
+    for i in range(0, len(x), 20):
+        _infer(dev, x[i:i + 20])
+        done = handled(after) + 1
+        after = telemetry.wait(dev, lambda m, done=done: handled(m) >= done, f"the shadow handling rows {i}..")
     assert after["shadow_skipped_total"] == before["shadow_skipped_total"], "the shadow skipped requests"
     assert after["shadow_errors_total"] == 0
     assert after["shadow_rows"] - before["shadow_rows"] == len(x)

@@ -12,8 +12,7 @@ stops cleanly.
   /metrics), and the `Publisher` sending its messages and the events through the disk queue (docs/telemetry.md).
 
 Threads: the main thread drives the state machine (and starts every fetch worker); the HTTP server and paho's
-network thread serve requests and only read the one model reference; the publisher's two threads build and flush
-telemetry.
+network thread serve requests and only read the one model reference; the publisher's threads build and flush telemetry.
 """
 
 from __future__ import annotations
@@ -272,6 +271,22 @@ class Daemon:
         threading.Thread(target=self._notify_loop, args=(notify,), name="notify", daemon=True).start()
         threading.Thread(target=self._infer_loop, args=(requests,), name="mqtt-infer", daemon=True).start()
         threading.Thread(target=self._feedback_loop, args=(feedback,), name="mqtt-feedback", daemon=True).start()
+        if self.cfg.telemetry.home_assistant:
+            self._announce_to_home_assistant(client)
+
+    def _announce_to_home_assistant(self, client: MqttClient) -> None:
+        """Retained Home Assistant discovery configs, so the device appears there by itself (docs/dashboard.md)."""
+        from agent.telemetry.home_assistant import discovery_messages, publish_discovery
+
+        def publish(topic: str, body: bytes, retain: bool) -> None:
+            client.publish(topic, body, retain=retain, qos=1, wait=False)
+
+        messages = discovery_messages(client.topics, self.cfg.agent.device_id, fleet=self.cfg.agent.fleet,
+                                      agent_version=__version__, interval_s=self.cfg.telemetry.interval_s)
+        try:
+            publish_discovery(publish, messages)
+        except TransportError as e:  # the broker may refuse homeassistant/# to this device: say so, keep serving
+            log.warning("could not publish Home Assistant discovery: %s", e)
 
     def _notify_loop(self, sub: Subscription) -> None:
         for _msg in sub:

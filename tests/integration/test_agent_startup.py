@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -129,3 +130,34 @@ def test_run_with_a_corrupt_state_file_and_backup_exits_2_in_one_line(tmp_path: 
     line = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("edge-agent:")]
     assert "Traceback" not in r.stderr and len(line) == 1, r.stderr
     assert line[0].startswith("edge-agent: state:") and "deploy-state.json" in line[0], line
+
+
+def test_home_assistant_discovery_is_published_when_enabled(tmp_path: Path, root_json: Path,
+                                                            mosquitto: Mosquitto) -> None:
+    """`[telemetry] home_assistant = true`: a running agent leaves retained discovery configs whose availability is
+    its retained state topic (the payloads themselves: tests/unit/test_home_assistant.py)."""
+    from agent.transport.mqtt import MqttClient, unique_client_id
+
+    fleet = f"f{uuid.uuid4().hex[:10]}"
+    config = _config(tmp_path, root_json, url=mosquitto.url, fleet=fleet)
+    config.write_text(config.read_text() + "[telemetry]\nhome_assistant = true\n")
+    proc = subprocess.Popen([str(BIN / "edge-agent"), "run", "--config", str(config)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    client = MqttClient(mosquitto.url, unique_client_id("ha-test")).connect(timeout=10.0)
+    try:
+        sub = client.subscribe_stream(["homeassistant/#"])
+        configs = {}
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and len(configs) < 3:
+            msg = sub.get(timeout=1.0)
+            if msg is not None and fleet in msg.topic:
+                configs[msg.topic] = json.loads(msg.payload)
+        assert configs, "no discovery config arrived"
+        for topic, doc in configs.items():
+            assert topic.startswith("homeassistant/") and topic.endswith("/config")
+            assert doc["availability_topic"] == f"edgeship/{fleet}/devices/dev-1/state"
+            assert doc["device"]["name"] == "dev-1"
+    finally:
+        client.close()
+        proc.terminate()
+        proc.communicate(timeout=30)

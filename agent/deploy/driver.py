@@ -169,8 +169,7 @@ class Deployer:
     def rollout(self) -> Membership | None:
         """This device's place in the rollout the latest check read (the FetchClient keeps it in memory; a
         restarted agent reports none until its first check, which it runs at start)."""
-        m = getattr(self.steps.fetch, "last_rollout", None)  # fakes of the FetchPort may not have it
-        return m if isinstance(m, Membership) else None
+        return self.steps.fetch.last_rollout
 
     def announce(self, ds: DeployState, status: str = "online") -> None:
         """Publish the retained state: at start, on every transition that changes it, at a clean stop ("offline")

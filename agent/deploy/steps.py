@@ -38,6 +38,7 @@ from agent.deploy.machine import (
     State,
     failure_event,
 )
+from agent.deploy.rollout import Membership
 from agent.errors import ProbationFailed, StopRequested
 from agent.serve.holder import LoadedModel, release_memory
 
@@ -56,6 +57,11 @@ class FetchPort(Protocol):
     def candidate_for(self, ref: BundleRef) -> Candidate: ...
     def download(self, cand: Candidate) -> Path: ...
     def verify(self, cand: Candidate, extract_to: Path) -> None: ...
+
+    @property
+    def last_rollout(self) -> Membership | None:
+        """This device's place in the rollout the latest CHECK read (None: no rollout)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -155,7 +161,7 @@ class Steps:
         self.fetch.remember(cand)
         self.staged = None
         if cand is None:
-            rollout = getattr(self.fetch, "last_rollout", None)  # FetchClient's; fakes without it: no rollout
+            rollout = self.fetch.last_rollout
             if rollout is not None and rollout.follows == "none":
                 return Outcome.checked(None, NOT_IN_WAVE)  # outside the rollout's wave: not a missing deployment
             if not self._warned_no_deployment:  # once, and again only after a deployment was found meanwhile

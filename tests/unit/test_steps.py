@@ -30,6 +30,7 @@ from agent.deploy.machine import (
     on_staged,
     on_update_found,
 )
+from agent.deploy.rollout import Membership
 from agent.deploy.steps import RELOAD_RUNS, STAGE_RUNS, Staged, Steps, bundle_file, release_dir
 from agent.errors import (
     BundleRejected,
@@ -66,6 +67,7 @@ class FakeFetch:
     fail: dict[str, BaseException] = field(default_factory=dict)  # step -> what it raises
     calls: list[str] = field(default_factory=list)
     remembered: Candidate | None = None
+    last_rollout: Membership | None = None
 
     def _call(self, step: str) -> None:
         self.calls.append(step)

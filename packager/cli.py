@@ -74,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     pub = sub.add_parser("publish", help="sign a bundle for a group and publish it over MQTT (and a mirror)")
     pub.add_argument("bundle", type=Path)
     pub.add_argument("--repo", type=Path, required=True)
-    pub.add_argument("--group", default="default", help="device group whose deployment this becomes")
+    pub.add_argument("--group", default=None,
+                     help="device group whose deployment this becomes at once; without it the bundle is signed "
+                          "and published for nobody, and `packager rollout start` deploys it")
     pub.add_argument("--shadow", type=Path, metavar="SHADOW_BUNDLE",
                      help="also sign this bundle for the group to run in shadow on a sample of live inputs (never "
                           "answering from it); each publish writes the whole deployment: omit it to end a shadow")
@@ -91,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     _transport_args(un, required=False)
 
     _fleet_args(sub)
+    _rollout_args(sub)
     _dashboard_args(sub)
     return p
 
@@ -102,6 +105,35 @@ def _dashboard_args(sub: Any) -> None:
     d.add_argument("--listen", default="127.0.0.1:8088", help="HOST:PORT to serve the page on (default "
                    "127.0.0.1:8088)")
     d.add_argument("--open", action="store_true", help="open the page in the default browser")
+
+
+def _rollout_args(sub: Any) -> None:
+    ro = sub.add_parser("rollout", help="move a group to a version in waves gated on the devices' telemetry")
+    rsub = ro.add_subparsers(dest="rollout_command", required=True)
+    rs = rsub.add_parser("start", help="start (or, with the same arguments, resume) a rollout and run it")
+    rs.add_argument("name", help="the rollout's name (its state is REPO/rollouts/NAME.json)")
+    rs.add_argument("--version", dest="bundle_version", type=int, required=True,
+                    help="the signed bundle version to roll out (`packager publish` it without --group first)")
+    rs.add_argument("--group", required=True, help="device group to move")
+    rs.add_argument("--waves", default="1,10,50,100", help="increasing percentages ending at 100 (default "
+                    "1,10,50,100)")
+    rs.add_argument("--soak", default="5m", help="how long every gate must hold in each wave (e.g. 30s, 5m)")
+    rs.add_argument("--gate", required=True, help='comma-separated gates, e.g. "parity>=0.99,'
+                    'latency_ms_p95<=1.2*baseline,error_rate<=0.01,drift_psi<0.25,rollbacks==0,offline<=0.05"')
+    rs.add_argument("--min-devices", type=int, default=1, help="canary devices that must report (default 1)")
+    rs.add_argument("--min-requests", type=int, default=0,
+                    help="requests the canary must answer in the window (default 0)")
+    rs.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    rs.add_argument("--fleet", default="default", help="topic prefix edgeship/<fleet>/ (default: default)")
+    rs.add_argument("--ca-file", help="CA certificate for mqtts://")
+    for cmd, text in (("status", "print a rollout's state"), ("pause", "ask the controller to pause"),
+                      ("resume", "ask the controller to resume a paused rollout (the wave soaks again)"),
+                      ("abort", "ask the controller to abort: the group returns to the previous version")):
+        c = rsub.add_parser(cmd, help=text)
+        c.add_argument("name")
+    for c in rsub.choices.values():
+        c.add_argument("--repo", type=Path, required=True)
+        c.add_argument("--json", action="store_true", help="print JSON on stdout")
 
 
 def _fleet_args(sub: Any) -> None:
@@ -293,7 +325,8 @@ def _publish(args: argparse.Namespace) -> int:
             where = ", ".join(w for w, on in (("broker", client), ("mirror", args.http_dir)) if on)
             sent = f"{r.stats.chunks_published} chunks sent, {r.stats.chunks_skipped} already there" if r.stats \
                 else "no broker"
-            print(f"published {r.bundle_target} for group {args.group} ({r.sha256[:12]}) to {where}: {sent}; "
+            whom = f"for group {args.group}" if args.group is not None else "for no group (a rollout deploys it)"
+            print(f"published {r.bundle_target} {whom} ({r.sha256[:12]}) to {where}: {sent}; "
                   f"timestamp v{r.timestamp_version}")
             if r.shadow_target is not None:
                 print(f"group {args.group} runs {r.shadow_target} in shadow")
@@ -360,13 +393,82 @@ def _dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rollout(args: argparse.Namespace) -> int:
+    from packager.rollout import state as st
+
+    st.check_name(args.name)
+    if args.rollout_command == "start":
+        return _rollout_start(args)
+    state = st.load_existing(args.repo, args.name)
+    if args.rollout_command == "status":
+        from packager.rollout.controller import status_json
+
+        doc = status_json(state, args.repo)
+        if args.json:
+            print(json.dumps(doc))
+        else:
+            print(_rollout_line(state))
+            if doc["pending_request"]:
+                note = "" if doc["controller_running"] else " (no controller is running: `rollout start` " \
+                    "with the same arguments resumes it)"
+                print(f"  pending request: {doc['pending_request']}{note}")
+        return 0
+    if state.finished:
+        raise InputError(f"rollout {args.name!r} is already {state.status}")
+    st.write_request(args.repo, args.name, args.rollout_command)
+    running = st.controller_running(args.repo, args.name)
+    if args.json:
+        print(json.dumps({"name": args.name, "request": args.rollout_command, "controller_running": running}))
+    else:
+        print(f"requested {args.rollout_command} of rollout {args.name}" + (
+            "" if running else "; no controller is running: it applies when `rollout start` resumes it"))
+    return 0
+
+
+def _rollout_line(state: Any) -> str:
+    return (f"rollout {state.name}: {state.bundle_name} v{state.version} to group {state.group}, wave {state.wave}"
+            f"/{len(state.waves)} ({state.percent:g}%): {state.status}" + (f" ({state.reason})" if state.reason
+                                                                            else ""))
+
+
+def _rollout_start(args: argparse.Namespace) -> int:
+    from packager import publish as pub
+    from packager.rollout.controller import Controller, prepare, status_json
+    from packager.rollout.gates import parse_gates
+    from packager.rollout.planner import parse_duration, parse_waves
+
+    # everything checked before anything is signed, written or connected
+    pub.check_level_name("--fleet", args.fleet)
+    pub.check_level_name("--group", args.group)
+    pub.check_broker_url(args.broker)
+    parse_gates(args.gate)
+    waves = parse_waves(args.waves)
+    soak = parse_duration(args.soak)
+    if args.min_devices < 0 or args.min_requests < 0:
+        raise InputError("--min-devices and --min-requests must be 0 or more")
+    if not (args.repo / "metadata").is_dir():
+        raise InputError(f"--repo {args.repo}: not a TUF repository (`packager keys init` creates one)")
+    state = prepare(args.repo, args.name, version=args.bundle_version, group=args.group, fleet=args.fleet,
+                    waves=waves, soak_s=soak, gate=args.gate, min_devices=args.min_devices,
+                    min_requests=args.min_requests)
+
+    def emit(s: Any) -> None:
+        print(json.dumps(status_json(s)) if args.json else _rollout_line(s), flush=True)
+
+    client = _connect(args)
+    try:
+        return Controller(args.repo, state, client, emit=emit).run()
+    finally:
+        client.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         commands = {"build": _build, "inspect": _inspect, "keys": _keys, "publish": _publish, "refresh": _publish,
-                    "unpublish": _publish, "fleet": _fleet,
+                    "unpublish": _publish, "fleet": _fleet, "rollout": _rollout,
                     "dashboard": _dashboard}
         return commands[args.command](args)
     except BundleRejected as e:

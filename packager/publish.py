@@ -12,7 +12,7 @@ import logging
 import math
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,19 +79,23 @@ class ShadowSpec:
 
 
 def deployment_document(group: str, target_path: str, name: str, version: int, sha256: str,
-                        shadow: ShadowSpec | None = None) -> bytes:
+                        shadow: ShadowSpec | None = None, rollout: Mapping[str, Any] | None = None) -> bytes:
     """What a group should run (and, optionally, run in shadow). Signed as a TUF target, so a device trusts it like
-    the bundle itself. Agents that predate shadow mode read only the keys they know and ignore `shadow`."""
+    the bundle itself. Agents that predate shadow mode read only the keys they know and ignore `shadow`.
+    `rollout` (packager/rollout, docs/rollouts.md): which devices of the group follow `bundle`, the others
+    `rollout.previous`."""
     doc: dict[str, Any] = {"group": group, "bundle": target_path, "name": name, "version": version, "sha256": sha256}
     if shadow is not None:
         doc["shadow"] = shadow.to_json()
+    if rollout is not None:
+        doc["rollout"] = dict(rollout)
     return json.dumps(doc, sort_keys=True).encode() + b"\n"
 
 
 @dataclass(frozen=True)
 class PublishResult:
     bundle_target: str
-    deployment_target: str
+    deployment_target: str | None  # None: signed for nobody (a rollout deploys it)
     sha256: str
     timestamp_version: int
     added: tuple[str, ...]  # target paths newly signed by this run (empty on a rerun)
@@ -161,23 +165,31 @@ def check_shadow_compatible(serving: Manifest, shadow: Manifest) -> None:
                          f"{serving.name} v{serving.version} takes {sorted(ours)}: it could not run on live inputs")
 
 
-def sign_bundle(repo: Path, bundle: Path, group: str,
+def sign_bundle(repo: Path, bundle: Path, group: str | None,
                 shadow: Path | None = None) -> tuple[list[TargetFile], tuple[str, ...], str]:
     """Add the bundle (and the `shadow` bundle, if any) and the group's deployment document as targets, unless the
     repository already has them. The document is rewritten whole: publishing without `shadow` ends a shadow.
+    Without `group` only the bundle is signed: it is deployed to nobody until a rollout names it.
 
     Returns the TargetFiles to push (bundle, deployment, then the shadow bundle), the target paths newly added,
     and the bundle's sha256.
     """
-    check_level_name("--group", group)
+    if group is not None:
+        check_level_name("--group", group)
+    elif shadow is not None:
+        raise InputError("--shadow needs --group: a shadow runs on a group's devices")
     manifest = verify_bundle(bundle).manifest  # never sign something a device would refuse
     shadow_manifest = verify_bundle(shadow).manifest if shadow is not None else None
     if shadow_manifest is not None:
         check_shadow_compatible(manifest, shadow_manifest)
-    dep_path = deployment_target_path(group)
     existing = tuf_repo.referenced_targets(repo)
     items: list[tuple[str, Path, dict[str, Any]]] = []
     bundle_path, digest = _bundle_item(bundle, manifest, existing, items)
+    if group is None:
+        if items:
+            tuf_repo.add_targets(repo, items, chunk_size=CHUNK_SIZE)
+        return [tuf_repo.referenced_targets(repo)[bundle_path]], tuple(p for p, _, _ in items), digest
+    dep_path = deployment_target_path(group)
     spec: ShadowSpec | None = None
     if shadow is not None and shadow_manifest is not None:
         shadow_path, shadow_digest = _bundle_item(shadow, shadow_manifest, existing, items)
@@ -198,12 +210,60 @@ def sign_bundle(repo: Path, bundle: Path, group: str,
     return targets, tuple(p for p, _, _ in items), digest
 
 
-def publish(repo: Path, bundle: Path, group: str, client: MqttClient | None, topics: Topics,
+def current_deployment(repo: Path, group: str) -> dict[str, Any] | None:
+    """The group's signed deployment document as the repository holds it, or None when nothing is deployed."""
+    tf = tuf_repo.referenced_targets(repo).get(deployment_target_path(check_level_name("--group", group)))
+    if tf is None:
+        return None
+    try:
+        doc = json.loads(tuf_repo.target_file_path(repo, tf).read_bytes())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{tf.path} in {repo} cannot be read: {e}") from e
+    if not isinstance(doc, dict):
+        raise InputError(f"{tf.path} in {repo} is not a deployment document")
+    return doc
+
+
+def sign_deployment(repo: Path, group: str, bundle_target: str, rollout: Mapping[str, Any] | None
+                    ) -> list[TargetFile]:
+    """Sign `deployments/<group>.json` naming the already signed `bundle_target`, with a `rollout` entry (or
+    none). Returns [the bundle's TargetFile, the document's] to push."""
+    check_level_name("--group", group)
+    signed = tuf_repo.referenced_targets(repo)
+    tf = signed.get(bundle_target)
+    if tf is None:
+        raise InputError(f"{bundle_target} is not signed in {repo}: `packager publish` it first")
+    custom_b = dict(tf.custom)
+    name, version, digest = str(custom_b["name"]), int(custom_b["version"]), tf.hashes["sha256"]
+    dep_path = deployment_target_path(group)
+    with tempfile.TemporaryDirectory(prefix="edgeship-deploy-") as tmp:
+        doc = Path(tmp) / f"{group}.json"
+        doc.write_bytes(deployment_document(group, bundle_target, name, version, digest, rollout=rollout))
+        current = signed.get(dep_path)
+        if current is None or current.hashes.get("sha256") != sha256_file(doc):
+            custom: dict[str, Any] = {"group": group, "name": name, "version": version}
+            previous = (rollout or {}).get("previous")
+            if isinstance(previous, Mapping):  # so `unpublish` refuses to drop what the group may go back to
+                custom["previous"] = {"name": previous.get("name"), "version": previous.get("version")}
+            tuf_repo.add_targets(repo, [(dep_path, doc, custom)], chunk_size=CHUNK_SIZE)
+    signed = tuf_repo.referenced_targets(repo)
+    return [signed[bundle_target], signed[dep_path]]
+
+
+def deploy(repo: Path, group: str, bundle_target: str, rollout: Mapping[str, Any] | None,
+           client: MqttClient | None, topics: Topics, http_dir: Path | None = None) -> int:
+    """`sign_deployment` and push it (with the bundle, idempotently); returns the timestamp version."""
+    targets = sign_deployment(repo, group, bundle_target, rollout)
+    _, _, version = push(repo, client, topics, targets, http_dir)
+    return version
+
+
+def publish(repo: Path, bundle: Path, group: str | None, client: MqttClient | None, topics: Topics,
             http_dir: Path | None, progress: Progress | None = None, shadow: Path | None = None) -> PublishResult:
     targets, added, digest = sign_bundle(repo, bundle, group, shadow)
     stats, http_files, version = push(repo, client, topics, targets, http_dir, progress)
-    return PublishResult(targets[0].path, targets[1].path, digest, version, added, stats, http_files,
-                         targets[2].path if len(targets) > 2 else None)
+    return PublishResult(targets[0].path, targets[1].path if len(targets) > 1 else None, digest, version, added,
+                         stats, http_files, targets[2].path if len(targets) > 2 else None)
 
 
 def refresh(repo: Path, client: MqttClient | None, topics: Topics, http_dir: Path | None,
@@ -232,7 +292,7 @@ def unpublish(repo: Path, bundles: list[str], client: MqttClient | None, topics:
         if path not in signed:
             raise InputError(f"{ref}: not a published bundle (expected NAME-VERSION, see `packager inspect`)")
         users = [p for p, tf in signed.items() if p.startswith("deployments/") and tf.custom.get("name")
-                 and f"{tf.custom.get('name')}-{tf.custom.get('version')}" == ref]
+                 and ref in (f"{tf.custom.get('name')}-{tf.custom.get('version')}", _previous_ref(tf))]
         if users:
             raise InputError(f"{ref} is what {', '.join(users)} deploys: publish another bundle for that group first")
         shadows = [p for p, tf in signed.items() if p.startswith("deployments/") and _shadow_ref(tf) == ref]
@@ -253,6 +313,11 @@ def unpublish(repo: Path, bundles: list[str], client: MqttClient | None, topics:
         f.unlink()
         log.info("garbage-collected target %s", f.name)
     return removed, garbage
+
+
+def _previous_ref(tf: TargetFile) -> str | None:
+    previous = dict(tf.custom).get("previous")  # a rollout's previous version: devices may go back to it
+    return f"{previous.get('name')}-{previous.get('version')}" if isinstance(previous, dict) else None
 
 
 def _shadow_ref(tf: TargetFile) -> str | None:

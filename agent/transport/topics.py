@@ -110,3 +110,8 @@ class Topics:
     def device(self, device_id: str, leaf: str) -> str:
         """`devices/<id>/state`, `.../telemetry`, `.../events`, `.../infer/request` ..."""
         return validate_topic(f"{self.prefix}devices/{_check_level(device_id, 'device id')}/{leaf}")
+
+    def rollout(self, group: str) -> str:
+        """`rollouts/<group>`: the retained status of the group's rollout, for dashboards and `packager rollout`
+        (the signed deployment documents stay TUF targets; this is only a report)."""
+        return validate_topic(f"{self.prefix}rollouts/{_check_level(group, 'group')}")

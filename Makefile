@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := out/demo
 
-.PHONY: venv test lint unit demo bench bench-transfer bench-agent bench-telemetry clean
+.PHONY: venv test lint unit demo demo-live bench bench-transfer bench-agent bench-telemetry clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,10 @@ unit: venv
 
 demo: venv
 	$(BIN)/python -m examples.demo --out $(DEMO)
+
+# the demo's fleet stays up and its dashboard is served until Ctrl-C
+demo-live: venv
+	$(BIN)/python -m examples.demo --out $(DEMO) --live
 
 bench: venv
 	$(BIN)/python benchmarks/packager_bench.py --out benchmarks/results/packager.json

@@ -27,7 +27,10 @@ from agent.telemetry.queue import EVENT, TELEMETRY, DiskQueue
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
-FLUSH_BATCH = 256  # messages published before waiting for their PUBACKs (paho keeps up to max_inflight in flight)
+# Messages published (wait=False) before their PUBACKs are awaited; paho keeps max_inflight of them on the wire and
+# sends the rest as PUBACKs come back. Each batch ends in a pause (the last PUBACKs, then a removal and a peek), so
+# larger batches flush faster: 256 measured ~4,800/s, 1,000 ~6,000/s on the loaded 2-core benchmark VM.
+FLUSH_BATCH = 1000
 PUBACK_TIMEOUT_S = 10.0
 IDLE_POLL_S = 0.5  # how often the flusher looks at the connection when nothing woke it
 
@@ -133,9 +136,12 @@ class Publisher:
     def _send(self, client: Client, batch: list[Any]) -> int:
         """Publish `batch` in order, then wait for each PUBACK in order; the length of the acknowledged prefix."""
         handles: list[Any] = []
+        topics: dict[str, str] = {}  # per leaf: two topics for a whole batch
         try:
             for item in batch:
-                topic = client.topics.device(self.device_id, item.leaf)
+                topic = topics.get(item.leaf)
+                if topic is None:
+                    topic = topics[item.leaf] = client.topics.device(self.device_id, item.leaf)
                 handles.append(client.publish(topic, item.payload, retain=False, qos=1, wait=False))
         except TransportError as e:
             log.debug("telemetry flush stopped publishing: %s", e)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import IO, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -35,6 +36,31 @@ class ChunkFetcher(Protocol):
     def discard(self, sha256: str) -> None: ...
 
     def open_complete(self, url: str, max_length: int) -> AbstractContextManager[IO[bytes] | None]: ...
+
+
+class PlannedTargets:
+    """The signed chunk plans a fetcher holds and the partial file each target is stored in: `expect` and `discard`
+    of `ChunkFetcher`, shared by both fetchers (which set `partial_dir` and `max_chunk_size`)."""
+
+    partial_dir: Path
+    max_chunk_size: int
+
+    def __init__(self) -> None:
+        self._plans: dict[str, ChunkPlan] = {}
+
+    def expect(self, sha256: str, length: int, chunk_size: int, chunk_hashes: Sequence[str]) -> ChunkPlan:
+        """Register the signed chunk plan of a target before downloading it (from its TUF `custom` metadata)."""
+        plan = ChunkPlan.create(sha256, length, chunk_size, chunk_hashes, self.max_chunk_size)
+        self._plans[sha256] = plan
+        return plan
+
+    def partial_path(self, sha256: str) -> Path:
+        return self.partial_dir / f"{sha256}.partial"
+
+    def discard(self, sha256: str) -> None:
+        """Forget a plan and delete its partial file (after the target was installed, or given up)."""
+        self._plans.pop(sha256, None)
+        self.partial_path(sha256).unlink(missing_ok=True)
 
 
 class FetchError(TransportError, DownloadError):

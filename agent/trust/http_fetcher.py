@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 from urllib.parse import urljoin, urlsplit
@@ -23,7 +23,7 @@ from tuf.api.exceptions import DownloadError, DownloadHTTPError
 from tuf.ngclient.fetcher import FetcherInterface
 
 from agent.trust.chunks import MAX_CHUNK_SIZE, ChunkPlan
-from agent.trust.fetcher import FetchError, parse_tuf_url
+from agent.trust.fetcher import FetchError, PlannedTargets, parse_tuf_url
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 _READ_SIZE = 64 * 1024
 
 
-class HttpFetcher(FetcherInterface):
+class HttpFetcher(PlannedTargets, FetcherInterface):
     """requests with connect/read timeouts; `bytes_received` counts body bytes off the wire."""
 
     def __init__(
@@ -45,27 +45,13 @@ class HttpFetcher(FetcherInterface):
         session: requests.Session | None = None,
         max_chunk_size: int = MAX_CHUNK_SIZE,
     ) -> None:
+        super().__init__()
         self.partial_dir = Path(partial_dir)
         self.base_url = base_url if base_url is None or base_url.endswith("/") else base_url + "/"
         self.timeout = timeout
         self.session = session or requests.Session()
         self.max_chunk_size = max_chunk_size
         self.bytes_received = 0
-        self._plans: dict[str, ChunkPlan] = {}
-
-    def expect(self, sha256: str, length: int, chunk_size: int, chunk_hashes: Sequence[str]) -> ChunkPlan:
-        """Optional here (a mirror streams, TUF bounds the length), but lets resume keep only verified chunks."""
-        plan = ChunkPlan.create(sha256, length, chunk_size, chunk_hashes, self.max_chunk_size)
-        self._plans[sha256] = plan
-        return plan
-
-    def partial_path(self, sha256: str) -> Path:
-        return self.partial_dir / f"{sha256}.partial"
-
-    def discard(self, sha256: str) -> None:
-        """Forget a plan and delete its partial file (a complete download has already removed it)."""
-        self._plans.pop(sha256, None)
-        self.partial_path(sha256).unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def open_complete(self, url: str, max_length: int) -> Iterator[IO[bytes] | None]:

@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
@@ -40,7 +40,7 @@ from agent.errors import BundleRejected, TransportError
 from agent.transport.mqtt import ConnectionLost, Message, MqttClient, RetainedRead, RetainedResult
 from agent.transport.topics import Topics
 from agent.trust.chunks import MAX_CHUNK_SIZE, ChunkPlan
-from agent.trust.fetcher import FetchError, parse_tuf_url
+from agent.trust.fetcher import FetchError, PlannedTargets, parse_tuf_url
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ DEFAULT_PIPELINE = 2  # batches subscribed at once: at most 2 x 16 x 128 KiB out
 # per-client limits (mosquitto: 20 inflight + 100 queued in 1.x, + 1000 in 2.x)
 
 
-class MqttFetcher(FetcherInterface):
+class MqttFetcher(PlannedTargets, FetcherInterface):
     """Fetch TUF metadata and chunked targets from retained MQTT topics.
 
     `bytes_received` counts every payload byte that came over the wire (refused ones too, and those of reads cut
@@ -72,9 +72,10 @@ class MqttFetcher(FetcherInterface):
             raise ValueError("batch_size must be >= 1")
         if pipeline < 1:
             raise ValueError("pipeline must be >= 1")
+        super().__init__()
         self.client = client
         self.topics = topics or client.topics
-        self.chunk_dir = Path(chunk_dir)
+        self.partial_dir = Path(chunk_dir)
         self.timeout = timeout
         self.batch_size = batch_size
         self.pipeline = pipeline
@@ -82,23 +83,6 @@ class MqttFetcher(FetcherInterface):
         self.reconnect_attempts = reconnect_attempts
         self.bytes_received = 0
         self.chunks_stored = 0
-        self._plans: dict[str, ChunkPlan] = {}
-
-    # ---- plans
-
-    def expect(self, sha256: str, length: int, chunk_size: int, chunk_hashes: Sequence[str]) -> ChunkPlan:
-        """Register the signed chunk plan of a target before downloading it (from its TUF `custom` metadata)."""
-        plan = ChunkPlan.create(sha256, length, chunk_size, chunk_hashes, self.max_chunk_size)
-        self._plans[sha256] = plan
-        return plan
-
-    def partial_path(self, sha256: str) -> Path:
-        return self.chunk_dir / f"{sha256}.partial"
-
-    def discard(self, sha256: str) -> None:
-        """Forget a plan and delete its stored chunks (after the target was installed, or given up)."""
-        self._plans.pop(sha256, None)
-        self.partial_path(sha256).unlink(missing_ok=True)
 
     def stored_chunks(self, sha256: str) -> list[int]:
         """Indices of the chunks of a registered target that are on disk and match their signed hash."""
@@ -185,7 +169,7 @@ class MqttFetcher(FetcherInterface):
         """Open (or create) the target's partial file at its full length; return it with the chunks it already
         holds intact. Chunks are written without fsync: after a crash or power cut a slot may be torn or empty,
         and re-hashing every slot here (cheap next to fetching) finds it."""
-        self.chunk_dir.mkdir(parents=True, exist_ok=True)
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
         path = self.partial_path(plan.sha256)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

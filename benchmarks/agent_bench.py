@@ -345,7 +345,7 @@ def committed(status: dict[str, Any], version: int, since: float) -> bool | None
     le = status.get("last_event") or {}
     if status.get("state") != "idle":
         return None
-    if status.get("version") == version and le.get("state") == "commit":
+    if status.get("version") == version:  # current and resting: committed (a later no_update check may follow)
         return True
     if le.get("state") == "rollback" and float(le.get("at") or 0) >= since:
         return False

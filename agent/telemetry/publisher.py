@@ -32,10 +32,14 @@ SCHEMA = 1
 # larger batches flush faster: 256 measured ~4,800/s, 1,000 ~6,000/s on the loaded 2-core benchmark VM.
 FLUSH_BATCH = 1000
 PUBACK_TIMEOUT_S = 10.0
+PUBACK_SLICE_S = 0.2  # PUBACKs are awaited in slices, so a lost connection or a stop ends the wait at once
 IDLE_POLL_S = 0.5  # how often the flusher looks at the connection when nothing woke it
 
 
 class _Handle(Protocol):
+    @property
+    def done(self) -> bool: ...
+
     def wait(self, timeout: float = ...) -> None: ...
 
 
@@ -124,7 +128,7 @@ class Publisher:
                 batch = self.queue.peek(FLUSH_BATCH)
                 if not batch:
                     break
-                acked = self._send(client, batch)
+                acked = self._send(client, batch, deadline)
                 if acked:
                     self.queue.remove_through(batch[acked - 1].id)
                     sent += acked
@@ -133,8 +137,11 @@ class Publisher:
                     break
         return sent
 
-    def _send(self, client: Client, batch: list[Any]) -> int:
-        """Publish `batch` in order, then wait for each PUBACK in order; the length of the acknowledged prefix."""
+    def _send(self, client: Client, batch: list[Any], deadline: float | None = None) -> int:
+        """Publish `batch` in order, then wait for each PUBACK in order; the length of the acknowledged prefix.
+        The wait ends early (the rest stays queued, to be sent again) when the connection drops, at `deadline`, or
+        when a stop is asked for while the background flusher waits: paho would not wake a wait on a dead
+        connection, and a stop must not outlast systemd's TimeoutStopSec (a SIGKILL there counts as a crash)."""
         handles: list[Any] = []
         topics: dict[str, str] = {}  # per leaf: two topics for a whole batch
         try:
@@ -147,13 +154,25 @@ class Publisher:
             log.debug("telemetry flush stopped publishing: %s", e)
         acked = 0
         for handle in handles:
-            try:
-                handle.wait(PUBACK_TIMEOUT_S)
-            except TransportError as e:
-                log.debug("telemetry flush stopped waiting: %s", e)
+            if not self._await(client, handle, deadline):
                 break
             acked += 1
         return acked
+
+    def _await(self, client: Client, handle: _Handle, deadline: float | None) -> bool:
+        give_up = time.monotonic() + PUBACK_TIMEOUT_S
+        if deadline is not None:
+            give_up = min(give_up, deadline)
+        while True:
+            try:
+                handle.wait(PUBACK_SLICE_S)
+                return True
+            except TransportError as e:
+                if (handle.done  # answered, but refused by the broker: stays queued, as any failure
+                        or time.monotonic() >= give_up or not client.is_connected
+                        or (deadline is None and self._stopping.is_set())):
+                    log.debug("telemetry flush stopped waiting: %s", e)
+                    return False
 
     # --- threads -------------------------------------------------------------------------------------------
 
@@ -168,7 +187,7 @@ class Publisher:
         self._stopping.set()
         self._wake.set()
         for thread in self._threads:
-            thread.join(timeout=PUBACK_TIMEOUT_S)
+            thread.join(timeout=1.0 + PUBACK_SLICE_S)  # both notice the stop within a slice
         try:
             self.flush(deadline=time.monotonic() + flush_s)
         except OSError as e:

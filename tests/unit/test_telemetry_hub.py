@@ -5,6 +5,7 @@ only, nothing lost when the connection drops mid-batch."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from agent.bundle import TensorSpec
 from agent.config import TelemetrySection
 from agent.errors import ConnectionLost, TransportError
 from agent.serve.holder import LoadedModel, RequestStats
+from agent.telemetry import publisher as publisher_module
 from agent.telemetry.hub import Telemetry
 from agent.telemetry.publisher import Publisher
 from agent.telemetry.queue import DiskQueue
@@ -163,10 +165,15 @@ class FakeHandle:
     def __init__(self, client: FakeClient, topic: str, payload: bytes, fail: bool) -> None:
         self.client, self.topic, self.payload, self.fail = client, topic, payload, fail
 
+    @property
+    def done(self) -> bool:
+        return not self.fail
+
     def wait(self, timeout: float = 30.0) -> None:
         if self.fail:
             raise ConnectionLost("lost")
         self.client.acked.append((self.topic, json.loads(self.payload)))
+
 
 
 class FakeClient:
@@ -217,3 +224,41 @@ def test_flush_in_order_removing_only_what_was_acknowledged(tmp_path: Path) -> N
     assert all(d["schema"] == 1 and d["device"] == "d1" and d["name"] == "m" for _, d in delivered)
     assert telemetry[0]["x"] == 2000.0 and telemetry[0]["ts"] == 2000.0
     assert telemetry[-1]["queue_messages"] == 305  # the queue's own figures travel with each message
+
+
+class SilentHandle:
+    """A publish whose PUBACK never comes (the broker went away without the client noticing yet)."""
+
+    done = False
+
+    def wait(self, timeout: float = 30.0) -> None:
+        time.sleep(min(timeout, 20.0))  # as paho's wait_for_publish: the whole timeout (capped for the test)
+        raise TransportError(f"no PUBACK within {timeout:g}s")
+
+
+class SilentClient(FakeClient):
+    def publish(self, topic: str, payload: bytes, retain: bool = True, qos: int = 1, wait: bool = True,
+                timeout: float = 30.0) -> SilentHandle:  # type: ignore[override]
+        self.sent += 1
+        return SilentHandle()
+
+
+def test_stop_does_not_wait_out_missing_pubacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop while the flusher waits for PUBACKs that never come returns at once (systemd's TimeoutStopSec would
+    SIGKILL an agent that waited them out, and a SIGKILL counts as a crash); the messages stay queued."""
+    monkeypatch.setattr(publisher_module, "PUBACK_TIMEOUT_S", 3600.0)
+    q = DiskQueue(tmp_path / "t.db", max_messages=10_000, max_bytes=10_000_000)
+    pub = Publisher(q, "d1", build=lambda now: {"name": "m", "version": 1}, interval_s=3600.0)
+    for _ in range(5):
+        pub.telemetry_now()
+    client = SilentClient()
+    pub.attach(client)
+    pub.start()
+    deadline = time.monotonic() + 30
+    while client.sent < 5 and time.monotonic() < deadline:  # the flusher is now waiting for PUBACKs
+        time.sleep(0.01)
+    assert client.sent >= 5
+    started = time.monotonic()
+    pub.stop(flush_s=0.5)
+    assert time.monotonic() - started < 10  # returns, rather than waiting out a 20 s PUBACK wait
+    assert len(q) >= 5  # nothing unacknowledged was removed

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -18,13 +17,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as paho
 import pytest
 import requests
 import torch
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.runtime import open_session
 from agent.serve.holder import LoadedModel, ModelHolder, RequestStats
@@ -33,6 +28,7 @@ from agent.serve.mqtt import MqttInference, answer_mqtt_request
 from agent.serve.oip import MAX_FEEDBACK_BYTES
 from agent.transport.mqtt import MqttClient
 from examples.local_broker import Mosquitto
+from tests.integration.test_mqtt_inference import Requester
 
 NAME = "clf"
 DEV = "fb-dev"
@@ -282,36 +278,6 @@ def test_feedback_endpoint_methods_paths_and_a_disabled_sink(holder: ModelHolder
 # --- feedback (and answer ids) over a real broker ------------------------------------------------------------
 
 
-class Requester:
-    """A plain paho MQTT 5 client publishing with a response topic and correlation data."""
-
-    def __init__(self, url: str) -> None:
-        self.got: queue.Queue[tuple[str, bytes, bytes | None]] = queue.Queue()
-        self.subacks: queue.Queue[Any] = queue.Queue()
-        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"fbreq-{uuid.uuid4().hex[:8]}",
-                             protocol=paho.MQTTv5)
-        self.c.on_message = lambda c, u, m: self.got.put(
-            (m.topic, bytes(m.payload), getattr(m.properties, "CorrelationData", None)))
-        self.c.on_subscribe = lambda *args: self.subacks.put(args)
-        self.c.connect("127.0.0.1", int(url.rsplit(":", 1)[1]))
-        self.c.loop_start()
-
-    def subscribe(self, topic: str) -> None:
-        self.c.subscribe(topic, qos=1)
-        self.subacks.get(timeout=10)
-
-    def send(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes = b"c") -> None:
-        props = Properties(PacketTypes.PUBLISH)
-        if response_topic is not None:
-            props.ResponseTopic = response_topic
-        props.CorrelationData = correlation
-        self.c.publish(topic, payload, qos=1, properties=props).wait_for_publish(5)
-
-    def close(self) -> None:
-        self.c.loop_stop()
-        self.c.disconnect()
-
-
 @pytest.fixture
 def agent_side(mosquitto: Mosquitto, holder: ModelHolder, stats: RequestStats,
                rec: Recorder) -> Iterator[tuple[MqttClient, MqttInference]]:
@@ -349,36 +315,36 @@ def test_mqtt_feedback_round_trip(agent_side: tuple[MqttClient, MqttInference], 
     prefix = client.topics.prefix
     requester.subscribe("apps/fb")
     # an inference over MQTT first: its answer's id is the one the observer got
-    requester.send(f"{prefix}devices/{DEV}/infer/request", json.dumps(_body()).encode(), "apps/fb", b"i1")
+    requester.ask(f"{prefix}devices/{DEV}/infer/request", json.dumps(_body()).encode(), "apps/fb", b"i1")
     topic, payload, corr = requester.got.get(timeout=10)
     answer_id = json.loads(payload)["id"]
     assert (topic, corr) == ("apps/fb", b"i1") and [a[0] for a in rec.answers] == [answer_id]
 
     fb = f"{prefix}devices/{DEV}/feedback"
-    requester.send(fb, json.dumps({"id": answer_id, "label": 1}).encode(), "apps/fb", b"f1")
+    requester.ask(fb, json.dumps({"id": answer_id, "label": 1}).encode(), "apps/fb", b"f1")
     assert requester.got.get(timeout=10) == ("apps/fb", json.dumps(
         {"id": answer_id, "result": "accepted"}, separators=(",", ":")).encode(), b"f1")
     assert rec.calls == [(NAME, answer_id, 1)]
 
-    requester.send(fb, json.dumps({"id": "nope", "label": 0}).encode(), "apps/fb", b"f2")
+    requester.ask(fb, json.dumps({"id": "nope", "label": 0}).encode(), "apps/fb", b"f2")
     assert json.loads(requester.got.get(timeout=10)[1]) == {"id": "nope", "result": "unknown"}
 
-    requester.send(fb, b'{"id": "x", "label": "cat"}', "apps/fb", b"f3")
+    requester.ask(fb, b'{"id": "x", "label": "cat"}', "apps/fb", b"f3")
     topic, payload, corr = requester.got.get(timeout=10)
     assert corr == b"f3" and json.loads(payload)["status"] == 400
-    requester.send(fb, json.dumps({"id": "x", "label": [1.0] * MAX_FEEDBACK_BYTES}).encode(), "apps/fb", b"f4")
+    requester.ask(fb, json.dumps({"id": "x", "label": [1.0] * MAX_FEEDBACK_BYTES}).encode(), "apps/fb", b"f4")
     assert json.loads(requester.got.get(timeout=10)[1])["status"] == 413
-    requester.send(fb, json.dumps({"id": answer_id, "label": 9}).encode(), "apps/fb", b"f5")
+    requester.ask(fb, json.dumps({"id": answer_id, "label": 9}).encode(), "apps/fb", b"f5")
     assert json.loads(requester.got.get(timeout=10)[1])["status"] == 400  # the sink's ValueError
     assert rec.labels == {answer_id: 1}
 
     # a refused response topic: not applied, no answer, the reason logged
     caplog.set_level(logging.WARNING, logger="agent.serve.mqtt")
     before = len(rec.calls)
-    requester.send(fb, json.dumps({"id": answer_id, "label": 2}).encode(), f"{prefix}devices/{DEV}/state", b"f6")
+    requester.ask(fb, json.dumps({"id": answer_id, "label": 2}).encode(), f"{prefix}devices/{DEV}/state", b"f6")
     # no response topic: applied, no answer. Sent after the refused one, so once it is in, both were handled.
     second = _infer_mqtt(requester, prefix)
-    requester.send(fb, json.dumps({"id": second, "label": 0}).encode(), None, b"f7")
+    requester.ask(fb, json.dumps({"id": second, "label": 0}).encode(), None, b"f7")
     _wait_for(lambda: len(rec.calls) > before)
     assert rec.calls[before:] == [(NAME, second, 0)]
     assert rec.labels == {answer_id: 1, second: 0}
@@ -388,7 +354,7 @@ def test_mqtt_feedback_round_trip(agent_side: tuple[MqttClient, MqttInference], 
 
 
 def _infer_mqtt(requester: Requester, prefix: str) -> str:
-    requester.send(f"{prefix}devices/{DEV}/infer/request", json.dumps(_body()).encode(), "apps/fb", b"i")
+    requester.ask(f"{prefix}devices/{DEV}/infer/request", json.dumps(_body()).encode(), "apps/fb", b"i")
     request_id: str = json.loads(requester.got.get(timeout=10)[1])["id"]
     return request_id
 

@@ -140,3 +140,11 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def init_fleet_repo(repo: Path, root: Path) -> None:
+    """A fresh TUF repository at `repo`, and the root.json a device is provisioned with copied to `root`."""
+    from packager import tuf_repo
+
+    tuf_repo.init_repo(repo)
+    root.write_bytes(tuf_repo.provisioning_root(repo).read_bytes())

@@ -65,7 +65,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python benchmarks/agent_bench.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import Target, code_state, load_average, machine_info, mosquitto_version, write_json  # noqa: E402 - needs REPO on sys.path
+from benchmarks._common import (  # noqa: E402 - needs REPO on sys.path
+    Target,
+    code_state,
+    init_fleet_repo,
+    load_average,
+    machine_info,
+    mosquitto_version,
+    write_json,
+)
 
 log = logging.getLogger("agent_bench")
 
@@ -968,7 +976,6 @@ def run_large_batch_only(args: argparse.Namespace) -> int:
     """`--scenario large-batch`: build v1, deploy it to a fresh agent, run `large_batch`, merge into args.out."""
     from examples.digits.train import train_digits
     from examples.local_broker import free_port
-    from packager import tuf_repo
     from packager.build import BuildOptions, Progress, build
 
     started = dt.datetime.now(dt.UTC)
@@ -987,9 +994,8 @@ def run_large_batch_only(args: argparse.Namespace) -> int:
         manifest = verify_bundle(bundle, dest=work / "extracted-v1").manifest
         art = next(a for a in manifest.artifacts if a.format == "onnx")
         repo = work / "repo"
-        tuf_repo.init_repo(repo)
         root = work / "provisioned-root.json"
-        root.write_bytes(tuf_repo.provisioning_root(repo).read_bytes())
+        init_fleet_repo(repo, root)
         with broker_in(work) as broker:
             port = free_port()
             config = work / "device" / "agent.toml"
@@ -1083,7 +1089,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("machine: %s, %s cores; load average %s", machine["cpu"], machine["cores"], load_start)
 
     from agent.bundle import verify_bundle
-    from packager import tuf_repo
 
     with tempfile.TemporaryDirectory(prefix="edgeship-agent-bench-") as td:
         work = Path(td)
@@ -1094,9 +1099,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with np.load(build_info.pop("eval")) as ev:
             row = np.ascontiguousarray(ev["x"][:1], dtype=np.float32)
         repo = work / "repo"
-        tuf_repo.init_repo(repo)
         root = work / "provisioned-root.json"
-        root.write_bytes(tuf_repo.provisioning_root(repo).read_bytes())
+        init_fleet_repo(repo, root)
         with broker_in(work) as broker:
             port = free_port()
             config = work / "device" / "agent.toml"

@@ -36,11 +36,10 @@ from typing import Any
 from agent.bundle import sha256_file, verify_bundle, write_bundle
 from agent.deploy.rollout import bucket
 from agent.transport.mqtt import MqttClient
-from benchmarks._common import code_state, load_average, machine_info, mosquitto_version, write_json
+from benchmarks._common import code_state, init_fleet_repo, load_average, machine_info, mosquitto_version, write_json
 from examples.digits.train import train_digits
 from examples.local_broker import Mosquitto
 from packager import publish as pub
-from packager import tuf_repo
 from packager.build import BuildOptions, Progress, build
 from packager.rollout import state as st
 from packager.rollout.controller import Controller
@@ -360,9 +359,8 @@ def run_size(n: int, broker: Mosquitto, v1: Path, v2: Path, tmp: Path, telemetry
     fleet = f"sim{uuid.uuid4().hex[:8]}"
     topics = pub.topics_for(fleet)
     repo = tmp / f"repo-{fleet}"
-    tuf_repo.init_repo(repo)
     root = tmp / f"root-{fleet}.json"
-    root.write_bytes(tuf_repo.provisioning_root(repo).read_bytes())
+    init_fleet_repo(repo, root)
     client = MqttClient(broker.url, f"bench-{fleet}", prefix=topics)
     client.connect(timeout=10)
     t1 = pub.publish(repo, v1, GROUP, client, topics, None).bundle_target

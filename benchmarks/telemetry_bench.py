@@ -58,7 +58,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python benchmarks/telemetry_bench.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks._common import Target, code_state, load_average, machine_info, mosquitto_version, write_json  # noqa: E402 - needs REPO on sys.path
+from benchmarks._common import (  # noqa: E402 - needs REPO on sys.path
+    Target,
+    code_state,
+    init_fleet_repo,
+    load_average,
+    machine_info,
+    mosquitto_version,
+    write_json,
+)
 from benchmarks.agent_bench import (  # noqa: E402
     AGENT_DISTS,
     FLEET,
@@ -408,7 +416,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from agent.bundle import verify_bundle
     from examples.digits.train import train_digits
-    from packager import tuf_repo
     from packager.build import BuildOptions, Progress, build
 
     rng = np.random.default_rng(0)
@@ -426,9 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         x_shift = np.clip(x_eval + rng.normal(0.0, SHIFT_NOISE_SIGMA, x_eval.shape), 0.0, 1.0).astype(np.float32)
         in_dist, shifted = infer_bodies(x_eval, art.inputs[0].name), infer_bodies(x_shift, art.inputs[0].name)
         repo = work / "repo"
-        tuf_repo.init_repo(repo)
         root = work / "provisioned-root.json"
-        root.write_bytes(tuf_repo.provisioning_root(repo).read_bytes())
+        init_fleet_repo(repo, root)
         with broker_in(work) as broker:
             s = Setup(work, repo, broker.url, {1: bundle}, work / "unused.toml", 0, art.inputs[0].name,
                       [1, *[int(d) for d in art.inputs[0].shape[1:]]], x_eval[:1], work / "extracted-v1",

@@ -61,6 +61,7 @@ RejectReason = Literal[
     "unsupported",      # no artifact in the bundle runs on this device (arch, RAM, runtime)
     "parity",           # staging ran the model but no artifact matched its golden outputs (or golden.npz is bad)
     "load_failed",      # no artifact could be loaded or run
+    "no_usable_runtime",  # every artifact's runtime crashed, hung or failed the runtime probe on this device
     "superseded",       # the group's deployment changed to another bundle meanwhile
     "usage",            # the fetch worker was started with wrong arguments
     "invalid",          # the default; also a worker answer with no reason

@@ -201,6 +201,7 @@ OTHER_ENV = frozenset({
     "EDGESHIP_MOSQUITTO",  # examples/local_broker.py: the mosquitto binary the tests and benchmarks start
     "EDGESHIP_REPO", "EDGESHIP_BROKER", "EDGESHIP_FLEET",  # systemd/edgeship-refresh.service
     "EDGESHIP_TELEGRAF_PASSWORD",  # docs/dashboard.md: Telegraf's broker password, read by Telegraf
+    "EDGESHIP_PROBE_FAULT",  # agent/runtime/probe.py: test hook, read only by the runtime probe's child process
 })
 
 

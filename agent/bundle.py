@@ -21,6 +21,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -58,6 +59,16 @@ FORMATS = {"onnx": "onnxruntime", "tflite": "litert"}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _MEMBER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # fits a ustar name field: no extension record
 _HASH_CHUNK = 1 << 20
+# Class names and preprocessing (issue 15): bounds a hostile manifest cannot exceed (the 1 MiB manifest bounds the
+# total too).
+MAX_LABELS = 65536
+MAX_LABEL_CHARS = 256
+MAX_CHANNELS = 4096  # entries of a per-channel mean or std
+MAX_RAW_SIDE = 8192  # the largest height or width a client may send an input that the device resizes
+LAYOUTS = ("NCHW", "NHWC")
+RESIZE_METHODS = ("nearest", "bilinear")
+SCORES = ("softmax", "raw")
+RAW_DTYPES = ("uint8", "float32")
 
 
 def valid_name(name: str) -> bool:
@@ -155,6 +166,53 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class Preprocessing:
+    """What the device does to one input before the model sees it (manifest `preprocessing` with an `input`).
+
+    A client sends the input raw: in `layout` (NCHW or NHWC), any numeric datatype (`dtype` is what it is told to
+    send), of any height and width when `resize` is set. The device computes `(x * scale - mean[c]) / std[c]` per
+    channel c (a single mean/std applies to every channel), resizes to the model's height and width (`nearest`, or
+    `bilinear` with half-pixel centres) and transposes to `model_layout`, then feeds float32. Pure data:
+    agent/preprocess.py applies it."""
+
+    input: str
+    layout: str = "NCHW"
+    model_layout: str = "NCHW"
+    scale: float = 1.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    resize: str | None = None
+    dtype: str = "float32"
+
+    @property
+    def image(self) -> bool:
+        """Needs a 4-D image input (a layout change, a resize or per-channel statistics)."""
+        return self.layout != self.model_layout or self.resize is not None or max(len(self.mean), len(self.std)) > 1
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"input": self.input, "layout": self.layout, "model_layout": self.model_layout,
+                               "scale": self.scale, "mean": list(self.mean), "std": list(self.std),
+                               "dtype": self.dtype}
+        if self.resize is not None:
+            out["resize"] = self.resize
+        return out
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Class names for one classification output (manifest `labels`): `names[i]` is class index i. `scores`:
+    `softmax` (the output holds logits: the device reports softmax probabilities) or `raw` (reported as the model
+    gives them, e.g. probabilities already)."""
+
+    output: str
+    names: tuple[str, ...]
+    scores: str = "softmax"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"output": self.output, "names": list(self.names), "scores": self.scores}
+
+
+@dataclass(frozen=True)
 class Artifact:
     """One runnable model file in the bundle and what the packager measured for it."""
 
@@ -206,6 +264,12 @@ class Manifest:
     provenance: Mapping[str, Any]
     files: Mapping[str, FileEntry] = field(default_factory=dict)
     max_batch: int = DEFAULT_MAX_BATCH  # the agent answers requests with a larger first dimension 413
+    labels: Labels | None = None  # class names for a classification output; None: indices only
+
+    @cached_property
+    def preprocess(self) -> Preprocessing | None:
+        """The declared preprocessing (validated when the manifest was read), or None: inputs are fed as sent."""
+        return preprocessing_from_json(self.preprocessing, self.inputs) if "input" in self.preprocessing else None
 
     def artifact(self, fmt: str) -> Artifact:
         for a in self.artifacts:
@@ -237,6 +301,7 @@ class Manifest:
             "max_batch": self.max_batch,
             "target": dict(self.target),
             "preprocessing": dict(self.preprocessing),
+            **({"labels": self.labels.to_json()} if self.labels is not None else {}),
             "provenance": dict(self.provenance),
             "files": {k: {"sha256": v.sha256, "bytes": v.bytes} for k, v in sorted(self.files.items())},
         }
@@ -365,16 +430,93 @@ def _parse_manifest(d: Any) -> Manifest:
     max_batch = _integer(d.get("max_batch", DEFAULT_MAX_BATCH), "max_batch", 1, MAX_BATCH_LIMIT)
     latency_budget_ms = _number(d["latency_budget_ms"], "latency_budget_ms")
     _require(latency_budget_ms > 0, f"latency_budget_ms must be positive, got {latency_budget_ms!r}")
+    inputs, outputs = _tensors(d["inputs"], "inputs"), _tensors(d["outputs"], "outputs")
+    preprocessing = _mapping(d["preprocessing"], "preprocessing")
+    if "input" in preprocessing:  # structured: every key checked (older manifests hold a free-form note)
+        preprocessing_from_json(preprocessing, inputs)
+    labels = labels_from_json(d["labels"], outputs) if "labels" in d else None
     return Manifest(
         name=name, version=version, task=d["task"], created=d["created"],
-        inputs=_tensors(d["inputs"], "inputs"), outputs=_tensors(d["outputs"], "outputs"),
+        inputs=inputs, outputs=outputs, labels=labels,
         artifacts=tuple(artifacts), metric=str(acc["metric"]),
         fp32_metric_value=_number(acc["fp32"], "accuracy.fp32"), max_drop=_number(acc["max_drop"], "max_drop"),
         parity=_mapping(d["parity"], "parity"),
         latency_budget_ms=latency_budget_ms,
-        target=_mapping(d["target"], "target"), preprocessing=_mapping(d["preprocessing"], "preprocessing"),
+        target=_mapping(d["target"], "target"), preprocessing=preprocessing,
         provenance=_mapping(d["provenance"], "provenance"), files=files, max_batch=max_batch,
     )
+
+
+_PREPROCESS_KEYS = frozenset({"input", "layout", "model_layout", "scale", "mean", "std", "resize", "dtype", "note"})
+
+
+def preprocessing_from_json(p: Mapping[str, Any], inputs: tuple[TensorSpec, ...]) -> Preprocessing:
+    """The structured `preprocessing` section, checked against the model's inputs; BundleRejected("manifest").
+
+    Unknown keys are refused: an agent that does not know a step must not serve the model without it."""
+    unknown = sorted(str(k) for k in p if k not in _PREPROCESS_KEYS)
+    _require(not unknown, f"preprocessing: unknown key(s) {_short(unknown)}")
+    name = p["input"]
+    spec = next((t for t in inputs if t.name == name), None)
+    _require(spec is not None, f"preprocessing.input {_short(name)} is not one of the model's inputs")
+    assert spec is not None
+    _require(spec.dtype in ("float16", "float32", "float64"),
+             f"preprocessing.input {name!r} is {spec.dtype}; preprocessing feeds float inputs only")
+    layout, model_layout = p.get("layout", "NCHW"), p.get("model_layout", "NCHW")
+    _require(layout in LAYOUTS and model_layout in LAYOUTS,
+             f"preprocessing layout and model_layout must be one of {', '.join(LAYOUTS)}")
+    scale = _number(p.get("scale", 1.0), "preprocessing.scale")
+    _require(scale != 0, "preprocessing.scale must not be 0")
+    stats = {}
+    for key, default in (("mean", [0.0]), ("std", [1.0])):
+        v = p.get(key, default)
+        _require(isinstance(v, list) and 1 <= len(v) <= MAX_CHANNELS,
+                 f"preprocessing.{key} must be a list of 1 to {MAX_CHANNELS} numbers")
+        stats[key] = tuple(_number(x, f"preprocessing.{key}") for x in v)
+    _require(all(s > 0 for s in stats["std"]), "preprocessing.std values must be positive")
+    resize = p.get("resize")
+    _require(resize is None or resize in RESIZE_METHODS,
+             f"preprocessing.resize must be one of {', '.join(RESIZE_METHODS)}, got {_short(resize)}")
+    dtype = p.get("dtype", "float32")
+    _require(dtype in RAW_DTYPES, f"preprocessing.dtype must be one of {', '.join(RAW_DTYPES)}")
+    note = p.get("note")
+    _require(note is None or (isinstance(note, str) and len(note) <= 1024), "preprocessing.note must be a string")
+    out = Preprocessing(name, layout, model_layout, scale, stats["mean"], stats["std"], resize, dtype)
+    channels = max(len(out.mean), len(out.std))
+    if out.image:
+        _require(len(spec.shape) == 4, f"preprocessing of {name!r} (layout, resize or per-channel statistics) "
+                 f"needs a 4-D image input, the model's has shape {list(spec.shape)}")
+        c = spec.shape[1] if model_layout == "NCHW" else spec.shape[3]
+        _require(min(len(out.mean), len(out.std)) in (1, channels),
+                 "preprocessing.mean and std must have one value or one per channel each")
+        _require(channels == 1 or c in (-1, channels),
+                 f"preprocessing has {channels} channel statistics, input {name!r} has {c} channels")
+    if resize is not None:
+        h, w = (spec.shape[2], spec.shape[3]) if model_layout == "NCHW" else (spec.shape[1], spec.shape[2])
+        _require(h > 0 and w > 0, f"preprocessing.resize needs a fixed height and width, input {name!r} has "
+                 f"shape {list(spec.shape)}")
+    return out
+
+
+def labels_from_json(v: Any, outputs: tuple[TensorSpec, ...]) -> Labels:
+    d = _mapping(v, "labels")
+    unknown = sorted(str(k) for k in d if k not in ("output", "names", "scores"))
+    _require(not unknown, f"labels: unknown key(s) {_short(unknown)}")
+    out = next((t for t in outputs if t.name == d["output"]), None)
+    _require(out is not None, f"labels.output {_short(d['output'])} is not one of the model's outputs")
+    assert out is not None
+    names = d["names"]
+    _require(isinstance(names, list) and 1 <= len(names) <= MAX_LABELS,
+             f"labels.names must be a list of 1 to {MAX_LABELS} strings")
+    for i, n in enumerate(names):
+        _require(isinstance(n, str) and 0 < len(n) <= MAX_LABEL_CHARS and n.isprintable(),
+                 f"labels.names[{i}] must be a printable string of 1 to {MAX_LABEL_CHARS} characters, got {_short(n)}")
+    classes = math.prod(out.shape[1:]) if out.shape[1:] and all(s > 0 for s in out.shape[1:]) else -1
+    _require(classes in (-1, len(names)), f"labels.names has {len(names)} names, output {out.name!r} has {classes} "
+             "classes")
+    scores = d.get("scores", "softmax")
+    _require(scores in SCORES, f"labels.scores must be one of {', '.join(SCORES)}")
+    return Labels(out.name, tuple(names), scores)
 
 
 def parse_manifest(raw: bytes) -> Manifest:

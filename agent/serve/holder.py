@@ -28,6 +28,7 @@ import numpy as np
 
 from agent.bundle import DEFAULT_MAX_BATCH, Manifest, TensorSpec
 from agent.errors import BadRequest, BatchTooLarge, InferenceFailed, ModelNotFound, ModelNotReady
+from agent.preprocess import prepare
 from agent.runtime import ModelSession
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class InferResult:
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     run_ms: float = 0.0  # time spent in the session's run()
     all_outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)  # what the model was fed (after preprocessing)
 
     def __post_init__(self) -> None:
         if not self.all_outputs:
@@ -270,14 +272,18 @@ class ModelHolder:
         version: str | None,
         inputs: dict[str, np.ndarray],
         output_names: Sequence[str] | None = None,
+        raw: bool = False,
     ) -> InferResult:
         """Run `inputs` on the served model if it is `name` (and `version`); return the outputs asked for (all
-        when `output_names` is None or empty)."""
+        when `output_names` is None or empty). `raw`: the inputs are as a client sends them, and the bundle's
+        declared preprocessing (if any) is applied first, with this same model's manifest."""
         model = self._model  # read ONCE: everything below uses this object even if a swap happens meanwhile
         if model is None:
             raise ModelNotReady("no model is loaded yet")
         check_model(model, name, version)
         check_batch({n: np.shape(a) for n, a in inputs.items()}, self.batch_limit(model), model.name)
+        if raw:
+            inputs = preprocess_inputs(model, inputs)
         feeds = conform_inputs(model, inputs)
         known = [s.name for s in model.outputs]
         wanted = list(output_names) if output_names else known
@@ -297,7 +303,20 @@ class ModelHolder:
             raise InferenceFailed(f"model {model.name!r} version {model.version} failed to run: {first}") from e
         run_ms = (time.perf_counter() - start) * 1000.0
         by_name = dict(zip(known, arrays, strict=True))
-        return InferResult(model=model, outputs={n: by_name[n] for n in wanted}, run_ms=run_ms, all_outputs=by_name)
+        return InferResult(model=model, outputs={n: by_name[n] for n in wanted}, run_ms=run_ms, all_outputs=by_name,
+                           inputs=feeds)
+
+
+def preprocess_inputs(model: LoadedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`inputs` with the manifest's declared preprocessing applied to its input (agent/preprocess.py); as they are
+    when the bundle declares none or the input is missing (conform_inputs names it)."""
+    spec = model.manifest.preprocess if model.manifest is not None else None
+    if spec is None or not isinstance(inputs, dict) or spec.input not in inputs:
+        return inputs
+    target = next((s for s in model.inputs if s.name == spec.input), None)
+    if target is None:
+        return inputs
+    return {**inputs, spec.input: prepare(spec, np.asarray(inputs[spec.input]), target)}
 
 
 def check_model(model: LoadedModel | None, name: str, version: str | None) -> LoadedModel:

@@ -255,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _get(self, endpoint: str, name: str | None, version: str | None) -> None:
         holder = self.server.holder
         if endpoint == "server":
-            self._send_json(200, {"name": "edgeship", "version": __version__, "extensions": []})
+            self._send_json(200, {"name": "edgeship", "version": __version__, "extensions": ["classification"]})
         elif endpoint == "health_live":
             self._send_json(200, {"live": True})
         elif endpoint == "health_ready":

@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from agent.bundle import Labels
 from agent.errors import BadRequest, BatchTooLarge, InferenceFailed, ModelNotReady, ServingError
+from agent.preprocess import raw_shape, top_k
 from agent.serve.holder import (
     DATATYPES,
     FeedbackSink,
@@ -41,6 +43,9 @@ TRIM_AFTER_BYTES = 1 << 20
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
 
 
+MAX_CLASSIFICATION = 65536  # the most classes one answer may name per row (the manifest's label bound)
+
+
 @dataclass(frozen=True)
 class InferRequest:
     id: str | None
@@ -48,6 +53,9 @@ class InferRequest:
     outputs: list[str] | None
     model_name: str | None = None  # only where there is no URL to say it (MQTT)
     model_version: str | None = None
+    preprocessed: bool = False  # `parameters.preprocessed`: the inputs are model-ready, skip the bundle's steps
+    classification: int | None = None  # `parameters.classification`: top-k names in an extra `classification` output
+    classify: dict[str, int] | None = None  # per output `parameters.classification` (Triton): that output as top-k
 
 
 def _no_constants(name: str) -> Any:
@@ -128,8 +136,13 @@ def parse_infer_request(body: bytes, max_batch: int | None = None, model_name: s
         if value is not None and not isinstance(value, str):
             raise BadRequest(f"{key!r} must be a string, got {_json_type(value)}")
         target[key] = value
-    if "parameters" in doc and not isinstance(doc["parameters"], dict):
-        raise BadRequest(f"'parameters' must be an object, got {_json_type(doc['parameters'])}")
+    params = doc.get("parameters", {})
+    if not isinstance(params, dict):
+        raise BadRequest(f"'parameters' must be an object, got {_json_type(params)}")
+    preprocessed = params.get("preprocessed", False)
+    if not isinstance(preprocessed, bool):
+        raise BadRequest(f"'parameters.preprocessed' must be true or false, got {_json_type(preprocessed)}")
+    classification = _top_k(params.get("classification"), "'parameters.classification'")
     if "inputs" not in doc:
         raise BadRequest("request has no 'inputs'")
     raw_inputs = doc["inputs"]
@@ -143,6 +156,7 @@ def parse_infer_request(body: bytes, max_batch: int | None = None, model_name: s
         inputs[name] = arr
 
     outputs: list[str] | None = None
+    classify: dict[str, int] = {}
     if doc.get("outputs") is not None:
         raw_outputs = doc["outputs"]
         if not isinstance(raw_outputs, list):
@@ -152,7 +166,23 @@ def parse_infer_request(body: bytes, max_batch: int | None = None, model_name: s
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
                 raise BadRequest(f"outputs[{j}] must be an object with a string 'name'")
             outputs.append(o["name"])
-    return InferRequest(id=req_id, inputs=inputs, outputs=outputs, **target)
+            o_params = o.get("parameters", {})
+            if not isinstance(o_params, dict):
+                raise BadRequest(f"outputs[{j}]: 'parameters' must be an object")
+            k = _top_k(o_params.get("classification"), f"outputs[{j}] 'parameters.classification'")
+            if k is not None:
+                classify[o["name"]] = k
+    return InferRequest(id=req_id, inputs=inputs, outputs=outputs, preprocessed=preprocessed,
+                        classification=classification, classify=classify or None, **target)
+
+
+def _top_k(v: Any, what: str) -> int | None:
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_CLASSIFICATION:
+        raise BadRequest(f"{what} must be an integer from 1 to {MAX_CLASSIFICATION} (how many classes), got {v!r}"
+                         if not isinstance(v, (dict, list, str)) else f"{what} must be an integer, got {_json_type(v)}")
+    return v
 
 
 def _tensor(i: int, raw: Any, max_batch: int | None = None, model_name: str = "") -> tuple[str, np.ndarray]:
@@ -241,12 +271,31 @@ def _json_type(v: Any) -> str:
     return "an object"
 
 
-def encode_infer_response(result: InferResult, request_id: str | None) -> dict[str, Any]:
+def encode_infer_response(result: InferResult, request_id: str | None,
+                          request: InferRequest | None = None) -> dict[str, Any]:
+    """The OIP answer. With `request`'s classification parameters (module `agent.preprocess`): an output asked for
+    with `parameters.classification` k comes back as Triton's classification extension has it, BYTES
+    [batch, k] strings `<score>:<index>[:<name>]`; the request-level `parameters.classification` k keeps every
+    output raw and adds an output named `classification` (the bundle's labelled output, else the first) in that
+    form, plus `parameters.labels` on it: the names as a [batch][k] list."""
+    classify = (request.classify if request is not None else None) or {}
+    labels = result.model.manifest.labels if result.model.manifest is not None else None
     outputs = []
     for name, arr in result.outputs.items():
+        if name in classify:
+            outputs.append(_classified(name, arr, classify[name], labels if _labelled(labels, name) else None))
+            continue
         arr = np.asarray(arr)
         outputs.append({"name": name, "datatype": datatype_of(arr.dtype), "shape": list(arr.shape),
                         "data": arr.ravel().tolist()})
+    if request is not None and request.classification is not None:
+        if "classification" in result.outputs:
+            raise BadRequest("the model has an output named 'classification': ask for top-k classes with "
+                             "outputs[].parameters.classification instead")
+        target = labels.output if labels is not None else next(iter(result.all_outputs))
+        tensor = _classified("classification", result.all_outputs[target], request.classification,
+                             labels if _labelled(labels, target) else None)
+        outputs.append(tensor)
     return {
         "model_name": result.model.name,
         "model_version": str(result.model.version),
@@ -255,17 +304,52 @@ def encode_infer_response(result: InferResult, request_id: str | None) -> dict[s
     }
 
 
+def _labelled(labels: Labels | None, output: str) -> bool:
+    return labels is not None and labels.output == output
+
+
+def _classified(name: str, arr: np.ndarray, k: int, labels: Labels | None) -> dict[str, Any]:
+    arr = np.asarray(arr)
+    if arr.ndim < 2:
+        raise BadRequest(f"output {name!r} has shape {list(arr.shape)}: classification needs [batch, classes]")
+    if arr.dtype.kind not in "fiu":
+        raise BadRequest(f"output {name!r} is {datatype_of(arr.dtype)}: classification needs numbers")
+    rows = top_k(arr, k, labels)
+    width = len(rows[0]) if rows else min(k, int(np.prod(arr.shape[1:])))
+    out: dict[str, Any] = {"name": name, "datatype": "BYTES", "shape": [len(rows), width],
+                           "data": [c.triton() for row in rows for c in row]}
+    if labels is not None:
+        out["parameters"] = {"labels": [[c.name for c in row] for row in rows],
+                             "scores": [[c.score for c in row] for row in rows]}
+    return out
+
+
 def model_metadata(model: LoadedModel) -> dict[str, Any]:
+    """OIP model metadata. `inputs`/`outputs` are the model's own tensors (what a client that sends preprocessed
+    data sends); `parameters.preprocessing` (the manifest's steps and `raw_input`: what a client sends raw) and
+    `parameters.labels` (the labelled output, how scores are made, the names) are there when the bundle has them."""
     def tensor(s: Any) -> dict[str, Any]:
         return {"name": s.name, "datatype": datatype_of(s.dtype), "shape": list(s.shape)}
 
-    return {
+    doc: dict[str, Any] = {
         "name": model.name,
         "versions": [str(model.version)],
         "platform": PLATFORMS.get(model.fmt, model.fmt),
         "inputs": [tensor(s) for s in model.inputs],
         "outputs": [tensor(s) for s in model.outputs],
     }
+    manifest = model.manifest
+    params: dict[str, Any] = {}
+    spec = manifest.preprocess if manifest is not None else None
+    target = next((s for s in model.inputs if spec is not None and s.name == spec.input), None)
+    if spec is not None and target is not None:
+        params["preprocessing"] = {**spec.to_json(), "raw_input": {
+            "name": spec.input, "datatype": datatype_of(spec.dtype), "shape": raw_shape(spec, target)}}
+    if manifest is not None and manifest.labels is not None:
+        params["labels"] = manifest.labels.to_json()
+    if params:
+        doc["parameters"] = params
+    return doc
 
 
 def run_infer(holder: ModelHolder, stats: RequestStats, body: bytes, name: str | None = None,
@@ -294,9 +378,9 @@ def run_infer(holder: ModelHolder, stats: RequestStats, body: bytes, name: str |
                 if served is None:
                     raise ModelNotReady("no model is loaded yet")
                 name = served.name
-        result = holder.infer(name, version, request.inputs, request.outputs)
+        result = holder.infer(name, version, request.inputs, request.outputs, raw=not request.preprocessed)
         request_id = request.id or uuid.uuid4().hex
-        data = json.dumps(encode_infer_response(result, request_id), separators=(",", ":")).encode()
+        data = json.dumps(encode_infer_response(result, request_id, request), separators=(",", ":")).encode()
     except ServingError as e:
         ms = (time.perf_counter() - start) * 1000.0
         target = served if served is not None and (name is None or name == served.name) else None
@@ -312,7 +396,7 @@ def run_infer(holder: ModelHolder, stats: RequestStats, body: bytes, name: str |
         ms = (time.perf_counter() - start) * 1000.0
         stats.record_error(model=served if served is not None and name in (None, served.name) else None, ms=ms)
         raise
-    stats.record_answer(request_id, result.model, request.inputs, result.all_outputs,
+    stats.record_answer(request_id, result.model, result.inputs or request.inputs, result.all_outputs,
                         (time.perf_counter() - start) * 1000.0)
     return data
 

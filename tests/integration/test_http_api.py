@@ -127,7 +127,7 @@ def test_server_and_model_endpoints(served: InferenceServer, client: requests.Se
     base = served.url
     r = client.get(f"{base}/v2")
     assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
-    assert r.json()["name"] == "edgeship" and r.json()["extensions"] == [] and r.json()["version"]
+    assert r.json()["name"] == "edgeship" and r.json()["extensions"] == ["classification"] and r.json()["version"]
     assert client.get(f"{base}/v2/health/live").json() == {"live": True}
     assert client.get(f"{base}/v2/health/ready").status_code == 200
 

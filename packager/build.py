@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,8 @@ from packager import __version__ as packager_version
 from packager import metrics
 from packager.data import Dataset, fit_to_specs, load_npz
 from packager.errors import AccuracyGateError, ConversionError, InputError, PackagerError
-from packager.report import report_html, report_json
+from packager.report import class_breakdown, manifest_sections, report_html, report_json
+from packager.serving_spec import labels_section, parse_preprocess, preprocessing_section, read_labels
 from packager.torch_model import (
     SourceModel,
     declared_input_specs,
@@ -80,6 +81,8 @@ class BuildOptions:
     threads: int = 1
     latency_runs: int = 200
     max_batch: int = DEFAULT_MAX_BATCH  # the largest batch one inference request may carry on the device
+    labels: Path | None = None  # class names, one per line: the manifest's `labels` (packager/serving_spec.py)
+    preprocess: str | None = None  # `--preprocess` key=value pairs: the manifest's `preprocessing`
 
 
 class Progress:
@@ -280,6 +283,9 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
         output_names = [s.name for s in source_session.outputs]
         ref_out = _run_eval(source_session, eval_ds, opts.eval)
         _check_output_fits(task, ref_out, eval_ds.labels, f"evaluation data {opts.eval}")
+        prep = (preprocessing_section(parse_preprocess(opts.preprocess), source_session.inputs)[0]
+                if opts.preprocess else None)
+        class_names = labels_section(read_labels(opts.labels), source_session.outputs, ref_out) if opts.labels else None
         ref_value = metrics.metric_value(task, ref_out, eval_ds.labels, ref_out)
         fp32_lat = _time_session(source_session, eval_ds.inputs, opts.latency_runs)
         metric_name = metrics.METRIC_BY_TASK[task]
@@ -339,6 +345,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
         for name_in, arr in golden_inputs.items():
             golden[golden_input_key(name_in)] = arr
         report["artifacts"] = []
+        eval_outputs = {"fp32": ref_out}
         for fmt, r in results.items():
             chosen = r.chosen
             assert chosen is not None and chosen.path is not None
@@ -348,6 +355,8 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
             lat = _time_session(session, eval_ds.inputs, opts.latency_runs)
             for i, out in enumerate(session.run(golden_inputs)):
                 golden[golden_output_key(fmt, i)] = out
+            if task == "classification":
+                eval_outputs[f"{fmt} int8"] = session.run(eval_ds.inputs)[0]
             artifacts.append(Artifact(fmt, member, session.inputs, session.outputs, chosen.recipe, chosen.value,
                                       chosen.drop, lat.p50_ms, lat.p95_ms))
             report["artifacts"].append({
@@ -372,6 +381,14 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
             raise InputError(f"{out_path} already exists: bundles are immutable, pick a new --version")
         report["version"] = version
         report["verdict"] = f"Every artifact is within the gate (max drop {max_drop:g})."
+        manifest = _manifest(name, version, task, metric_name, ref_value, max_drop, opts, source, calib,
+                             eval_ds, fp32_session.inputs, fp32_session.outputs, artifacts,
+                             _parity(task, fp32_out[:golden_n]), report)
+        manifest = replace(manifest, labels=class_names, preprocessing=prep or manifest.preprocessing)
+        report.update(manifest_sections(manifest))
+        if task == "classification" and eval_ds.labels is not None:
+            report["classes"] = class_breakdown(eval_ds.labels, eval_outputs,
+                                                class_names.names if class_names is not None else None)
         golden_path = work / GOLDEN_FILE
         np.savez(golden_path, allow_pickle=False, **golden)
         reference_path = work / "reference.json"
@@ -381,9 +398,6 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
         (work / "report.html").write_text(report_html(report))
         members.update({GOLDEN_FILE: golden_path, "reference.json": reference_path,
                         "report.json": work / "report.json", "report.html": work / "report.html"})
-        manifest = _manifest(name, version, task, metric_name, ref_value, max_drop, opts, source, calib,
-                             eval_ds, fp32_session.inputs, fp32_session.outputs, artifacts,
-                             _parity(task, fp32_out[:golden_n]), report)
         html_beside = opts.out_dir / f"{name}-{version}.report.html"
         try:
             write_atomic(html_beside, report_html(report).encode())
@@ -532,6 +546,12 @@ def check_build_options(opts: BuildOptions) -> str:
         raise InputError(f"--max-batch must be from 1 to {MAX_BATCH_LIMIT}, got {opts.max_batch}")
     if opts.threads < 1:
         raise InputError("--threads must be at least 1")
+    if opts.labels is not None:
+        if opts.task != "classification":
+            raise InputError("--labels goes with --task classification")
+        read_labels(opts.labels)
+    if opts.preprocess is not None:
+        parse_preprocess(opts.preprocess)
     if opts.version is not None and opts.version < 1:
         # the manifest reader (and so `packager inspect` and every device) refuses anything else
         raise InputError(f"--version must be a positive integer, got {opts.version}")

@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"largest batch one inference request may carry on a device, recorded in the manifest "
                         f"(1..{MAX_BATCH_LIMIT}, default {DEFAULT_MAX_BATCH})")
+    b.add_argument("--labels", type=Path, metavar="LABELS.txt",
+                   help="class names, one per line in class-index order: devices answer with names (classification)")
+    b.add_argument("--preprocess", metavar="'KEY=VALUE ...'",
+                   help="what the device does to raw inputs, e.g. 'scale=1/255 mean=0.485,0.456,0.406 "
+                        "std=0.229,0.224,0.225 layout=NHWC resize=bilinear dtype=uint8' (docs/packager.md)")
     b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     i = sub.add_parser("inspect", help="validate a bundle (hashes, safe paths, manifest) and summarize it")
@@ -180,7 +185,7 @@ def _build(args: argparse.Namespace) -> int:
         model=args.model, calib=args.calib, eval=args.eval, out_dir=args.out, name=args.name,
         version=args.bundle_version, formats=formats, prune=args.prune, max_drop=args.max_drop, task=args.task,
         weights=args.weights, latency_budget_ms=args.latency_budget_ms, threads=args.threads,
-        max_batch=args.max_batch,
+        max_batch=args.max_batch, labels=args.labels, preprocess=args.preprocess,
     )
     check_build_options(opts)
     result = build(opts, Progress(0))

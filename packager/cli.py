@@ -236,6 +236,13 @@ def _inspect(args: argparse.Namespace) -> int:
               f"{a.metric_value:.4g} (drop {a.drop:.3g})  recipe {a.recipe.get('name', '?')}")
     shapes = ", ".join(f"{t.name}{list(t.shape)} {t.dtype}" for t in m.inputs)
     print(f"  inputs: {shapes}")
+    if m.preprocess is not None:
+        p = m.preprocess
+        print(f"  preprocessing of {p.input!r}: raw {p.layout} {p.dtype} -> (x * {p.scale:g} - mean {list(p.mean)}) / "
+              f"std {list(p.std)}" + (f", {p.resize} resize" if p.resize else "") + f" -> {p.model_layout}")
+    if m.labels is not None:
+        first = ", ".join(m.labels.names[:5]) + (", ..." if len(m.labels.names) > 5 else "")
+        print(f"  labels: {len(m.labels.names)} classes of {m.labels.output!r} ({first}); scores {m.labels.scores}")
     return 0
 
 

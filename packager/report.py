@@ -248,6 +248,52 @@ def _dot_chart(title: str, points: list[tuple[str, float]], gate: tuple[str, flo
     return "\n".join(rows)
 
 
+def _num(v: Any, fmt: str = "{:.4g}") -> str:
+    return fmt.format(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else ("" if v is None else str(v))
+
+
+def _pruning_html(prune: Mapping[str, Any], metric: str, fp32: Mapping[str, Any]) -> str:
+    before_after = [_num(prune.get("value_before")), _num(prune.get("value_after")), _num(prune.get("drop"))]
+    if prune.get("method") == "channels":  # structured (packager/prune.py): whole channels gone
+        ft = prune.get("finetune") or {}
+        tuned = (f"{ft.get('epochs')} epochs on {ft.get('samples')} samples"
+                 + (" with labels" if ft.get("labels") else "")) if ft else "none"
+        p50 = prune.get("p50_ms")
+        speed = f"{p50 / fp32['p50_ms']:.2f}x" if isinstance(p50, (int, float)) and fp32.get("p50_ms") else ""
+        table = _table(["channels removed", "parameters before", "parameters after", "layers", "fine-tune",
+                        f"fp32 {metric} before", f"fp32 {metric} after", "drop", "bytes x fp32", "p50 x fp32"],
+                       [[_num(prune.get("amount")), _num(prune.get("parameters_before"), "{:,}"),
+                         _num(prune.get("parameters_after"), "{:,}"), _num(prune.get("layers")), tuned,
+                         *before_after, f"{prune['bytes'] / fp32['bytes']:.3f}" if prune.get("bytes") else "", speed]])
+        text = ("<p>Whole channels were removed, so the pruned model is smaller and faster as a dense file. Every "
+                "drop in this report, pruning's and each int8 artifact's, is measured from the unpruned model.</p>")
+    else:
+        table = _table(["amount", "sparsity", f"fp32 {metric} before", f"fp32 {metric} after", "drop"],
+                       [[_num(prune.get("amount")), _num(prune.get("sparsity"), "{:.3f}"), *before_after]])
+        text = ("<p>Every drop in this report, pruning's and each int8 artifact's, is measured from the unpruned "
+                "model. Unstructured zeros do not shrink a dense int8 file; compare the zstd column to see what "
+                "they buy on the wire.</p>")
+    return "<h2>Pruning</h2>" + table + text
+
+
+def _distillation_html(d: Mapping[str, Any], metric: str) -> str:
+    """The record `packager distill` leaves in the student (packager/distill.py): teacher against student."""
+    teacher, student, training = d.get("teacher") or {}, d.get("student") or {}, d.get("training") or {}
+    m = d.get("metric", metric)
+    rows = [[role, sec.get("model", ""), _num(sec.get("parameters"), "{:,}"), _num(sec.get("onnx_bytes"), "{:,}"),
+             _num(sec.get("p50_ms"), "{:.3f}"), _num(sec.get("value")), _num(sec.get("drop"))]
+            for role, sec in (("teacher", teacher), ("student", student))]
+    table = _table(["", "model", "parameters", "fp32 ONNX bytes", "p50 ms", str(m), "drop"], rows)
+    tp, sp = teacher.get("parameters"), student.get("parameters")
+    ratio = (f" The student has {sp / tp:.3f}x the teacher's parameters." if isinstance(tp, (int, float))
+             and isinstance(sp, (int, float)) and tp else "")
+    how = ", ".join(f"{k} {training[k]}" for k in ("epochs", "temperature", "alpha", "samples", "labels")
+                    if k in training)
+    return (f"<h2>Distillation</h2>{table}<p>This model is a student distilled from the teacher above"
+            f"{' (' + html.escape(how) + ')' if how else ''}.{ratio} The gate in this report measures the "
+            "student as the source model; the teacher's figures are from <code>packager distill</code>.</p>")
+
+
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
@@ -350,41 +396,40 @@ def report_html(report: dict[str, Any]) -> str:
     fp32, artifacts = report["fp32"], report["artifacts"]
     metric = report["metric"]
     models = [("fp32", fp32), *((a["format"] + " int8", a) for a in artifacts)]
-    size = _bar_chart("Size", "KiB", [(n, m["bytes"] / 1024) for n, m in models])
+    prune = report.get("pruning")
+    pruned = [("fp32 pruned", prune)] if prune and "bytes" in prune else []
+    size = _bar_chart("Size", "KiB", [(n, m["bytes"] / 1024) for n, m in [*models[:1], *pruned, *models[1:]]])
     gate = None
     if report["task"] in ("classification", "embedding"):
         gate = ("gate", fp32["value"] - float(report["max_drop"]))
     points = [(n, float(m["value"])) for n, m in models]
-    prune = report.get("pruning")
     if prune and "value_after" in prune:
         points.insert(1, ("fp32 pruned", float(prune["value_after"])))
     acc = _dot_chart(f"{metric} on the evaluation set (axis starts near the data)", points, gate)
-    lat = _bar_chart("Host latency p50, batch 1", "ms", [(n, m["p50_ms"]) for n, m in models], "{:.3f}")
+    timed = [*models[:1], *((n, m) for n, m in pruned if "p50_ms" in m), *models[1:]]
+    lat = _bar_chart("Host latency p50, batch 1", "ms", [(n, m["p50_ms"]) for n, m in timed], "{:.3f}")
     rows = [[n, m["bytes"], m.get("zstd_bytes", ""), f"{m['bytes'] / fp32['bytes']:.3f}", f"{m['value']:.4g}",
              f"{m.get('drop', 0.0):.4g}", m["p50_ms"], m["p95_ms"]] for n, m in models]
     if prune and "drop" in prune:  # pruning's own loss, measured like every artifact's: from the unpruned model
-        rows.insert(1, ["fp32 pruned", prune["bytes"], prune["zstd_bytes"], f"{prune['bytes'] / fp32['bytes']:.3f}",
-                        f"{prune['value_after']:.4g}", f"{prune['drop']:.4g}", "", ""])
+        rows.insert(1, ["fp32 pruned", prune["bytes"], prune.get("zstd_bytes", ""),
+                        f"{prune['bytes'] / fp32['bytes']:.3f}", f"{prune['value_after']:.4g}", f"{prune['drop']:.4g}",
+                        prune.get("p50_ms", ""), prune.get("p95_ms", "")])
     summary = _table(["model", "bytes", "zstd bytes", "x fp32", metric, "drop", "p50 ms", "p95 ms"], rows)
-    notes = "".join(f"<p class=\"note\">{html.escape(n)}</p>" for n in int8_notes(report))
+    notes = "".join(f"<p class=\"note\">{html.escape(str(n))}</p>"
+                    for n in [*report.get("notes", []), *int8_notes(report)])
     recipe_rows = []
     for a in artifacts:
         for t in a.get("trials", []):
             status = "chosen" if t["recipe"] == a.get("recipe") else ("pass" if t["passed"] else "miss")
             if t.get("error"):
                 status = "error: " + t["error"]
+            elif t.get("why"):  # a reason besides accuracy (size, latency): see /work/notes/issue15-report.md
+                status += ": " + str(t["why"])
             recipe_rows.append([a["format"], t["recipe"].get("name", ""), t["bytes"], f"{t['value']:.4g}",
                                 f"{t['drop']:.4g}", status])
     recipes = _table(["format", "recipe", "bytes", metric, "drop", "result"], recipe_rows)
-    prune_html = ""
-    if prune:
-        prune_html = "<h2>Pruning</h2>" + _table(
-            ["amount", "sparsity", f"fp32 {metric} before", f"fp32 {metric} after", "drop"],
-            [[prune["amount"], f"{prune['sparsity']:.3f}", f"{prune['value_before']:.4g}",
-              f"{prune['value_after']:.4g}", f"{prune['drop']:.4g}" if "drop" in prune else ""]]) + (
-            "<p>Every drop in this report, pruning's and each int8 artifact's, is measured from the unpruned "
-            "model. Unstructured zeros do not shrink a dense int8 file; compare the zstd column to see what "
-            "they buy on the wire.</p>")
+    prune_html = _pruning_html(prune, metric, fp32) if prune else ""
+    distill_html = _distillation_html(report["distillation"], metric) if report.get("distillation") else ""
     classes = _classes_html(report["classes"]) if report.get("classes") else ""
     signature = _signature_html(report.get("signature"), report.get("device"))
     title = f"{report['name']} v{report['version']}"
@@ -414,6 +459,7 @@ table.matrix td, table.matrix th {{ padding: 2px 6px; min-width: 1.5em; text-ali
 <h2>Recipes tried</h2>
 {recipes}
 {prune_html}
+{distill_html}
 <h2>Host</h2><p>{host_words}</p><p><code>{machine}</code></p>
 </body></html>
 """

@@ -131,3 +131,22 @@ def _report(fp32: float = 97.0, int8: float = 96.5, int8_bytes: int = 260, int8_
     if classes is not None:
         report["classes"] = classes
     return report
+
+
+def test_what_other_build_steps_add_is_rendered() -> None:
+    report = _report()
+    report["pruning"] = {"method": "channels", "amount": 0.5, "parameters_before": 218000, "parameters_after": 60000,
+                         "layers": 3, "finetune": {"epochs": 5, "samples": 360, "labels": True}, "value_before": 97.0,
+                         "value_after": 96.6, "drop": 0.4, "bytes": 300, "zstd_bytes": 280, "p50_ms": 0.01,
+                         "p95_ms": 0.012}
+    report["distillation"] = {"metric": "top1", "teacher": {"model": "t.pt2", "parameters": 218000, "value": 97.5},
+                              "student": {"model": "s:make", "parameters": 40000, "value": 96.9, "drop": 0.6},
+                              "training": {"epochs": 8, "temperature": 4.0}}
+    report["notes"] = ["No int8 recipe paid for itself: shipped fp32 (--allow-fp32)."]
+    report["artifacts"][0]["trials"] = [{"recipe": {"name": "r1"}, "bytes": 1100, "value": 96.9, "drop": 0.1,
+                                         "passed": False, "why": "1.10x the fp32 bytes"}]
+    page = report_html(report)
+    assert "218,000" in page and "60,000" in page and "5 epochs on 360 samples with labels" in page
+    assert "<td>fp32 pruned</td><td>300</td><td>280</td><td>0.300</td><td>96.6</td><td>0.4</td><td>0.01</td>" in page
+    assert "Distillation" in page and "0.183x the teacher's parameters" in page
+    assert "shipped fp32 (--allow-fp32)" in page and "miss: 1.10x the fp32 bytes" in page

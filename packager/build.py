@@ -52,7 +52,6 @@ from packager.torch_model import (
     default_name,
     example_args,
     load_source,
-    prune_global_l1,
     run_torch,
 )
 from packager.tuning import Trial, TuningResult, tune
@@ -74,6 +73,9 @@ class BuildOptions:
     version: int | None = None
     formats: tuple[str, ...] | None = None  # None: every format the model kind allows
     prune: float = 0.0
+    prune_channels: float = 0.0  # structured: the fraction of channels removed (packager/prune.py)
+    finetune_epochs: int = 10  # after --prune-channels, on the calibration data
+    qat_epochs: int = 3  # the QAT fallback's fine-tune when every ONNX PTQ recipe misses (packager/qat.py)
     max_drop: float | None = None  # None: the task's default
     task: str = "classification"
     weights: Path | None = None
@@ -235,10 +237,12 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
 
     source = _load_model(opts)
     formats = _formats_for(source, opts.formats)
-    if opts.prune and not source.is_torch:
-        raise InputError("--prune needs a PyTorch model; prune before exporting to ONNX")
+    pruning_asked = opts.prune or opts.prune_channels
+    if pruning_asked and not source.is_torch:
+        raise InputError(f"--prune{'-channels' if opts.prune_channels else ''} needs a PyTorch model; prune "
+                         "before exporting to ONNX")
     progress = progress or Progress(0)
-    progress.total = 4 + len(formats) + (1 if opts.prune else 0)
+    progress.total = 4 + len(formats) + (1 if pruning_asked else 0)
     progress.step(f"loaded {source.kind} model {source.description}")
 
     calib = load_npz(opts.calib, source.input_names, "calibration", need_labels=False)
@@ -261,12 +265,16 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
             run_torch(source, {k: v[:1] for k, v in torch_eval.items()}, role=f"evaluation data {opts.eval}")
             from packager.onnx_export import export_onnx
 
-            if opts.prune:
+            if pruning_asked:
+                from packager.prune import prune_for_build
+
                 # Export the unpruned model first: pruning is in place, and the gate measures against it.
                 source_path = work / "model.source.onnx"
                 export_onnx(source.module, example_args(source, torch_calib), source.input_names, source_path)
-                pr = prune_global_l1(source, opts.prune)
-                progress.step(f"pruned {pr.tensors} weight tensors to {100 * pr.sparsity:.1f}% sparsity")
+                pr, line = prune_for_build(source, opts.prune, opts.prune_channels, opts.finetune_epochs, task,
+                                           _as_float_feeds(source, calib), calib.labels,
+                                           example_args(source, torch_calib))
+                progress.step(line)
             export_onnx(source.module, example_args(source, torch_calib), source.input_names, fp32_path)
             progress.step(f"exported fp32 ONNX ({fp32_path.stat().st_size / 1024:.0f} KiB)")
         else:
@@ -295,32 +303,44 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
         evaluator = _Evaluator(opts, eval_ds, ref_out, ref_value, input_names, output_names)
         fp32_session, fp32_out = source_session, ref_out
         pruning: dict[str, Any] | None = None
-        if opts.prune:
+        if pruning_asked:
             fp32_session = evaluator.open(fp32_path, "onnx")
             fp32_out = _run_eval(fp32_session, eval_ds, opts.eval)
             value, drop = evaluator.value_and_drop(fp32_out)
+            pruned_lat = _time_session(fp32_session, eval_ds.inputs, opts.latency_runs)
             pruning = {
-                "amount": pr.amount, "sparsity": pr.sparsity, "tensors": pr.tensors,
-                "parameters": pr.parameters_pruned, "value_before": ref_value, "value_after": value,
+                **pr, "value_before": ref_value, "value_after": value,
                 "drop": drop, "passed": drop <= max_drop, "bytes": fp32_path.stat().st_size,
-                "zstd_bytes": _zstd_bytes(fp32_path),
+                "zstd_bytes": _zstd_bytes(fp32_path), "p50_ms": pruned_lat.p50_ms, "p95_ms": pruned_lat.p95_ms,
             }
-            progress.detail(f"pruned fp32: {metric_name} {ref_value:.4g} -> {value:.4g} (drop {drop:.3g})")
+            progress.detail(f"pruned fp32: {metric_name} {ref_value:.4g} -> {value:.4g} (drop {drop:.3g}), "
+                            f"{fp32_path.stat().st_size / 1024:.0f} KiB, p50 {pruned_lat.p50_ms:.3f} ms")
             if not drop <= max_drop:  # NaN fails too
                 # Quantizing cannot win back what pruning lost: stop before spending time on it.
+                flag = f"--prune-channels {opts.prune_channels:g}" if opts.prune_channels else f"--prune {opts.prune:g}"
                 raise AccuracyGateError(
-                    f"accuracy gate failed, no bundle written: pruning (--prune {opts.prune:g}) fp32 "
+                    f"accuracy gate failed, no bundle written: pruning ({flag}) fp32 "
                     f"{metric_name} {value:.4g} vs unpruned {ref_value:.4g}: drop {drop:.4g} > {max_drop:g}")
 
         results: dict[str, TuningResult] = {}
         for fmt in formats:
             if fmt == "onnx":
                 results[fmt] = _tune_onnx(evaluator, fp32_path, calib, work, max_drop, progress)
+                if source.is_torch and opts.qat_epochs:
+                    from packager import qat
+
+                    results[fmt] = qat.fallback(results[fmt], evaluator, source, calib, work, max_drop,
+                                                opts.qat_epochs, task, progress)
             else:
                 results[fmt] = _tune_tflite(evaluator, source, calib, work, max_drop, progress)
 
         failed = {f: r for f, r in results.items() if r.chosen is None}
         report = _report_base(opts, name, task, max_drop, source, calib, eval_ds, pruning)
+        if source.kind == "exported":
+            from packager.distill import read_record
+
+            if (distilled := read_record(Path(opts.model))) is not None:
+                report["distillation"] = distilled  # written by `packager distill`: names the teacher
         # "fp32" is the unpruned source model: the reference every drop (pruning's included) is measured from.
         report["fp32"] = {"bytes": source_path.stat().st_size, "zstd_bytes": _zstd_bytes(source_path),
                           "metric": metric_name, "value": ref_value, "p50_ms": fp32_lat.p50_ms,
@@ -540,6 +560,12 @@ def check_build_options(opts: BuildOptions) -> str:
         raise InputError(f"--task must be one of {', '.join(metrics.METRIC_BY_TASK)}")
     if not 0.0 <= opts.prune < 1.0:
         raise InputError("--prune must be a fraction in [0, 1)")
+    if not 0.0 <= opts.prune_channels < 1.0:
+        raise InputError("--prune-channels must be a fraction in [0, 1)")
+    if opts.prune and opts.prune_channels:
+        raise InputError("--prune and --prune-channels: choose one")
+    if not 0 <= opts.finetune_epochs <= 1000 or not 0 <= opts.qat_epochs <= 1000:
+        raise InputError("--finetune-epochs and --qat-epochs must be from 0 to 1000")
     if opts.max_drop is not None and not 0.0 <= opts.max_drop < math.inf:
         raise InputError("--max-drop must be a finite number >= 0")
     if not 1 <= opts.max_batch <= MAX_BATCH_LIMIT:

@@ -39,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--format", default=None,
                    help="comma-separated artifact formats: onnx,tflite (default: all the model allows)")
     b.add_argument("--prune", type=float, default=0.0, help="global L1 pruning amount in [0, 1) (default 0)")
+    b.add_argument("--prune-channels", type=float, default=0.0, metavar="AMOUNT",
+                   help="structured pruning: remove this fraction [0, 1) of every layer's channels (torch-pruning; "
+                        "package.module:factory models)")
+    b.add_argument("--finetune-epochs", type=int, default=10,
+                   help="after --prune-channels, fine-tune on the calibration data for N epochs (default 10, 0: none)")
+    b.add_argument("--qat-epochs", type=int, default=3,
+                   help="when every ONNX post-training recipe misses the gate and the calibration data has labels, "
+                        "try quantization-aware training for N epochs (default 3, 0: never)")
     b.add_argument("--max-drop", type=float, default=None,
                    help="largest allowed metric loss: top-1 points, R^2 points (regression) or cosine "
                         "(default 1.0, or 0.01 for embeddings)")
@@ -55,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="what the device does to raw inputs, e.g. 'scale=1/255 mean=0.485,0.456,0.406 "
                         "std=0.229,0.224,0.225 layout=NHWC resize=bilinear dtype=uint8' (docs/packager.md)")
     b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    _distill_args(sub)
 
     i = sub.add_parser("inspect", help="validate a bundle (hashes, safe paths, manifest) and summarize it")
     i.add_argument("bundle", type=Path)
@@ -101,6 +111,30 @@ def _parser() -> argparse.ArgumentParser:
     _rollout_args(sub)
     _dashboard_args(sub)
     return p
+
+
+def _distill_args(sub: Any) -> None:
+    d = sub.add_parser("distill", help="train a smaller student on a teacher's outputs; write it as a .pt2 for build")
+    d.add_argument("--teacher", required=True, help="a .pt2, TorchScript or .onnx file, or package.module:factory")
+    d.add_argument("--teacher-weights", type=Path, help="state_dict for a package.module:factory teacher")
+    d.add_argument("--student", required=True, help="package.module:factory returning the untrained student "
+                   "(imported and run: your own code)")
+    d.add_argument("--data", type=Path, required=True, help="training .npz (x, optional labels y)")
+    d.add_argument("--eval", type=Path, help="evaluation .npz (default: 20%% of --data held out)")
+    d.add_argument("--out", type=Path, required=True, help="the student's .pt2 (torch.export, dynamic batch)")
+    d.add_argument("--task", choices=("classification", "regression", "embedding"), default="classification")
+    d.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
+    d.add_argument("--temperature", type=float, default=4.0, help="softmax temperature of the soft targets "
+                   "(default 4)")
+    d.add_argument("--alpha", type=float, default=0.7, help="weight of the teacher's targets against the labels "
+                   "(default 0.7; 1 without labels)")
+    d.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 0.002)")
+    d.add_argument("--batch-size", type=int, default=32, help="default 32")
+    d.add_argument("--seed", type=int, default=0, help="default 0")
+    d.add_argument("--max-drop", type=float, default=None, help="largest allowed metric loss against the teacher "
+                   "(default 1.0 point, 0.01 cosine for embeddings); more is exit 3 and no file")
+    d.add_argument("--threads", type=int, default=1, help="onnxruntime threads for the latency figures (default 1)")
+    d.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
 
 
 def _dashboard_args(sub: Any) -> None:
@@ -183,7 +217,8 @@ def _build(args: argparse.Namespace) -> int:
         formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     opts = BuildOptions(
         model=args.model, calib=args.calib, eval=args.eval, out_dir=args.out, name=args.name,
-        version=args.bundle_version, formats=formats, prune=args.prune, max_drop=args.max_drop, task=args.task,
+        version=args.bundle_version, formats=formats, prune=args.prune, prune_channels=args.prune_channels,
+        finetune_epochs=args.finetune_epochs, qat_epochs=args.qat_epochs, max_drop=args.max_drop, task=args.task,
         weights=args.weights, latency_budget_ms=args.latency_budget_ms, threads=args.threads,
         max_batch=args.max_batch, labels=args.labels, preprocess=args.preprocess,
     )
@@ -197,12 +232,38 @@ def _build(args: argparse.Namespace) -> int:
             "fp32": {k: fp32[k] for k in ("bytes", "metric", "value", "p50_ms", "p95_ms")},
             "artifacts": [{k: a[k] for k in ("format", "bytes", "metric", "value", "drop", "p50_ms", "p95_ms")}
                           for a in r["artifacts"]],
-            **({"pruning": {"amount": p["amount"], "sparsity": p["sparsity"], "value": p["value_after"],
-                            "drop": p["drop"]}} if (p := r.get("pruning")) else {}),
+            **({"pruning": {k: p[k] for k in ("method", "amount", "sparsity", "parameters_before",
+                                              "parameters_after", "value_after", "drop", "bytes", "p50_ms")
+                            if k in p}} if (p := r.get("pruning")) else {}),
         }))
     else:
         print(_summary_table(r))
         print(f"bundle: {result.bundle}")
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from packager.distill import DistillOptions, check_distill_options, distill
+
+    opts = DistillOptions(
+        teacher=args.teacher, student=args.student, data=args.data, out=args.out, eval=args.eval,
+        teacher_weights=args.teacher_weights, task=args.task, epochs=args.epochs, temperature=args.temperature,
+        alpha=args.alpha, lr=args.lr, batch_size=args.batch_size, seed=args.seed, max_drop=args.max_drop,
+        threads=args.threads)
+    check_distill_options(opts)
+    result = distill(opts, lambda m: print(m, file=sys.stderr, flush=True))
+    r = result.report
+    if args.json:
+        print(json.dumps({"out": str(result.out), **r}))
+        return 0
+    t, st = r["teacher"], r["student"]
+    print(f"{'model':<9}{'parameters':>12}{'fp32 ONNX bytes':>17}{r['metric']:>10}{'drop':>8}{'p50 ms':>9}")
+    for role, m in (("teacher", t), ("student", st)):
+        drop = f"{m['drop']:>8.3g}" if "drop" in m else f"{'-':>8}"
+        print(f"{role:<9}{m['parameters']:>12,}{m['onnx_bytes']:>17,}{m['value']:>10.4g}{drop}{m['p50_ms']:>9.3f}")
+    print(f"student/teacher: {st['parameters'] / t['parameters']:.3f}x parameters, "
+          f"{st['onnx_bytes'] / t['onnx_bytes']:.3f}x bytes, {st['p50_ms'] / t['p50_ms']:.3f}x p50 latency")
+    print(f"student: {result.out}")
     return 0
 
 
@@ -212,7 +273,7 @@ def _summary_table(r: dict[str, Any]) -> str:
     prune = r.get("pruning")
     if prune:  # drops are from the unpruned model, pruning's own included
         rows.append(("fp32 pruned", prune["bytes"], prune["bytes"] / fp32["bytes"], prune["value_after"],
-                     prune["drop"], math.nan, math.nan))
+                     prune["drop"], prune.get("p50_ms", math.nan), prune.get("p95_ms", math.nan)))
     rows += [(a["format"] + " int8", a["bytes"], a["bytes"] / fp32["bytes"], a["value"], a["drop"], a["p50_ms"],
               a["p95_ms"]) for a in r["artifacts"]]
     lines = [f"{'model':<12}{'bytes':>12}{'x fp32':>8}{r['metric']:>11}{'drop':>10}{'p50 ms':>9}{'p95 ms':>9}"]
@@ -479,7 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        commands = {"build": _build, "inspect": _inspect, "keys": _keys, "publish": _publish, "refresh": _publish,
+        commands = {"build": _build, "distill": _distill, "inspect": _inspect, "keys": _keys, "publish": _publish,
+                    "refresh": _publish,
                     "unpublish": _publish, "fleet": _fleet, "rollout": _rollout,
                     "dashboard": _dashboard}
         return commands[args.command](args)
@@ -491,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_TRANSPORT
     except EdgeshipError as e:
         code = getattr(e, "exit_code", EXIT_BAD_INPUT)
-        if args.command == "build" and getattr(args, "json", False):
+        if args.command in ("build", "distill") and getattr(args, "json", False):
             print(json.dumps({"error": str(e), "exit_code": code}))
         print(f"packager: error: {e}", file=sys.stderr)
         return int(code)

@@ -232,9 +232,9 @@ def _build(args: argparse.Namespace) -> int:
             "fp32": {k: fp32[k] for k in ("bytes", "metric", "value", "p50_ms", "p95_ms")},
             "artifacts": [{k: a[k] for k in ("format", "bytes", "metric", "value", "drop", "p50_ms", "p95_ms")}
                           for a in r["artifacts"]],
-            **({"pruning": {k: p[k] for k in ("method", "amount", "sparsity", "parameters_before",
-                                              "parameters_after", "value_after", "drop", "bytes", "p50_ms")
-                            if k in p}} if (p := r.get("pruning")) else {}),
+            **({"pruning": {"value": p["value_after"], **{k: p[k] for k in (
+                "method", "amount", "sparsity", "parameters_before", "parameters_after", "drop", "bytes", "p50_ms")
+                if k in p}}} if (p := r.get("pruning")) else {}),
         }))
     else:
         print(_summary_table(r))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from tuf.api.metadata import TargetFile
 
 from agent.bundle import Manifest, sha256_file, verify_bundle
 from agent.transport.mqtt import MqttClient, parse_broker_url
-from agent.transport.topics import Topics
+from agent.transport.topics import ID_RULE, Topics, is_id
 from packager import tuf_repo
 from packager.errors import InputError
 from packager.mqtt_publish import PublishStats, TargetSpec, delete_targets, publish_tree, write_http_tree
@@ -32,16 +31,12 @@ CHUNK_SIZE = 128 * 1024
 Progress = Callable[[str, int, int], None]
 
 
-# The rule agent/config.py applies to `[agent] fleet` and `group`: one topic level (no '/', no wildcards), a file
-# name (`deployments/<group>.json`), bounded. Any other name could never reach a device.
-_LEVEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
 def check_level_name(label: str, value: str) -> str:
-    """`value` if it is a valid fleet or group name, else InputError naming `label` (`--fleet`, `--group`)."""
-    if not _LEVEL_RE.match(value):
-        raise InputError(f"{label} {value!r}: use letters, digits, '.', '_' and '-', starting with a letter or "
-                         "digit (at most 64), as a device's [agent] config does")
+    """`value` if it is a valid fleet, group or device name, else InputError naming `label` (`--fleet`, `--group`):
+    the rule agent/config.py applies to `[agent] fleet`, `group` and `device_id` (agent/ids.py). Any other name
+    could never reach a device."""
+    if not is_id(value):
+        raise InputError(f"{label} {value!r}: use {ID_RULE}, as a device's [agent] config does")
     return value
 
 

@@ -27,7 +27,6 @@ import logging
 import os
 import queue
 import random
-import re
 import socket
 import ssl
 import threading
@@ -46,7 +45,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.errors import ConnectionLost, TransportError
 from agent.limits import MAX_MESSAGE_BYTES
-from agent.transport.topics import DEFAULT_PREFIX, Topics, matches, validate_filter, validate_topic
+from agent.transport.topics import DEFAULT_PREFIX, Topics, is_client_id, matches, validate_filter, validate_topic
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,6 @@ DEFAULT_MAX_PACKET = MAX_MESSAGE_BYTES
 # Subscribe / get_retained in slices: mosquitto silently drops QoS 1 messages queued for a client beyond
 # max_inflight_messages + max_queued_messages (20 + 1000 by default, 20 + 100 in 1.x), retained ones included.
 MAX_TOPICS_PER_SUBSCRIBE = 64
-_CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _UNSUPPORTED_PROTOCOL = (1, 0x84)
 _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # 3.1.1 CONNACK code 1 / MQTT 5 reason 0x84
 # paho's automatic reconnect after a lost connection: it waits min_delay, then doubles the wait per failed attempt up
@@ -146,9 +144,11 @@ class BrokerAddress:
 def unique_client_id(base: str) -> str:
     """`base-<pid>-<random>`: a client id no other process uses. The broker disconnects a client when another
     connects with its id, so two processes sharing one (a fetch worker left over beside a new one, `edge-agent
-    fetch` beside the daemon's worker) knock each other off in turn."""
+    fetch` beside the daemon's worker) knock each other off in turn. Characters of `base` outside the client id
+    rule (agent/ids.py: it is a level of our barrier topic) become `-`."""
     suffix = f"-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    return base[:128 - len(suffix)] + suffix
+    clean = "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "-" for c in base)
+    return clean[:128 - len(suffix)] + suffix
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
@@ -435,8 +435,8 @@ class MqttClient:
         `receive_window`: at most this many QoS 1 messages in flight to us (MQTT 5 Receive Maximum), each
         acknowledged only when a retained read's caller is done with it (see the module doc). Under MQTT 3.1.1,
         which has no such property, the broker's own inflight limit applies. None: paho acknowledges on arrival."""
-        if not _CLIENT_ID_RE.fullmatch(client_id):
-            raise ValueError(f"client id must be 1-128 chars of [A-Za-z0-9._-]: {client_id!r}")
+        if not is_client_id(client_id):
+            raise ValueError(f"client id must be 1-128 chars of [A-Za-z0-9_-]: {client_id!r}")
         if protocol not in ("auto", "5", "3.1.1"):
             raise ValueError(f"protocol must be auto, 5 or 3.1.1: {protocol!r}")
         if receive_window is not None and not 1 <= receive_window <= 65535:

@@ -1,6 +1,8 @@
 """A `ChunkFetcher` (a python-tuf `FetcherInterface`) over MQTT retained topics (docs/transport.md).
 
-Metadata `mqtt:///tuf/<file>` is the retained message on `<prefix>tuf/<file>`; none there is a 404. A target
+Metadata `mqtt:///tuf/<file>` is the retained message on the topic its wire name maps to (`timestamp.json` ->
+`<prefix>tuf/timestamp`, `3.root.json` -> `<prefix>tuf/root/3`: no dots, agent/transport/topics.py); none there is a
+404. A target
 `mqtt:///targets/<dir>/<sha256>.<name>` is the chunks `<prefix>targets/<sha256>/<i>`, checked one by one against the
 signed chunk plan the caller registers with `expect()` first.
 
@@ -132,7 +134,10 @@ class MqttFetcher(PlannedTargets, FetcherInterface):
     # ---- metadata
 
     def _fetch_metadata(self, url: str, filename: str) -> bytes:
-        topic = self.topics.tuf(filename)
+        try:
+            topic = self.topics.tuf(filename)
+        except ValueError as e:  # a name no topic maps to (a delegated role with a '.'): nothing can be there
+            raise DownloadHTTPError(f"{url} not found: {e}", 404) from e
         result = self._retained([topic], None, f"metadata {filename}")
         payload = result.messages.get(topic)
         if payload is None:

@@ -13,15 +13,15 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import re
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# What a device's [agent] device_id / group may be (agent/config.py): a topic level that matches anything else
-# was not published by an edgeship agent.
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# is_id: what a device's [agent] device_id / group may be (agent/config.py); a topic level that matches anything
+# else was not published by an edgeship agent
+from agent.transport.topics import is_id
+
 MAX_PAYLOAD_BYTES = 256 * 1024  # a telemetry message is a few KiB; anything far bigger is not one
 MAX_TEXT = 200  # longest name/state string shown; longer ones are not from an agent
 MAX_EVENT_KEYS = 100_000  # events remembered for de-duplication (oldest forgotten first)
@@ -221,7 +221,7 @@ class FleetView:
         parts = rest.split("/") if rest is not None else []
         if len(parts) != 3 or parts[0] != "devices" or parts[2] not in LEAVES:
             raise _Malformed("unexpected_topic")
-        if not _ID_RE.match(parts[1]):
+        if not is_id(parts[1]):
             raise _Malformed("bad_device_id")
         return parts[1], parts[2]
 
@@ -272,7 +272,7 @@ class FleetView:
         row.state_at = at
         # The last will carries only status and device: what else we knew is no longer vouched for.
         group = doc.get("group")
-        row.group = group if isinstance(group, str) and _ID_RE.match(group) else None
+        row.group = group if isinstance(group, str) and is_id(group) else None
         row.state = _text(doc.get("state"))
         row.agent_version = _text(doc.get("agent_version"))
         serving = _bundle(doc.get("serving")) or _bundle(doc.get("bundle"))

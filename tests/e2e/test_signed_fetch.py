@@ -1,4 +1,4 @@
-"""End to end: `packager` publishes signed bundles to a real mosquitto, `edge-agent fetch` pulls them.
+"""End to end: `packager` publishes signed bundles to a real broker, `edge-agent fetch` pulls them.
 
 Both sides run as real processes (the console scripts of the venv, cwd a temporary directory); the Python APIs
 are used only for quick setup (a fresh TUF repository, synthetic bundles) and to play the attacker who controls
@@ -9,6 +9,10 @@ that nothing the device trusted before changed: the verified bundle in `state/bu
 bundle file appeared and the trusted metadata under `state/tuf` is byte-identical. Where valid newer metadata
 legitimately arrives before the bad part (a tampered chunk of a correctly signed v2), the bundle-level facts hold
 and no trusted metadata version goes backwards.
+
+The tests whose outcome depends on the broker (a tampered chunk, a replayed timestamp, root rotation, a cut
+connection and a killed agent resuming a 48 MiB download) run on every broker kind (`any_fleet`, `broker`:
+Mosquitto MQTT 5 and 3.1.1, RabbitMQ, NATS); the rest test TUF's verdicts and run on Mosquitto only.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from tuf.api.metadata import Metadata, Root, Timestamp
 from agent.bundle import Artifact, Manifest, TensorSpec, sha256_file, write_bundle
 from agent.transport.mqtt import MqttClient
 from agent.transport.topics import Topics
+from examples.brokers import Broker
 from examples.local_broker import Mosquitto, free_port
 from packager import publish as pub
 from packager import tuf_repo
@@ -217,15 +222,22 @@ class Fleet:
         finally:
             client.close()
 
+    def topic(self, suffix: str) -> str:
+        """The topic of `suffix` under the fleet prefix; `tuf/<wire name>` maps like the fetcher maps it
+        (`tuf/timestamp.json` -> `tuf/timestamp`, `tuf/2.root.json` -> `tuf/root/2`)."""
+        if suffix.startswith("tuf/") and suffix.endswith(".json"):
+            return self.topics.tuf(suffix.removeprefix("tuf/"))
+        return self.topics.prefix + suffix
+
     def put(self, retained: dict[str, bytes]) -> None:
         """Overwrite retained topics under the fleet prefix, e.g. `put({"tuf/timestamp.json": data})`."""
         with self.mqtt() as client:
             for suffix, payload in retained.items():
-                client.publish(self.topics.prefix + suffix, payload, retain=True, qos=1, wait=True, timeout=10)
+                client.publish(self.topic(suffix), payload, retain=True, qos=1, wait=True, timeout=10)
 
     def held(self, suffix: str) -> bytes:
         with self.mqtt() as client:
-            topic = self.topics.prefix + suffix
+            topic = self.topic(suffix)
             data = client.get_retained([topic], timeout=10).get(topic)
         assert data is not None, f"nothing retained on {suffix}"
         return data
@@ -251,6 +263,13 @@ def make_fleet(tmp: Path, broker_url: str) -> Fleet:
 def fleet(mosquitto: Mosquitto, tmp_path: Path) -> Fleet:
     """A fresh repository and device on the shared broker (each test its own fleet prefix)."""
     return make_fleet(tmp_path, mosquitto.url)
+
+
+@pytest.fixture
+def any_fleet(broker: Broker, tmp_path: Path) -> Fleet:
+    """The same on each broker kind (tests/conftest.py `broker`): for the tests whose outcome depends on how the
+    broker keeps and delivers retained messages (chunks, metadata, deletes, reconnects), not only on TUF."""
+    return make_fleet(tmp_path, broker.url)
 
 
 def device_on_v1(fleet: Fleet) -> tuple[Path, Trusted]:
@@ -338,7 +357,8 @@ def test_http_mirror_when_the_broker_is_unreachable(fleet: Fleet) -> None:
 # --- 1, 2: bad chunks of a correctly signed v2 ----------------------------------------------------------------
 
 
-def test_tampered_chunk_is_rejected(fleet: Fleet) -> None:
+def test_tampered_chunk_is_rejected(any_fleet: Fleet) -> None:
+    fleet = any_fleet
     _, before = device_on_v1(fleet)
     v2 = make_bundle(fleet.tmp / "build", "digits", 2)
     fleet.publish(v2)
@@ -376,7 +396,8 @@ def test_swapped_target_is_rejected(fleet: Fleet) -> None:
 # --- 3, 4: replayed and expired metadata ----------------------------------------------------------------------
 
 
-def test_rollback_to_an_older_timestamp(fleet: Fleet) -> None:
+def test_rollback_to_an_older_timestamp(any_fleet: Fleet) -> None:
+    fleet = any_fleet
     v1 = make_bundle(fleet.tmp / "build", "digits", 1)
     fleet.publish(v1)
     old = (fleet.repo / "metadata" / "timestamp.json").read_bytes()  # validly signed, version 2
@@ -498,7 +519,8 @@ def test_signatures_below_threshold_or_by_unknown_keys(fleet: Fleet, case: str, 
 # --- 8: root rotation ------------------------------------------------------------------------------------------
 
 
-def test_valid_root_rotation_is_followed(fleet: Fleet) -> None:
+def test_valid_root_rotation_is_followed(any_fleet: Fleet) -> None:
+    fleet = any_fleet
     v1, before = device_on_v1(fleet)
     assert versions(before.tuf)["root"] == 1
     fleet.packager("keys", "rotate", "root", *fleet.transport_args())  # v2: signed by old and new root keys
@@ -564,7 +586,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = CMD_TIMEOUT) -> Outcome
     return parse_outcome(proc.returncode, out, err)
 
 
-def big_fleet(tmp: Path, broker: Mosquitto) -> tuple[Fleet, Path]:
+def big_fleet(tmp: Path, broker: Mosquitto | Broker) -> tuple[Fleet, Path]:
     fleet = make_fleet(tmp, broker.url)
     bundle = make_bundle(tmp / "build", "big", 1, BIG)
     fleet.publish(bundle)
@@ -652,10 +674,10 @@ def test_broker_restart_mid_download(mosquitto_factory: Callable[..., Mosquitto]
     assert_fetched(fleet, out, bundle)
 
 
-def test_cut_connection_mid_download(mosquitto: Mosquitto, tmp_path: Path) -> None:
-    fleet, bundle = big_fleet(tmp_path, mosquitto)
+def test_cut_connection_mid_download(broker: Broker, tmp_path: Path) -> None:
+    fleet, bundle = big_fleet(tmp_path, broker)
     sha, total = sha256_file(bundle), chunk_count(bundle)
-    proxy = CuttableProxy(mosquitto.port)
+    proxy = CuttableProxy(broker.port)
     fleet.write_config(mqtt_url=f"mqtt://127.0.0.1:{proxy.port}")
     proc = fleet.start_fetch()
     try:
@@ -676,9 +698,8 @@ def test_cut_connection_mid_download(mosquitto: Mosquitto, tmp_path: Path) -> No
     assert proxy.accepted >= 2  # the agent really reconnected
 
 
-def test_agent_killed_mid_download_resumes(mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path) -> None:
-    broker = mosquitto_factory()  # its own broker: the test deletes retained chunks
-    fleet, bundle = big_fleet(tmp_path, broker)
+def test_agent_killed_mid_download_resumes(broker: Broker, tmp_path: Path) -> None:
+    fleet, bundle = big_fleet(tmp_path, broker)  # the test deletes retained chunks: only its own fleet's
     sha, total = sha256_file(bundle), chunk_count(bundle)
 
     proc = fleet.start_fetch()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 import tempfile
 import tomllib
@@ -18,8 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
-
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+from agent.ids import ID_RULE, UNPORTABLE, is_id
 
 
 @dataclass(frozen=True)
@@ -223,16 +221,18 @@ def _check_env_names(env: Mapping[str, str]) -> None:
 def _validate(cfg: AgentConfig) -> None:
     for label, value in (("[agent] device_id", cfg.agent.device_id), ("[agent] fleet", cfg.agent.fleet),
                          ("[agent] group", cfg.agent.group)):
-        if not _ID_RE.match(value):
-            raise ConfigError(f"{label} {value!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+        if not is_id(value):
+            raise ConfigError(f"{label} {value!r}: use {ID_RULE}")
     url = urlsplit(cfg.mqtt.url)
     if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
         raise ConfigError(f"[mqtt] url {cfg.mqtt.url!r}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
     if cfg.mirror.http and urlsplit(cfg.mirror.http).scheme not in ("http", "https"):
         raise ConfigError(f"[mirror] http {cfg.mirror.http!r}: expected an http:// or https:// URL")
     prefix = cfg.topic_prefix
-    if any(c in prefix for c in "+#\0") or not prefix.endswith("/"):
-        raise ConfigError(f"[mqtt] topic_prefix {prefix!r}: no wildcards, and it must end with '/'")
+    if not prefix.endswith("/") or prefix.startswith(("/", "$")) or "//" in prefix \
+            or any(c in prefix for c in "+#\0" + UNPORTABLE):
+        raise ConfigError(f"[mqtt] topic_prefix {prefix!r}: it must end with '/', and hold no wildcards, no empty "
+                          "level, no '$' at the start, no '.', '*', '>' or spaces (docs/transport.md)")
 
 
 def check_paths(cfg: AgentConfig) -> None:

@@ -1,6 +1,8 @@
 """Accuracy-aware recipe tuning (after Intel Neural Compressor): pure selection logic, no quantizer inside.
 
 Try the first recipe; if it misses the gate, try every alternative and keep the smallest artifact that passes.
+Passing means within the accuracy gate and not `rejected` (an int8 artifact larger or slower than fp32 does not
+pay: packager/verdict.py).
 Every attempt is recorded, including the ones that crashed, so the report can show what was tried.
 """
 
@@ -20,15 +22,22 @@ class Trial:
     value: float  # the task metric
     drop: float
     error: str | None = None
+    # Why an artifact within the accuracy gate still does not pay (larger or slower than fp32: packager/verdict.py)
+    rejected: str | None = None
+    p50_ms: float | None = None  # host latency at batch 1, when it was measured for the verdict
 
     def passed(self, max_drop: float) -> bool:
-        return self.error is None and self.drop <= max_drop
+        return self.error is None and self.rejected is None and self.drop <= max_drop
 
     def to_json(self, max_drop: float) -> dict[str, Any]:
         out: dict[str, Any] = {"recipe": self.recipe, "bytes": self.bytes, "value": self.value, "drop": self.drop,
                                "passed": self.passed(max_drop)}
         if self.error is not None:
             out["error"] = self.error
+        if self.rejected is not None:
+            out["rejected"] = self.rejected
+        if self.p50_ms is not None:
+            out["p50_ms"] = self.p50_ms
         return out
 
 

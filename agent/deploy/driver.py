@@ -37,6 +37,7 @@ from agent.deploy.machine import (
 from agent.deploy.rollout import Membership, rollout_fields
 from agent.deploy.steps import Steps
 from agent.errors import StopRequested
+from agent.runtime.probe import unusable_json
 from agent.serve.holder import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -145,13 +146,15 @@ class Deployer:
         self._last_no_update = le.reason if le.event is Event.NO_UPDATE else None
         log.log(logging.DEBUG if quiet else logging.INFO, "%s -> %s (%s%s)", old_state.value, ds.state.value,
                 le.event.value, f": {le.reason}" if le.reason else "")
+        if old_state is State.STAGE:  # STAGE's event says which runtimes it skipped, whether it passed or not
+            extra = {**(extra or {}), "unusable_runtimes": self.unusable_runtimes()}
         self.link.event(event_payload(self.device_id, old_state, ds, extra, rollout=self.rollout()))
         if _state_key(self.state_payload(ds)) != self._last_state_key:
             self.announce(ds)  # the retained state follows every transition (a periodic no_update changes nothing)
 
     def state_payload(self, ds: DeployState, status: str = "online") -> dict[str, Any]:
         cur, cand = ds.current, ds.candidate
-        return {
+        payload: dict[str, Any] = {
             "status": status, "device": self.device_id, "group": self.group,
             "agent_version": self.agent_version, "state": ds.state.value,
             "bundle": None if cur is None else {"name": cur.name, "version": cur.version, "format": cur.format},
@@ -165,6 +168,14 @@ class Deployer:
             "since": ds.updated_at,  # when the state machine last moved (None on a fresh device)
             "at": self.clock(),  # when this message was made
         }
+        unusable = self.unusable_runtimes()
+        if unusable:  # only then: the message stays as fleets read it on a device whose runtimes all work
+            payload["unusable_runtimes"] = unusable
+        return payload
+
+    def unusable_runtimes(self) -> list[dict[str, Any]]:
+        """The runtime probe's unusable verdicts, read from the state directory (`runtimes.json`)."""
+        return unusable_json(self.steps.state_dir)
 
     def rollout(self) -> Membership | None:
         """This device's place in the rollout the latest check read (the FetchClient keeps it in memory; a

@@ -1,5 +1,10 @@
 """STAGE: load a verified bundle's model(s) in fresh runtime sessions, warm them, check parity, pick the fastest.
 
+Before this process imports a runtime for the first time (a format at a runtime version), the device's
+`RuntimeProbe` (agent/runtime/probe.py) imports it and runs the artifact on the golden rows once in a child
+process: a runtime that crashes, hangs or cannot import there is marked unusable (persisted), and its artifacts
+are skipped; a bundle left with none is rejected with reason `no_usable_runtime`.
+
 Staging only ever creates new sessions and returns them; it touches nothing the currently serving model uses and
 keeps no global state besides the (read-only) cache of which runtimes import on this device. So a bundle that
 fails here costs only the time it took: the running model never notices.
@@ -29,6 +34,7 @@ import numpy as np
 from agent.bundle import GOLDEN_FILE, Artifact, Manifest, golden_input_key, golden_output_key
 from agent.errors import BundleRejected, RejectReason, RuntimeUnavailable
 from agent.runtime import ModelSession, open_session
+from agent.runtime.probe import ProbeTarget, RuntimeProbe, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +113,32 @@ class DeviceProfile:
     arch: str
     total_ram_mb: int
     runtimes: Mapping[str, str] = field(default_factory=dict)  # format -> runtime version
+    # the runtime probe and its persisted verdicts; None: runtimes are imported in this process without one
+    probe: RuntimeProbe | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def detect(cls) -> DeviceProfile:
+    def detect(cls, probe_dir: Path | None = None, probe_timeout_s: float | None = None) -> DeviceProfile:
+        """This device. With `probe_dir` (the agent's state directory) runtimes are probed before they are
+        imported here, each probe bounded by `probe_timeout_s` (the daemon passes [deploy] stage_timeout_s)."""
         import psutil
 
+        probe = None
+        if probe_dir is not None:
+            probe = RuntimeProbe(probe_dir) if probe_timeout_s is None else RuntimeProbe(probe_dir, probe_timeout_s)
         return cls(
             arch=platform.machine(),
             total_ram_mb=int(psutil.virtual_memory().total // (1 << 20)),
             runtimes=dict(installed_runtimes()),
+            probe=probe,
         )
+
+    def probes_due(self, manifest: Manifest) -> int:
+        """How many runtime probes staging `manifest` will run (runtimes not yet probed at their version): each
+        may take up to the probe's timeout, on top of the staging itself."""
+        if self.probe is None:
+            return 0
+        formats = {a.format for a in manifest.artifacts if why_not_runnable(a, manifest.target, self) is None}
+        return sum(1 for f in formats if self.probe.due(f, self.runtimes[f]))
 
 
 # --- which artifacts can run here (pure) ----------------------------------------------------------------------
@@ -273,18 +295,21 @@ class StagedModel:
     timings: dict[str, dict[str, float]]  # format -> {"p50_ms", "p95_ms", "parity"} for every passing candidate
     choice_reason: str
     failures: dict[str, str] = field(default_factory=dict)  # format -> why it was not a candidate
+    unusable: tuple[Verdict, ...] = ()  # the runtimes skipped because the probe marked them unusable
 
     def to_event(self) -> dict[str, Any]:
-        """JSON-ready summary: the choice, why, every candidate's timings and every failure."""
+        """JSON-ready summary: the choice, why, every candidate's timings, every failure and unusable runtime."""
         return {"format": self.fmt, "choice_reason": self.choice_reason,
                 "parity": {"passed": self.parity.passed, "value": self.parity.value, "detail": self.parity.detail},
-                "timings": {f: dict(t) for f, t in self.timings.items()}, "failures": dict(self.failures)}
+                "timings": {f: dict(t) for f, t in self.timings.items()}, "failures": dict(self.failures),
+                "unusable_runtimes": [v.to_json() for v in self.unusable]}
 
 
 @dataclass(frozen=True)
 class _Failure:
-    stage: str  # "load" | "run" | "parity"
+    stage: str  # "runtime" (the probe marked it unusable) | "load" | "run" | "parity"
     message: str
+    verdict: Verdict | None = None  # stage "runtime": the probe's verdict
 
 
 def _load_golden(bundle_dir: Path) -> dict[str, np.ndarray]:
@@ -332,14 +357,33 @@ def _time_batch1(session: ModelSession, row_feeds: Sequence[dict[str, np.ndarray
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), len(ms)
 
 
+def _probe(bundle_dir: Path, artifact: Artifact, label: str, device: DeviceProfile) -> _Failure | None:
+    """None when this process may import `artifact`'s runtime (it passed the probe, now or before), else why not."""
+    if device.probe is None:
+        return None
+    target = ProbeTarget(artifact.format, bundle_dir / artifact.file, bundle_dir / GOLDEN_FILE,
+                         [s.name for s in artifact.inputs], [s.name for s in artifact.outputs], label)
+    verdict = device.probe.check(target, device.runtimes[artifact.format])
+    if verdict.usable:
+        return None
+    if verdict.blame == "runtime":
+        return _Failure("runtime", f"{verdict.runtime} {verdict.version} is unusable on this device: {verdict.why}",
+                        verdict)
+    return _Failure("run" if verdict.phase == "run" else "load", f"runtime probe: {verdict.why}")
+
+
 def _try_artifact(bundle_dir: Path, artifact: Artifact, parity_spec: Mapping[str, Any],
                   golden: Mapping[str, np.ndarray], threads: int, warmup: int, timing_runs: int,
-                  max_timing_s: float) -> tuple[ModelSession, ParityResult, dict[str, float]] | _Failure:
+                  max_timing_s: float, device: DeviceProfile,
+                  label: str) -> tuple[ModelSession, ParityResult, dict[str, float]] | _Failure:
     fmt = artifact.format
     try:
         inputs, expected = _golden_for(artifact, golden)
     except KeyError as e:
         return _Failure("parity", f"no golden data to check it against: {e.args[0]}")
+    refused = _probe(bundle_dir, artifact, label, device)
+    if refused is not None:
+        return refused
     try:
         session = open_session(bundle_dir / artifact.file, fmt, threads=threads,
                                input_names=[s.name for s in artifact.inputs],
@@ -373,8 +417,12 @@ def stage_bundle(bundle_dir: Path, manifest: Manifest, device: DeviceProfile, th
     session; warm it up, run the golden inputs and check parity, then time batch-1 runs. The fastest (median)
     artifact that passes parity wins.
 
-    Raises `BundleRejected`: "unsupported" (nothing runs on this device), "parity" (some artifact ran but none
-    matched its golden outputs, or golden.npz is unreadable), "load_failed" (no artifact could be loaded or run).
+    With `device.probe`, each artifact's runtime is probed in a child process before this process imports it
+    (agent/runtime/probe.py); an artifact whose runtime the probe marked unusable is skipped.
+
+    Raises `BundleRejected`: "unsupported" (nothing runs on this device), "no_usable_runtime" (every artifact's
+    runtime is marked unusable by the probe), "parity" (some artifact ran but none matched its golden outputs, or
+    golden.npz is unreadable), "load_failed" (no artifact could be loaded or run).
     """
     if warmup < 0 or timing_runs < 1:
         raise ValueError("warmup must be >= 0 and timing_runs >= 1")
@@ -385,7 +433,7 @@ def stage_bundle(bundle_dir: Path, manifest: Manifest, device: DeviceProfile, th
     failures: dict[str, _Failure] = {}
     for artifact in candidates:
         result = _try_artifact(bundle_dir, artifact, manifest.parity, golden, threads, warmup, timing_runs,
-                               max_timing_s)
+                               max_timing_s, device, f"{manifest.name} v{manifest.version}")
         if isinstance(result, _Failure):
             log.warning("%s v%s: %s %s", manifest.name, manifest.version, artifact.format, result.message)
             failures[artifact.format] = result
@@ -395,8 +443,11 @@ def stage_bundle(bundle_dir: Path, manifest: Manifest, device: DeviceProfile, th
         timings[artifact.format] = timing
 
     failure_text = {f: x.message for f, x in failures.items()}
+    unusable = tuple(x.verdict for x in failures.values() if x.verdict is not None)
     if not passed:
-        reason: RejectReason = "parity" if any(x.stage == "parity" for x in failures.values()) else "load_failed"
+        reason: RejectReason = ("no_usable_runtime" if all(x.stage == "runtime" for x in failures.values())
+                                else "parity" if any(x.stage == "parity" for x in failures.values())
+                                else "load_failed")
         raise BundleRejected(f"{manifest.name} v{manifest.version}: no artifact passed staging: "
                              + "; ".join(f"{f}: {m}" for f, m in failure_text.items()), reason=reason)
 
@@ -408,7 +459,7 @@ def stage_bundle(bundle_dir: Path, manifest: Manifest, device: DeviceProfile, th
                     fmt, timings[fmt]["p95_ms"], manifest.latency_budget_ms)
     log.info("%s v%s: chose %s: %s", manifest.name, manifest.version, fmt, reason_text)
     # Losing sessions are dropped here (only the winner is returned) and freed with their last reference.
-    return StagedModel(fmt, session, artifact, parity, timings, reason_text, failure_text)
+    return StagedModel(fmt, session, artifact, parity, timings, reason_text, failure_text, unusable)
 
 
 def _choice_reason(fmt: str, timings: Mapping[str, Mapping[str, float]], failures: Mapping[str, str],

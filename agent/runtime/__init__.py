@@ -1,5 +1,8 @@
 """Inference runtime adapters. Each outside runtime lives in its own module and is imported only when needed.
 
+The daemon imports a runtime only after the runtime probe (agent/runtime/probe.py) imported it and ran a model
+with it in a child process: a runtime that crashes there costs one format, not the device.
+
 Every adapter takes and returns float (or integer id) numpy arrays keyed by input name: int8 quantization of
 inputs and dequantization of outputs happens inside the adapter, so callers never see the artifact's dtypes.
 """

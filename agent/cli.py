@@ -59,6 +59,7 @@ def _status(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, load_config
     from agent.deploy.machine import DeployStateError, State, no_deployment, serving_after_restart
     from agent.deploy.store import StateStore
+    from agent.runtime.probe import unusable_runtimes
 
     try:
         cfg = load_config(args.config)
@@ -79,6 +80,8 @@ def _status(args: argparse.Namespace) -> int:
         "restarts": ds.restarts, "max_restarts": cfg.deploy.max_restarts, "clean_stop": ds.clean_stop,
         # the last check found no signed deployments/<group>.json: a mistyped [agent] group looks like this
         "group": cfg.agent.group, "no_deployment": no_deployment(ds),
+        # runtimes the runtime probe found crashing, hanging or failing here: their artifacts are skipped
+        "unusable_runtimes": [v.to_json() for v in unusable_runtimes(cfg.agent.state_dir)],
     }
     if args.json:
         print(json.dumps(out))
@@ -90,6 +93,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"{what}; state {ds.state.value}; previous {previous}{restarts}{stopped}")
         if le is not None:
             print(f"last event: {le.state.value} {le.event.value} {le.reason}".rstrip())
+        for v in unusable_runtimes(cfg.agent.state_dir):
+            print(f"unusable runtime: {v.format} ({v.runtime} {v.version}): {v.why}")
         if out["no_deployment"]:
             print(f"warning: no deployment is signed for group {cfg.agent.group!r} "
                   f"(deployments/{cfg.agent.group}.json); check [agent] group")

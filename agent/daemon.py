@@ -76,7 +76,7 @@ class ThreadStager:
         manifest = read_manifest(path)
         staged = bounded(lambda: stage_bundle(path, manifest, self.device, threads=self.threads, warmup=warm_runs,
                                               timing_runs=timing_runs),
-                         self.timeout_s, f"staging {ref.name} v{ref.version}")
+                         self.timeout_s * (1 + self.device.probes_due(manifest)), f"staging {ref.name} v{ref.version}")
         model = LoadedModel(ref.name, ref.version, staged.fmt, staged.session, manifest=manifest)
         return Staged(model, staged.to_event())
 
@@ -135,7 +135,7 @@ class Daemon:
             watch_probation(model, self.stats, release, fmt, cfg.deploy, self.stopping)
 
         fetch = FetchClient(cfg, stopping=self.stopping, connected=lambda: self.mqtt is not None)
-        stager = ThreadStager(cfg, DeviceProfile.detect())
+        stager = ThreadStager(cfg, DeviceProfile.detect(self.state_dir, cfg.deploy.stage_timeout_s))
         self.steps = Steps(fetch=fetch, stager=stager, holder=self.holder, watch=watch, state_dir=self.state_dir,
                            group=cfg.agent.group)
         self.shadows = ShadowManager(fetch, self.state_dir, tcfg, self.stats.observers, load=stager.load_shadow,

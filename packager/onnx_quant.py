@@ -33,8 +33,43 @@ MAX_CALIB_ROWS = 256  # calibration rows used, evenly spaced over what was given
 CALIB_BATCH = 32  # rows per calibration batch when the model's batch axis is dynamic
 SENSITIVITY_ROWS = 32  # rows used to measure each node's quantization error
 KEEP_FLOAT_KS = (1, 2, 4)
-# 7-bit weights: x86 without VNNI (AVX2 only) sums u8 x s8 products in saturating 16 bits; docs/packager.md
+# 7-bit weights by default: x86 without VNNI (AVX2 only) sums u8 x s8 products in saturating 16 bits; `--target`
+# picks 8-bit weights for devices that do not saturate (docs/packager.md).
 REDUCE_RANGE = True
+
+
+@dataclass(frozen=True)
+class DeviceTarget:
+    """The device family a build is for (`--target`): the weights' range and the architectures it may run on."""
+
+    name: str
+    reduce_range: bool  # 7-bit weights
+    arch: tuple[str, ...]
+    description: str
+
+    @property
+    def weight_bits(self) -> int:
+        return 7 if self.reduce_range else 8
+
+    def to_json(self) -> dict[str, object]:
+        return {"device": self.name, "onnx_weight_bits": self.weight_bits}
+
+
+TARGETS: dict[str, DeviceTarget] = {t.name: t for t in (
+    DeviceTarget("any", True, ("x86_64", "aarch64"), "every CPU: 7-bit ONNX weights (safe on AVX2-only x86)"),
+    DeviceTarget("x86-avx2", True, ("x86_64",), "x86 without VNNI: 7-bit ONNX weights (no 16-bit saturation)"),
+    DeviceTarget("x86-vnni", False, ("x86_64",), "x86 with AVX-512 VNNI or AVX-VNNI: 8-bit ONNX weights"),
+    DeviceTarget("arm", False, ("aarch64",), "64-bit Arm: 8-bit ONNX weights"),
+)}
+DEFAULT_TARGET = "any"
+# x86 instructions that multiply u8 x s8 into 32 bits without the 16-bit saturating step (vpmaddubsw).
+_NON_SATURATING_X86 = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def host_saturates(machine: str, cpu_flags: set[str] | frozenset[str]) -> bool:
+    """True on x86 without VNNI/AMX: onnxruntime's u8 x s8 kernels there can saturate with 8-bit weights, so
+    the host cannot measure an 8-bit artifact as a device that does not saturate would run it."""
+    return machine.lower() in ("x86_64", "amd64", "i686", "i386") and not (set(cpu_flags) & _NON_SATURATING_X86)
 
 # Node types whose weights or inputs the quantizer turns int8: the candidates for "keep in float".
 _STATIC_NODE_TYPES = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Gather"})
@@ -60,6 +95,7 @@ class OnnxRecipe:
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     activation_type: Literal["uint8", "int8"] = "uint8"
     float_nodes: tuple[str, ...] = field(default=())  # node names kept in float (most sensitive layers)
+    reduce_range: bool = REDUCE_RANGE  # 7-bit weights (False: 8-bit, for devices that do not saturate)
 
     def __post_init__(self) -> None:
         if self.mode not in ("static", "dynamic"):
@@ -79,8 +115,9 @@ class OnnxRecipe:
         calibration: Literal["minmax", "entropy", "percentile"] = "minmax",
         activation_type: Literal["uint8", "int8"] = "uint8",
         float_nodes: Sequence[str] = (),
+        reduce_range: bool = REDUCE_RANGE,
     ) -> OnnxRecipe:
-        """A recipe named after its settings."""
+        """A recipe named after its settings ("-w8" when the weights use all 8 bits)."""
         gran = "perchannel" if per_channel else "pertensor"
         if mode == "static":
             name = f"static-{calibration}-{gran}-{'u8' if activation_type == 'uint8' else 's8'}"
@@ -88,7 +125,9 @@ class OnnxRecipe:
             name = f"dynamic-{gran}"
         if float_nodes:
             name += f"-float{len(float_nodes)}"
-        return cls(name, mode, per_channel, calibration, activation_type, tuple(float_nodes))
+        if not reduce_range:
+            name += "-w8"
+        return cls(name, mode, per_channel, calibration, activation_type, tuple(float_nodes), reduce_range)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -97,6 +136,7 @@ class OnnxRecipe:
             "mode": self.mode,
             "format": "QDQ" if self.mode == "static" else "IntegerOps",
             "weight_type": "int8",
+            "weight_bits": 7 if self.reduce_range else 8,
             "per_channel": self.per_channel,
             "calibration": self.calibration if self.mode == "static" else None,
             "activation_type": self.activation_type,
@@ -112,6 +152,7 @@ class OnnxRecipe:
             calibration=d.get("calibration") or "minmax",
             activation_type=d.get("activation_type", "uint8"),
             float_nodes=tuple(str(n) for n in d.get("float_nodes", ())),
+            reduce_range=d.get("weight_bits", 7) != 8,
         )
 
 
@@ -150,12 +191,13 @@ def _inputs(model: onnx.ModelProto) -> list[_Input]:
     return out
 
 
-def first_recipe(fp32_path: Path) -> OnnxRecipe:
+def first_recipe(fp32_path: Path, reduce_range: bool = REDUCE_RANGE) -> OnnxRecipe:
     """Static QDQ per-channel for float-input models; dynamic for integer-token-id (transformer) models."""
     inputs = _inputs(_load(Path(fp32_path), weights=False))
     if any(i.dtype in _INT_TYPES for i in inputs):
-        return OnnxRecipe.make("dynamic", per_channel=True)
-    return OnnxRecipe.make("static", per_channel=True, calibration="minmax", activation_type="uint8")
+        return OnnxRecipe.make("dynamic", per_channel=True, reduce_range=reduce_range)
+    return OnnxRecipe.make("static", per_channel=True, calibration="minmax", activation_type="uint8",
+                           reduce_range=reduce_range)
 
 
 def alternative_recipes(fp32_path: Path, calib: dict[str, np.ndarray], first: OnnxRecipe) -> list[OnnxRecipe]:
@@ -165,19 +207,21 @@ def alternative_recipes(fp32_path: Path, calib: dict[str, np.ndarray], first: On
     with its 1, 2 and 4 most sensitive nodes kept in float, measured with `sensitive_nodes`.
     """
     fp32_path = Path(fp32_path)
+    rr = first.reduce_range
     cands: list[OnnxRecipe] = []
     if first.mode == "static":
         for cal in ("minmax", "entropy", "percentile"):
             if cal != first.calibration:
-                cands.append(OnnxRecipe.make("static", first.per_channel, cal, first.activation_type))
-        cands.append(OnnxRecipe.make("static", not first.per_channel, first.calibration, first.activation_type))
+                cands.append(OnnxRecipe.make("static", first.per_channel, cal, first.activation_type, reduce_range=rr))
+        cands.append(OnnxRecipe.make("static", not first.per_channel, first.calibration, first.activation_type,
+                                     reduce_range=rr))
         other_sign: Literal["uint8", "int8"] = "int8" if first.activation_type == "uint8" else "uint8"
-        cands.append(OnnxRecipe.make("static", first.per_channel, first.calibration, other_sign))
-        cands.append(OnnxRecipe.make("dynamic", per_channel=True))
+        cands.append(OnnxRecipe.make("static", first.per_channel, first.calibration, other_sign, reduce_range=rr))
+        cands.append(OnnxRecipe.make("dynamic", per_channel=True, reduce_range=rr))
     else:
-        cands.append(OnnxRecipe.make("dynamic", not first.per_channel))
-        cands.append(OnnxRecipe.make("static", True, "minmax", "uint8"))
-        cands.append(OnnxRecipe.make("static", True, "percentile", "uint8"))
+        cands.append(OnnxRecipe.make("dynamic", not first.per_channel, reduce_range=rr))
+        cands.append(OnnxRecipe.make("static", True, "minmax", "uint8", reduce_range=rr))
+        cands.append(OnnxRecipe.make("static", True, "percentile", "uint8", reduce_range=rr))
 
     try:
         errors = _sensitivity(fp32_path, calib, first)
@@ -190,7 +234,7 @@ def alternative_recipes(fp32_path: Path, calib: dict[str, np.ndarray], first: On
         if k <= len(ranked) and k < n_candidates:  # keeping every quantizable node float is just fp32
             nodes = tuple(dict.fromkeys((*first.float_nodes, *ranked[:k])))
             cands.append(OnnxRecipe.make(first.mode, first.per_channel, first.calibration,
-                                         first.activation_type, nodes))
+                                         first.activation_type, nodes, reduce_range=rr))
 
     seen = {first.name}
     out = []
@@ -241,7 +285,8 @@ def _quantize_to(
     """Run onnxruntime's quantizer with `recipe`'s settings, translating its failures."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    exclude = _aliases(recipe.float_nodes, recipe.mode)
+    # Shape arithmetic (a detector's Resize scales computed from Shape) must stay exact: never quantized.
+    exclude = _aliases((*recipe.float_nodes, *shape_nodes(model)), recipe.mode)
     only = _aliases(nodes_to_quantize, recipe.mode)
     try:
         if recipe.mode == "dynamic":
@@ -251,7 +296,7 @@ def _quantize_to(
                     op_types_to_quantize=_DYNAMIC_OP_TYPES,
                     per_channel=recipe.per_channel,
                     weight_type=QuantType.QInt8,
-                    reduce_range=REDUCE_RANGE,
+                    reduce_range=recipe.reduce_range,
                     nodes_to_quantize=only or None,
                     nodes_to_exclude=exclude or None,
                     extra_options={"MatMulConstBOnly": True},
@@ -272,7 +317,7 @@ def _quantize_to(
                 per_channel=recipe.per_channel,
                 activation_type=QuantType.QUInt8 if recipe.activation_type == "uint8" else QuantType.QInt8,
                 weight_type=QuantType.QInt8,
-                reduce_range=REDUCE_RANGE,
+                reduce_range=recipe.reduce_range,
                 nodes_to_quantize=only or None,
                 nodes_to_exclude=exclude or None,
                 calibrate_method=_calibration_method(recipe.calibration),
@@ -394,19 +439,90 @@ def compact(model: onnx.ModelProto) -> None:
         model.graph.initializer.extend(keep)
 
 
+# Prepared graphs by the sha256 of the fp32 file: the build, every recipe and the sensitivity ranking prepare the
+# same model once.
+_PREPARED: OrderedDict[str, bytes] = OrderedDict()
+_PREPARED_KEPT = 2
+
+
 def _prepare(fp32_path: Path, tmp: Path) -> Path:
-    """onnxruntime's quantization pre-processing (shape inference + basic graph optimisation) when it works."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    """The graph prepared for quantization (`packager/onnx_prepare.py`), written into `tmp`."""
+    from packager.onnx_prepare import prepare
 
     out = tmp / "prepared.onnx"
-    try:
-        with stdout_to_stderr():
-            quant_pre_process(str(fp32_path), str(out))
+    key = hashlib.sha256(Path(fp32_path).read_bytes()).hexdigest()
+    if key in _PREPARED:
+        _PREPARED.move_to_end(key)
+        out.write_bytes(_PREPARED[key])
         return out
-    except Exception as e:
-        log.info("quantization pre-processing skipped for %s: %s", fp32_path.name, describe_error(e))
-        out.unlink(missing_ok=True)
-        return fp32_path
+    prepare(Path(fp32_path), out)
+    remember_prepared(fp32_path, out)
+    return out
+
+
+def remember_prepared(fp32_path: Path, prepared: Path) -> None:
+    """Use `prepared` whenever `fp32_path`'s bytes are quantized (the build prepares once, with a check)."""
+    _PREPARED[hashlib.sha256(Path(fp32_path).read_bytes()).hexdigest()] = Path(prepared).read_bytes()
+    while len(_PREPARED) > _PREPARED_KEPT:
+        _PREPARED.popitem(last=False)
+
+
+def shape_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that compute on shapes: fed only by `Shape` outputs, constants and each other.
+
+    Their float outputs are sizes and scales (a detector's `Resize` to another map's size); quantizing them
+    turned a scale of 2.0 into 1.99 and the upsampled map no longer matched the one it is added to.
+    """
+    inits = {i.name for i in model.graph.initializer}
+    shape_tensors: set[str] = set()
+    names: list[str] = []
+    for node in model.graph.node:  # graph order is topological
+        ins = [i for i in node.input if i]
+        if node.op_type == "Shape" or (ins and all(i in shape_tensors or i in inits for i in ins)
+                                       and any(i in shape_tensors for i in ins)):
+            shape_tensors.update(node.output)
+            if node.name and node.op_type != "Shape":
+                names.append(node.name)
+    return names
+
+
+def dequantized_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a QDQ model whose constant DequantizeLinear nodes (weights, biases) are replaced by their float
+    values: onnxruntime then runs float kernels on the same int8-grid weights and quantized activations, which is
+    what an exact (non-saturating) int8 kernel computes. Used to measure 8-bit artifacts on a host whose own
+    int8 kernels would saturate."""
+    from onnx import numpy_helper
+
+    out = type(model)()
+    out.CopyFrom(model)
+    inits = {i.name: i for i in out.graph.initializer}
+    keep = []
+    for node in out.graph.node:
+        if node.op_type != "DequantizeLinear" or not all(i in inits for i in node.input if i):
+            keep.append(node)
+            continue
+        x = numpy_helper.to_array(inits[node.input[0]]).astype(np.float64)
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        zp = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+              if len(node.input) > 2 and node.input[2] else np.zeros_like(scale))
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if scale.ndim == 1 and x.ndim > 0:
+            shape = [1] * x.ndim
+            shape[axis % x.ndim] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        out.graph.initializer.append(numpy_helper.from_array(((x - zp) * scale).astype(np.float32), node.output[0]))
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    used = {i for n in out.graph.node for i in n.input} | {o.name for o in out.graph.output}
+    kept = [i for i in out.graph.initializer if i.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    return out
+
+
+def write_emulation(int8_path: Path, out_path: Path) -> None:
+    """`dequantized_weights` of the model at `int8_path`, saved to `out_path`."""
+    save_self_contained(dequantized_weights(_load(Path(int8_path))), Path(out_path))
 
 
 # ---------------------------------------------------------------- calibration data
@@ -524,7 +640,8 @@ def _sensitivity(fp32_path: Path, calib: dict[str, np.ndarray], recipe: OnnxReci
             rows = {k: a[:fixed] for k, a in rows.items()}
         ref = OnnxSession(prepared).run(rows)
         # Static candidates share one calibration (cached): its ranges cover every quantizable tensor.
-        base = OnnxRecipe(recipe.name, recipe.mode, recipe.per_channel, recipe.calibration, recipe.activation_type)
+        base = OnnxRecipe(recipe.name, recipe.mode, recipe.per_channel, recipe.calibration, recipe.activation_type,
+                          reduce_range=recipe.reduce_range)
         errors: dict[str, float] = {}
         for i, node in enumerate(cands):
             dst = tmp / f"one-{i}.onnx"

@@ -83,6 +83,8 @@ class BuildOptions:
     threads: int = 1
     latency_runs: int = 200
     max_batch: int = DEFAULT_MAX_BATCH  # the largest batch one inference request may carry on the device
+    allow_fp32: bool = False  # ship the fp32 ONNX model when no int8 recipe pays (packager/payoff.py)
+    target: str = "any"  # device family (packager/onnx_quant.py TARGETS): ONNX weight bits, architectures
     labels: Path | None = None  # class names, one per line: the manifest's `labels` (packager/serving_spec.py)
     preprocess: str | None = None  # `--preprocess` key=value pairs: the manifest's `preprocessing`
 
@@ -207,6 +209,7 @@ class _Evaluator:
                  input_names: Sequence[str], output_names: Sequence[str]) -> None:
         self.opts, self.eval_ds, self.ref_out, self.ref_value = opts, eval_ds, ref_out, ref_value
         self.input_names, self.output_names = list(input_names), list(output_names)
+        self.payoff: Any = None  # packager.payoff.Payoff once the fp32 baseline is measured: judges every trial
 
     def open(self, path: Path, fmt: str) -> ModelSession:
         return open_session(path, fmt, threads=self.opts.threads, input_names=self.input_names,
@@ -224,10 +227,11 @@ class _Evaluator:
     def trial(self, recipe: dict[str, Any], path: Path, fmt: str, make: Callable[[], None]) -> Trial:
         try:
             make()
-            value, drop, _ = self.score(path, fmt)
+            value, drop, _ = self.score(self.payoff.scored_path(path, fmt) if self.payoff else path, fmt)
         except ConversionError as e:
             return Trial(recipe, None, 0, math.nan, math.inf, str(e))
-        return Trial(recipe, path, path.stat().st_size, value, drop)
+        trial = Trial(recipe, path, path.stat().st_size, value, drop)
+        return self.payoff.judge(trial, fmt) if self.payoff else trial  # larger or slower than fp32: rejected
 
 
 def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
@@ -322,10 +326,18 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
                     f"accuracy gate failed, no bundle written: pruning ({flag}) fp32 "
                     f"{metric_name} {value:.4g} vs unpruned {ref_value:.4g}: drop {drop:.4g} > {max_drop:g}")
 
+        from packager import payoff
+        from packager.onnx_quant import TARGETS
+
+        device = TARGETS[opts.target]
+        evaluator.payoff = payoff.setup(
+            fp32_path, work, calib.inputs, {k: v[:1] for k, v in eval_ds.inputs.items()},
+            lambda p: evaluator.open(p, "onnx"), lambda p: evaluator.score(p, "onnx")[:2], max_drop,
+            opts.latency_runs, "onnx" in formats, device.reduce_range, progress.detail)
         results: dict[str, TuningResult] = {}
         for fmt in formats:
             if fmt == "onnx":
-                results[fmt] = _tune_onnx(evaluator, fp32_path, calib, work, max_drop, progress)
+                results[fmt] = _tune_onnx(evaluator, fp32_path, calib, work, max_drop, progress, device.reduce_range)
                 if source.is_torch and opts.qat_epochs:
                     from packager import qat
 
@@ -334,6 +346,11 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
             else:
                 results[fmt] = _tune_tflite(evaluator, source, calib, work, max_drop, progress)
 
+        no_int8 = {f: payoff.failure_line(f, r, metric_name, ref_value, max_drop)
+                    for f, r in results.items() if r.chosen is None}
+        if opts.allow_fp32 and "onnx" in no_int8:
+            results["onnx"] = evaluator.payoff.fp32_result(results["onnx"], no_int8["onnx"])
+            progress.detail(f"{no_int8['onnx']}: shipping fp32 ONNX (--allow-fp32)")
         failed = {f: r for f, r in results.items() if r.chosen is None}
         report = _report_base(opts, name, task, max_drop, source, calib, eval_ds, pruning)
         if source.kind == "exported":
@@ -345,17 +362,18 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
         report["fp32"] = {"bytes": source_path.stat().st_size, "zstd_bytes": _zstd_bytes(source_path),
                           "metric": metric_name, "value": ref_value, "p50_ms": fp32_lat.p50_ms,
                           "p95_ms": fp32_lat.p95_ms}
+        report["target"] = {**device.to_json(), "accuracy_emulated": evaluator.payoff.emulate}
+        if evaluator.payoff.prepared is not None:
+            report["onnx_prepare"] = evaluator.payoff.prepared
+            report["fp32_to_beat"] = {"bytes": evaluator.payoff.fp32.bytes, "p50_ms": evaluator.payoff.fp32.p50_ms}
         if failed:
-            parts = []
-            for fmt, r in failed.items():
-                t = r.best_failing
-                if t is None or t.error is not None:
-                    why = t.error if t is not None else "no recipe ran"
-                    parts.append(f"{fmt}: every recipe failed ({why})")
-                else:
-                    parts.append(f"{fmt} int8 {metric_name} {t.value:.4g} vs fp32 {ref_value:.4g}: drop "
-                                 f"{t.drop:.4g} > {max_drop:g} (best of {len(r.trials)} recipes)")
-            raise AccuracyGateError("accuracy gate failed, no bundle written: " + "; ".join(parts))
+            parts = [no_int8[f] for f in failed]
+            pays = all(not t.rejected for r in failed.values() for t in r.trials)
+            hint = "" if "onnx" not in failed or opts.allow_fp32 else " (--allow-fp32 ships fp32 ONNX instead)"
+            if "tflite" in failed and opts.allow_fp32:
+                hint = " (--allow-fp32 ships fp32 ONNX only: build with --format onnx)"
+            raise AccuracyGateError(("accuracy gate failed" if pays else "no int8 artifact pays")
+                                    + ", no bundle written: " + "; ".join(parts) + hint)
 
         artifacts: list[Artifact] = []
         members: dict[str, Path] = {}
@@ -369,23 +387,27 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
         for fmt, r in results.items():
             chosen = r.chosen
             assert chosen is not None and chosen.path is not None
-            member = f"model.int8.{fmt}"
+            precision = str(chosen.recipe.get("precision", "int8"))
+            member = f"model.{precision}.{fmt}"
             members[member] = chosen.path
             session = evaluator.open(chosen.path, fmt)
             lat = _time_session(session, eval_ds.inputs, opts.latency_runs)
-            for i, out in enumerate(session.run(golden_inputs)):
+            # Golden outputs as the target device computes them (the emulation for 8-bit weights on a saturating host)
+            scored = evaluator.payoff.scored_path(chosen.path, fmt) if precision == "int8" else chosen.path
+            expected = session if scored == chosen.path else evaluator.open(scored, fmt)
+            for i, out in enumerate(expected.run(golden_inputs)):
                 golden[golden_output_key(fmt, i)] = out
             if task == "classification":
-                eval_outputs[f"{fmt} int8"] = session.run(eval_ds.inputs)[0]
+                eval_outputs[f"{fmt} {precision}"] = expected.run(eval_ds.inputs)[0]
             artifacts.append(Artifact(fmt, member, session.inputs, session.outputs, chosen.recipe, chosen.value,
                                       chosen.drop, lat.p50_ms, lat.p95_ms))
             report["artifacts"].append({
                 "format": fmt, "file": member, "bytes": chosen.bytes, "zstd_bytes": _zstd_bytes(chosen.path),
                 "metric": metric_name, "value": chosen.value, "drop": chosen.drop, "p50_ms": lat.p50_ms,
-                "p95_ms": lat.p95_ms, "recipe": chosen.recipe,
+                "p95_ms": lat.p95_ms, "recipe": chosen.recipe, "precision": precision,
                 "trials": [t.to_json(max_drop) for t in r.trials],
             })
-            progress.detail(f"{fmt} int8: {chosen.bytes / 1024:.0f} KiB "
+            progress.detail(f"{fmt} {precision}: {chosen.bytes / 1024:.0f} KiB "
                             f"({chosen.bytes / report['fp32']['bytes']:.3f}x fp32), {metric_name} "
                             f"{chosen.value:.4g} (drop {chosen.drop:.3g}), p50 {lat.p50_ms:.3f} ms")
 
@@ -401,6 +423,9 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
             raise InputError(f"{out_path} already exists: bundles are immutable, pick a new --version")
         report["version"] = version
         report["verdict"] = f"Every artifact is within the gate (max drop {max_drop:g})."
+        if "onnx" in no_int8 and opts.allow_fp32:
+            report["verdict"] += f" No int8 ONNX recipe pays, so the ONNX artifact is fp32 (--allow-fp32): " \
+                                 f"{no_int8['onnx']}."
         manifest = _manifest(name, version, task, metric_name, ref_value, max_drop, opts, source, calib,
                              eval_ds, fp32_session.inputs, fp32_session.outputs, artifacts,
                              _parity(task, fp32_out[:golden_n]), report)
@@ -434,7 +459,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
 
 
 def _tune_onnx(ev: _Evaluator, fp32_path: Path, calib: Dataset, work: Path, max_drop: float,
-               progress: Progress) -> TuningResult:
+               progress: Progress, reduce_range: bool = True) -> TuningResult:
     from packager import onnx_quant
 
     progress.step("quantizing ONNX to int8 (onnxruntime)")
@@ -446,7 +471,7 @@ def _tune_onnx(ev: _Evaluator, fp32_path: Path, calib: Dataset, work: Path, max_
         progress.detail(_trial_line(recipe.name, t, max_drop))
         return t
 
-    first = onnx_quant.first_recipe(fp32_path)
+    first = onnx_quant.first_recipe(fp32_path, reduce_range)
 
     def alternatives() -> list[onnx_quant.OnnxRecipe]:
         progress.detail(f"{first.name} missed the gate: trying alternative recipes")
@@ -482,8 +507,9 @@ def _tune_tflite(ev: _Evaluator, source: SourceModel, calib: Dataset, work: Path
 def _trial_line(name: str, t: Trial, max_drop: float) -> str:
     if t.error is not None:
         return f"{name}: failed ({t.error})"
-    verdict = "pass" if t.passed(max_drop) else "miss"
-    return f"{name}: {t.bytes / 1024:.0f} KiB, metric {t.value:.4g}, drop {t.drop:.3g} [{verdict}]"
+    verdict = "pass" if t.passed(max_drop) else f"does not pay: {t.rejected}" if t.rejected else "miss"
+    p50 = f", p50 {t.p50_ms:.3f} ms" if t.p50_ms is not None else ""
+    return f"{name}: {t.bytes / 1024:.0f} KiB, metric {t.value:.4g}, drop {t.drop:.3g}{p50} [{verdict}]"
 
 
 def _report_base(opts: BuildOptions, name: str, task: str, max_drop: float, source: SourceModel, calib: Dataset,
@@ -528,6 +554,8 @@ def _manifest(name: str, version: int, task: str, metric_name: str, fp32_value: 
               opts: BuildOptions, source: SourceModel, calib: Dataset, eval_ds: Dataset,
               inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], artifacts: list[Artifact],
               parity: dict[str, Any], report: dict[str, Any]) -> Manifest:
+    from packager.onnx_quant import TARGETS
+
     worst_p95 = max(a.host_p95_ms for a in artifacts)
     # Devices are slower than the workstation: by default allow 10x the host p95 (at least 5 ms).
     budget = opts.latency_budget_ms if opts.latency_budget_ms is not None else max(5.0, round(10 * worst_p95, 2))
@@ -539,7 +567,7 @@ def _manifest(name: str, version: int, task: str, metric_name: str, fp32_value: 
         metric=metric_name, fp32_metric_value=fp32_value, max_drop=max_drop,
         parity=parity,
         latency_budget_ms=budget,
-        target={"arch": ["x86_64", "aarch64"],
+        target={"arch": list(TARGETS[opts.target].arch), **TARGETS[opts.target].to_json(),
                 # session + arena + the agent itself; a floor that keeps tiny models honest
                 "min_ram_mb": int(64 + math.ceil(4 * biggest / 2**20)),
                 "runtimes": {"onnxruntime": {"built_with": versions.get("onnxruntime")},
@@ -558,6 +586,10 @@ def check_build_options(opts: BuildOptions) -> str:
     """Argument checks that need no model, run before any work so a typo costs no time. Returns the bundle name."""
     if opts.task not in metrics.METRIC_BY_TASK:
         raise InputError(f"--task must be one of {', '.join(metrics.METRIC_BY_TASK)}")
+    from packager.onnx_quant import TARGETS
+
+    if opts.target not in TARGETS:
+        raise InputError(f"--target must be one of {', '.join(TARGETS)}, got {opts.target!r}")
     if not 0.0 <= opts.prune < 1.0:
         raise InputError("--prune must be a fraction in [0, 1)")
     if not 0.0 <= opts.prune_channels < 1.0:

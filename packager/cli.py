@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--preprocess", metavar="'KEY=VALUE ...'",
                    help="what the device does to raw inputs, e.g. 'scale=1/255 mean=0.485,0.456,0.406 "
                         "std=0.229,0.224,0.225 layout=NHWC resize=bilinear dtype=uint8' (docs/packager.md)")
+    b.add_argument("--target", default="any", choices=("any", "x86-avx2", "x86-vnni", "arm"),
+                   help="device family: any/x86-avx2 use 7-bit ONNX weights (no 16-bit saturation on AVX2-only x86), "
+                        "x86-vnni and arm 8-bit; recorded in the manifest (default any)")
+    b.add_argument("--allow-fp32", action="store_true",
+                   help="when no int8 ONNX recipe pays (accuracy, or larger/slower than fp32), ship fp32 ONNX "
+                        "instead of exiting 3")
     b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     _distill_args(sub)
@@ -221,6 +227,7 @@ def _build(args: argparse.Namespace) -> int:
         finetune_epochs=args.finetune_epochs, qat_epochs=args.qat_epochs, max_drop=args.max_drop, task=args.task,
         weights=args.weights, latency_budget_ms=args.latency_budget_ms, threads=args.threads,
         max_batch=args.max_batch, labels=args.labels, preprocess=args.preprocess,
+        target=args.target, allow_fp32=args.allow_fp32,
     )
     check_build_options(opts)
     result = build(opts, Progress(0))
@@ -230,8 +237,9 @@ def _build(args: argparse.Namespace) -> int:
         print(json.dumps({
             "bundle": str(result.bundle),
             "fp32": {k: fp32[k] for k in ("bytes", "metric", "value", "p50_ms", "p95_ms")},
-            "artifacts": [{k: a[k] for k in ("format", "bytes", "metric", "value", "drop", "p50_ms", "p95_ms")}
-                          for a in r["artifacts"]],
+            "artifacts": [{k: a[k] for k in ("format", "bytes", "metric", "value", "drop", "p50_ms", "p95_ms",
+                                             "precision")} for a in r["artifacts"]],
+            "target": r["target"],
             **({"pruning": {"value": p["value_after"], **{k: p[k] for k in (
                 "method", "amount", "sparsity", "parameters_before", "parameters_after", "drop", "bytes", "p50_ms")
                 if k in p}}} if (p := r.get("pruning")) else {}),
@@ -274,8 +282,8 @@ def _summary_table(r: dict[str, Any]) -> str:
     if prune:  # drops are from the unpruned model, pruning's own included
         rows.append(("fp32 pruned", prune["bytes"], prune["bytes"] / fp32["bytes"], prune["value_after"],
                      prune["drop"], prune.get("p50_ms", math.nan), prune.get("p95_ms", math.nan)))
-    rows += [(a["format"] + " int8", a["bytes"], a["bytes"] / fp32["bytes"], a["value"], a["drop"], a["p50_ms"],
-              a["p95_ms"]) for a in r["artifacts"]]
+    rows += [(f"{a['format']} {a.get('precision', 'int8')}", a["bytes"], a["bytes"] / fp32["bytes"], a["value"],
+              a["drop"], a["p50_ms"], a["p95_ms"]) for a in r["artifacts"]]
     lines = [f"{'model':<12}{'bytes':>12}{'x fp32':>8}{r['metric']:>11}{'drop':>10}{'p50 ms':>9}{'p95 ms':>9}"]
     lines += [f"{n:<12}{b:>12}{x:>8.3f}{v:>11.5g}{d:>10.3g}" + "".join(
         f"{'-':>9}" if math.isnan(t) else f"{t:>9.3f}" for t in (p50, p95)) for n, b, x, v, d, p50, p95 in rows]

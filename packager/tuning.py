@@ -35,7 +35,7 @@ class Trial:
         if self.error is not None:
             out["error"] = self.error
         if self.rejected is not None:
-            out["rejected"] = self.rejected
+            out["why"] = self.rejected  # packager/report.py shows it beside the recipe
         if self.p50_ms is not None:
             out["p50_ms"] = self.p50_ms
         return out

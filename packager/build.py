@@ -363,6 +363,13 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
                           "metric": metric_name, "value": ref_value, "p50_ms": fp32_lat.p50_ms,
                           "p95_ms": fp32_lat.p95_ms}
         report["target"] = {**device.to_json(), "accuracy_emulated": evaluator.payoff.emulate}
+        notes = report.setdefault("notes", [])
+        notes.append(f"Built for --target {device.name}: {device.description}."
+                     + (" Accuracy measured on an emulation of a non-saturating device (this host's int8 kernels "
+                        "saturate)." if evaluator.payoff.emulate else ""))
+        notes += [f"Preparing the ONNX graph: {n}." for n in (evaluator.payoff.prepared or {}).get("notes", [])]
+        if "onnx" in no_int8 and opts.allow_fp32:
+            notes.append(f"No int8 recipe paid, so the ONNX artifact is fp32 (--allow-fp32): {no_int8['onnx']}.")
         if evaluator.payoff.prepared is not None:
             report["onnx_prepare"] = evaluator.payoff.prepared
             report["fp32_to_beat"] = {"bytes": evaluator.payoff.fp32.bytes, "p50_ms": evaluator.payoff.fp32.p50_ms}

@@ -37,6 +37,9 @@ class MqttSection:
     # chunks the broker may have on their way to a fetch at once (MQTT 5 Receive Maximum), each acknowledged once
     # stored: a killed fetch re-fetches at most this many, but a link carries at most this many per round trip
     receive_window: int = 1
+    # a retained read's wait, after its barrier echoed, for topics not arrived yet before they count as absent
+    # (MQTT orders messages per topic only; docs/transport.md): what every genuine "not found" costs
+    retained_grace_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ _SECTIONS: dict[str, type] = {"agent": AgentSection, "mqtt": MqttSection, "trust
                               "deploy": DeploySection, "telemetry": TelemetrySection}
 _BOUNDS = {"max_bundle_bytes": (1 << 10, 64 << 30), "max_metadata_bytes": (1 << 10, 64 << 20),
            "chunk_timeout_s": (0.1, 3600.0), "connect_timeout_s": (0.1, 600.0), "receive_window": (1, 1024),
+           "retained_grace_s": (0.0, 60.0),
            "poll_interval_s": (1.0, 86400.0), "probation_s": (0.0, 86400.0), "probation_requests": (0, 10**9),
            "max_error_rate": (0.0, 1.0), "min_requests_for_rate": (1, 10**6), "stage_timeout_s": (1.0, 3600.0),
            "keep": (1, 64), "max_batch": (0, 65536), "max_restarts": (1, 100), "threads": (1, 256),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import signal
 import socket
@@ -28,7 +27,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.config import AgentConfig, ConfigError
@@ -40,13 +39,16 @@ from agent.deploy.stage import DeviceProfile, stage_bundle
 from agent.deploy.steps import Staged, Steps, release_dir
 from agent.deploy.store import StateStore
 from agent.errors import TransportError
-from agent.serve.holder import LoadedModel, ModelHolder, RequestStats
+from agent.sdnotify import Notifier
+from agent.serve.holder import LoadedModel, RequestStats
 from agent.telemetry.hub import Telemetry
 from agent.telemetry.link import MqttLink
 from agent.telemetry.publisher import Publisher
 from agent.telemetry.queue import DiskQueue
 from agent.telemetry.shadow import load_shadow
 from agent.telemetry.shadow_manager import ShadowManager
+from agent.watchdog import EXIT_HUNG as EXIT_HUNG  # where tests and docs look for it
+from agent.watchdog import PulseEvent, Watchdog, WatchedHolder, bounded
 
 if TYPE_CHECKING:  # paho and the HTTP server are imported when first used
     from agent.serve.http import InferenceServer
@@ -56,8 +58,6 @@ if TYPE_CHECKING:  # paho and the HTTP server are imported when first used
 log = logging.getLogger(__name__)
 
 RECONNECT_CAP_S = 120.0  # the first connection's retry backoff: doubling from 1 s up to this, with full jitter
-EXIT_HUNG = 70  # the agent exits when a model hangs it; systemd restarts it and the crash counter decides
-T = TypeVar("T")
 
 
 class ThreadStager:
@@ -70,42 +70,21 @@ class ThreadStager:
         self.threads = cfg.deploy.threads
         self.timeout_s = cfg.deploy.stage_timeout_s
         self.device = device
+        self.beat: Callable[[], None] = lambda: None  # the watchdog's (Daemon sets it)
 
     def stage(self, ref: BundleRef, *, warm_runs: int, timing_runs: int) -> Staged:
         path = Path(ref.path)
         manifest = read_manifest(path)
         staged = bounded(lambda: stage_bundle(path, manifest, self.device, threads=self.threads, warmup=warm_runs,
                                               timing_runs=timing_runs),
-                         self.timeout_s * (1 + self.device.probes_due(manifest)), f"staging {ref.name} v{ref.version}")
+                         self.timeout_s * (1 + self.device.probes_due(manifest)), f"staging {ref.name} v{ref.version}", self.beat)
         model = LoadedModel(ref.name, ref.version, staged.fmt, staged.session, manifest=manifest)
         return Staged(model, staged.to_event())
 
     def load_shadow(self, release: Path) -> LoadedModel:
         """agent/telemetry/shadow.py's load_shadow, bounded like staging (it stages the shadow bundle)."""
-        return bounded(lambda: load_shadow(release, self.device), self.timeout_s, f"loading the shadow {release.name}")
-
-
-def bounded(work: Callable[[], T], timeout_s: float, what: str) -> T:
-    """`work()` in a thread, waited for at most `timeout_s`: a native call that hangs exits the agent (EXIT_HUNG)."""
-    result: list[T] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(work())
-        except BaseException as e:
-            errors.append(e)
-
-    worker = threading.Thread(target=run, name="stage", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
-        log.critical("%s hung for %gs; exiting so the supervisor restarts the agent", what, timeout_s)
-        logging.shutdown()
-        os._exit(EXIT_HUNG)
-    if errors:
-        raise errors[0]
-    return result[0]
+        return bounded(lambda: load_shadow(release, self.device), self.timeout_s, f"loading the shadow {release.name}",
+                       self.beat)
 
 
 class Daemon:
@@ -115,9 +94,10 @@ class Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = StateStore.in_dir(self.state_dir)
         self.stats = RequestStats()
-        self.holder = ModelHolder(stats=self.stats, max_batch=cfg.serve.max_batch)
+        self.holder = WatchedHolder(stats=self.stats, max_batch=cfg.serve.max_batch)
+        self.watchdog = Watchdog(Notifier.from_env(), longest_running_s=self.holder.longest_running_s)
         self.wake = threading.Event()
-        self.stopping = threading.Event()
+        self.stopping = PulseEvent(self.watchdog)  # each look from the main thread beats the watchdog
         self.mqtt: MqttClient | None = None
         self.http: InferenceServer | None = None
         tcfg = cfg.telemetry
@@ -136,12 +116,13 @@ class Daemon:
 
         fetch = FetchClient(cfg, stopping=self.stopping, connected=lambda: self.mqtt is not None)
         stager = ThreadStager(cfg, DeviceProfile.detect(self.state_dir, cfg.deploy.stage_timeout_s))
+        stager.beat = self.watchdog.beat
         self.steps = Steps(fetch=fetch, stager=stager, holder=self.holder, watch=watch, state_dir=self.state_dir,
                            group=cfg.agent.group)
         self.shadows = ShadowManager(fetch, self.state_dir, tcfg, self.stats.observers, load=stager.load_shadow,
                                      in_use=self.bundles_in_use)
         self.telemetry.shadow = self.shadows.snapshot
-        self.deployer = Deployer(self.steps, self.store, self.link, device_id=cfg.agent.device_id,
+        self.deployer = Deployer(self.steps, self.store, self.watchdog.link(self.link), device_id=cfg.agent.device_id,
                                  group=cfg.agent.group, agent_version=__version__, stopping=self.stopping,
                                  clock=clock, keep=cfg.deploy.keep, max_restarts=cfg.deploy.max_restarts)
 
@@ -309,11 +290,12 @@ class Daemon:
 
     def run(self) -> int:
         ds = self.start()
-        self.deployer.announce(ds)
+        self.deployer.announce(ds)  # also the first STATUS= (the watchdog's link)
+        self.watchdog.ready()
         ds = self.deployer.drive(ds)
         next_check = time.monotonic()
         while not self.stopping.is_set():
-            timeout = max(0.0, next_check - time.monotonic())
+            timeout = min(max(0.0, next_check - time.monotonic()), self.watchdog.interval_s)
             if self.wake.wait(timeout) or time.monotonic() >= next_check:
                 self.wake.clear()
                 if self.stopping.is_set():
@@ -326,6 +308,7 @@ class Daemon:
 
     def shutdown(self, ds: DeployState) -> None:
         """The normal stop (SIGTERM, SIGINT): `ds` is the last state the deployer persisted."""
+        self.watchdog.stopping()
         self.deployer.announce(ds, status="offline")  # a clean disconnect does not fire the last will
         if self.http is not None:
             self.http.stop()

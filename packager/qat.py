@@ -43,20 +43,43 @@ QAT_LR = 1e-4
 MAX_EXPORT_BATCH = 1024
 
 
+def _partition_keys(node: Any) -> list[tuple[str, str]]:
+    """Where torch's get_source_partitions may file a node: (metadata field, the name it groups by)."""
+    keys = []
+    stack = node.meta.get("source_fn_stack")
+    if stack:
+        keys.append(("source_fn_stack", str(stack[-1][0])))
+    modules = node.meta.get("nn_module_stack")
+    if modules:  # strict=False exports: the innermost module's qualified name
+        keys.append(("nn_module_stack", str(list(modules.values())[-1][0])))
+    return keys
+
+
+def _rename(node: Any, field: str, suffix: str) -> None:
+    if field == "source_fn_stack":
+        stack = list(node.meta[field])
+        stack[-1] = (f"{stack[-1][0]}{suffix}", stack[-1][1])
+        node.meta[field] = stack
+    else:
+        modules = dict(node.meta[field])  # nodes may share one dict: copy before changing
+        key = list(modules)[-1]
+        fqn, cls = modules[key]
+        modules[key] = (f"{fqn}{suffix}", cls)
+        node.meta[field] = modules
+
+
 def _split_shared_partitions(gm: Any) -> int:
     """Give every call of a module that was called more than once (one aten node per call) its own source name."""
-    by_source: dict[str, list[Any]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
     for node in gm.graph.nodes:
-        stack = node.meta.get("source_fn_stack")
-        if node.op == "call_function" and stack:
-            by_source[str(stack[-1][0])].append(node)
+        if node.op == "call_function":
+            for key in _partition_keys(node):
+                groups[key].append(node)
     renamed = 0
-    for name, nodes in by_source.items():
+    for (field, _name), nodes in groups.items():
         if len(nodes) > 1 and len({n.target for n in nodes}) == 1:
             for i, node in enumerate(nodes):
-                stack = list(node.meta["source_fn_stack"])
-                stack[-1] = (f"{name}__call{i}", stack[-1][1])
-                node.meta["source_fn_stack"] = stack
+                _rename(node, field, f"__call{i}")
                 renamed += 1
     return renamed
 

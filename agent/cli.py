@@ -1,5 +1,6 @@
 """`edge-agent`: the device command line. `run` is the daemon; `status` reads its persisted state; `fetch` pulls
-this device's signed bundle once; `verify` checks (and optionally unpacks) a bundle as the daemon does."""
+this device's signed bundle once; `verify` checks (and optionally unpacks) a bundle as the daemon does; `install`
+puts the agent in service under systemd (agent/install.py)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="the persisted deployment state (whether or not the daemon runs)")
     st.add_argument("--config", type=Path, required=True)
     st.add_argument("--json", action="store_true")
+    i = sub.add_parser("install", help="install config, trust root, state directory and systemd unit; probe runtimes")
+    i.add_argument("--config", type=Path, required=True, help="this device's agent TOML (installed as agent.toml)")
+    i.add_argument("--root", type=Path, required=True, help="the fleet's provisioned TUF root.json")
+    i.add_argument("--prefix", type=Path, default=None, help="the venv holding the agent (default: this one)")
+    i.add_argument("--config-dir", type=Path, default=Path("/etc/edge-agent"))
+    i.add_argument("--state-dir", type=Path, default=Path("/var/lib/edge-agent"))
+    i.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"))
+    i.add_argument("--force", action="store_true", help="replace an installed config or root that differs")
+    i.add_argument("--no-probe", action="store_true", help="do not run the runtime probe's import check")
+    i.add_argument("--json", action="store_true")
     return p
 
 
@@ -101,6 +112,34 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _install(args: argparse.Namespace) -> int:
+    from agent.errors import ConfigError
+    from agent.install import InstallPlan, install
+
+    prefix = args.prefix if args.prefix is not None else Path(sys.prefix)
+    plan = InstallPlan(config=args.config, root=args.root, prefix=prefix.absolute(), config_dir=args.config_dir,
+                       state_dir=args.state_dir, unit_dir=args.unit_dir, force=args.force, probe=not args.no_probe)
+    try:
+        result = install(plan)
+    except ConfigError as e:
+        return _fail(args, str(e), "config", EXIT_CONFIG)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    for path in result.written:
+        print(f"wrote {path}")
+    for path in result.unchanged:
+        print(f"unchanged {path}")
+    print(f"state directory {result.state_dir} (mode 0700)")
+    for r in result.runtimes:
+        print(f"runtime {r['format']} ({r['runtime']} {r['version']}): {'usable' if r['usable'] else 'UNUSABLE'}: "
+              f"{r['why']}")
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print("next: systemctl daemon-reload && systemctl enable --now edge-agent.service")
+    return 0
+
+
 EXIT_REJECTED = 1
 EXIT_CONFIG = 2
 EXIT_TRANSPORT = 75  # EX_TEMPFAIL: worth retrying later
@@ -146,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
     if args.command == "status":
         return _status(args)
+    if args.command == "install":
+        return _install(args)
     if args.extract is not None and args.extract.exists():
         print(f"edge-agent: error: {args.extract} already exists", file=sys.stderr)
         return 2

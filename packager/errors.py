@@ -5,7 +5,7 @@
     ├── PackagerError           exit_code 2
     │   ├── InputError          a file or argument the user gave is wrong                      2
     │   ├── ConversionError     an exporter, quantizer or converter could not handle the model  2
-    │   ├── AccuracyGateError   an int8 artifact lost more accuracy than --max-drop allows      3
+    │   ├── AccuracyGateError   an int8 artifact, pruning or a distilled student lost too much  3
     │   ├── RepoError           the TUF repository, its keys or a target                        2
     │   └── PublishError        the files to publish are inconsistent                           2
     ├── BundleRejected (agent)  `packager inspect/publish` on a bad bundle                      2
@@ -36,7 +36,7 @@ class ConversionError(PackagerError):
 
 
 class AccuracyGateError(PackagerError):
-    """An int8 artifact lost more accuracy than --max-drop allows."""
+    """An int8 artifact, a pruned model or a distilled student lost more accuracy than --max-drop allows."""
 
     exit_code = 3
 

@@ -135,6 +135,7 @@ class MosquittoBroker:
     def __init__(self, workdir: Path, protocol: str = "5", *, persistent: bool = False, extra_conf: str = "") -> None:
         if protocol not in ("5", "3.1.1"):
             raise ValueError(f"protocol must be 5 or 3.1.1: {protocol!r}")
+        workdir.mkdir(parents=True, exist_ok=True)
         try:
             self.mosquitto = Mosquitto(workdir, persistent=persistent, extra_conf=extra_conf)
         except MosquittoMissing as e:

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := out/demo
 
-.PHONY: venv test lint unit demo demo-live bench bench-transfer bench-agent bench-telemetry clean
+.PHONY: venv test lint unit demo demo-live bench bench-transfer bench-agent bench-telemetry dist arm64-check clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,16 @@ bench-agent: venv
 
 bench-telemetry: venv
 	$(BIN)/python benchmarks/telemetry_bench.py --out benchmarks/results/telemetry.json
+
+# the wheel and sdist a device installs (pip install dist/edgeship-*.whl into /opt/edgeship: docs/install-device.md)
+dist: venv
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+
+# not in CI: an arm64 Debian root under qemu-user-static installs the wheel and verifies and fetches a bundle
+# (needs root, debootstrap, qemu-user-static; scripts/arm64_check.sh)
+arm64-check: venv
+	scripts/arm64_check.sh
 
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache

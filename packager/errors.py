@@ -36,7 +36,8 @@ class ConversionError(PackagerError):
 
 
 class AccuracyGateError(PackagerError):
-    """An int8 artifact, a pruned model or a distilled student lost more accuracy than --max-drop allows."""
+    """An int8 artifact, a pruned model or a distilled student lost more accuracy than --max-drop allows, or no
+    int8 recipe pays (larger or slower than fp32: packager/verdict.py)."""
 
     exit_code = 3
 

@@ -3,7 +3,8 @@ the same layout as a static HTTP mirror tree.
 
 Publishing is idempotent and resumable: it first reads back what the broker holds and only publishes chunks that
 are missing or damaged. Order matters because devices may look at any moment: chunks and hints first, then
-metadata with root versions first and timestamp last, so a timestamp never points at data that is not there yet.
+metadata with root versions first (the newest root then again on `tuf/root/latest`, which lets a device tell at once
+that there is no newer root) and timestamp last, so a timestamp never points at data that is not there yet.
 """
 
 from __future__ import annotations
@@ -145,18 +146,22 @@ def publish_tree(
     pub.drain()  # every chunk acknowledged before any metadata can point at it
 
     names = metadata_order(metadata)
-    held = client.fetch_retained([topics.tuf(n) for n in names], timeout)
+    # (topic, payload) in publish order: the newest root goes to tuf/root/latest right after the last root
+    items = [(topics.tuf(n), metadata[n]) for n in names]
+    roots = [n for n in names if _VERSIONED.fullmatch(n) and n.split(".")[1] == "root"]
+    if roots:
+        items.insert(names.index(roots[-1]) + 1, (topics.root_latest, metadata[roots[-1]]))
+    held = client.fetch_retained([t for t, _ in items], timeout)
     stats.bytes_read_back += held.bytes_received
-    for done, name in enumerate(names, 1):
-        topic = topics.tuf(name)
-        if held.messages.get(topic) == metadata[name]:
+    for done, (topic, payload) in enumerate(items, 1):
+        if held.messages.get(topic) == payload:
             stats.metadata_skipped += 1
         else:
-            # one at a time, acknowledged: the broker then holds root < targets < snapshot < timestamp in order
-            client.publish(topic, metadata[name], retain=True, qos=1, wait=True, timeout=timeout)
+            # one at a time, acknowledged: the broker then holds root < latest < targets < snapshot < timestamp
+            client.publish(topic, payload, retain=True, qos=1, wait=True, timeout=timeout)
             stats.metadata_published += 1
         if progress:
-            progress("metadata", done, len(names))
+            progress("metadata", done, len(items))
 
     if notify_version is not None:
         client.publish(topics.notify, str(int(notify_version)).encode(), retain=True, qos=1, timeout=timeout)

@@ -63,6 +63,12 @@ _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # 3.1.1 CONNA
 # own min_delay: a fleet that lost its broker at the same moment then retries spread out, not in lockstep.
 RECONNECT_MIN_DELAY_S = (0.5, 1.5)
 RECONNECT_MAX_DELAY_S = 120.0
+# How long a retained read still waits for topics that had not arrived when its barrier echoed, before they count as
+# absent. MQTT orders messages per topic only: a broker may hand out retained messages after a later message on
+# another topic (our barrier). Mosquitto, RabbitMQ 3.10 and NATS 2.9 never did in our trials (docs/transport.md), so
+# this only bounds what a reordering broker costs; the price is that every "not found" takes this long, which is why
+# the one frequent not-found lookup (is there a newer root?) answers from tuf/root/latest instead.
+DEFAULT_RETAINED_GRACE_S = 0.5
 
 
 def reconnect_min_delay(rng: random.Random | None = None) -> float:
@@ -201,24 +207,30 @@ class RetainedResult:
 
 class RetainedRead:
     """One retained read in progress (`MqttClient.start_retained`): SUBSCRIBE sent, the barrier token published
-    once the SUBACK arrives. Take its messages in arrival order with `get()` or by iterating, until the token echoes
-    back; `close()` (always, also after an error) unsubscribes. Several may be open at once on one client: the
-    broker queues each one's messages behind the previous one's token, so the next read's data is already on its way
-    while the caller still works on this one.
+    once the SUBACK arrives. Take its messages in arrival order with `get()` or by iterating, until it is complete:
+    every topic asked for has arrived (an exact subscription gets at most one retained message per topic), or the
+    barrier token echoed back and the topics still missing then were given `grace` seconds more (MQTT orders
+    messages per topic only, so the barrier is a fast path, not a proof; see DEFAULT_RETAINED_GRACE_S). `missing`
+    then names the topics that count as absent. `close()` (always, also after an error) unsubscribes. Several may be
+    open at once on one client: the broker queues each one's messages behind the previous one's token, so the next
+    read's data is already on its way while the caller still works on this one.
 
     `bytes_received` counts every payload byte delivered to this read so far (refused oversize ones too, not the
     barrier token), whatever happens later: a read cut short by a reconnect still cost those bytes.
     """
 
-    def __init__(self, client: MqttClient, route: _Route, topics: list[str], token: bytes, timeout: float) -> None:
+    def __init__(self, client: MqttClient, route: _Route, topics: list[str], token: bytes, timeout: float,
+                 grace: float = DEFAULT_RETAINED_GRACE_S) -> None:
         self._client = client
         self._route = route
         self.topics = topics
         self._token = token
         self.timeout = timeout
+        self.grace = grace
         self._deadline: float | None = None  # the timeout runs from the first take, not from the subscribe
         self._seen: dict[str, bool] = {}  # topic -> holds a retained payload (False after a live delete)
-        self.done = False  # the barrier echoed: every retained message of `topics` came before it
+        self.echoed = False  # our barrier token came back
+        self.done = False  # complete: every topic arrived, or the barrier echoed and the grace ran out
         self._closed = False
         self._mids: list[int] = []  # SUBSCRIBEs whose SUBACK had not arrived when they were sent
         self._taken: Message | None = None  # the message last returned: acknowledged at the next get() at the latest
@@ -232,6 +244,12 @@ class RetainedRead:
         """Topics whose payload exceeded `max_payload` (dropped unbuffered) and had no acceptable one after."""
         return {t: n for t, n in self._route.oversize.items() if not self._seen.get(t)}
 
+    @property
+    def missing(self) -> list[str]:
+        """Topics no message has arrived for (refused oversize ones did arrive); once `done`, the absent ones."""
+        oversize = self._route.oversize
+        return [t for t in self.topics if t not in self._seen and t not in oversize]
+
     def get(self, block: bool = True) -> Message | None:
         """The next retained message (an empty payload is a live delete), or None once the barrier echoed.
         `block=False`: None also when nothing is queued yet (for salvaging what already arrived). Raises
@@ -242,6 +260,8 @@ class RetainedRead:
         if self._taken is not None:
             self._taken.ack()
             self._taken = None
+        if not self.done and not self.missing:
+            self.done = True  # every topic is here: nothing to wait for, barrier or not
         if self.done:
             return None
         if self._closed:
@@ -255,6 +275,9 @@ class RetainedRead:
             except queue.Empty:
                 if not block:
                     return None
+                if self.echoed:  # the grace ran out: what is still missing is absent
+                    self.done = True
+                    return None
                 raise TransportError(
                     f"barrier echo did not arrive within {self.timeout:g}s reading {len(self.topics)} topics from "
                     f"{self._client.url}"
@@ -267,9 +290,14 @@ class RetainedRead:
                 raise item
             if item.topic == self._client.barrier_topic:
                 item.ack()
-                if item.payload == self._token:
-                    self.done = True
-                    return None
+                if item.payload == self._token and not self.echoed:
+                    self.echoed = True
+                    if not self.missing or self.grace <= 0:
+                        self.done = True
+                        return None
+                    self._deadline = time.monotonic() + self.grace
+                    log.debug("barrier echoed with %d of %d topics missing: waiting %gs for them",
+                              len(self.missing), len(self.topics), self.grace)
                 continue  # another read's barrier
             self._seen[item.topic] = bool(item.payload)
             self._taken = item
@@ -427,6 +455,7 @@ class MqttClient:
         will: Will | None = None,
         birth: Will | None = None,
         receive_window: int | None = None,
+        retained_grace: float = DEFAULT_RETAINED_GRACE_S,
     ) -> None:
         """`will`: published by the broker if the connection dies without DISCONNECT (set on every CONNECT, so
         also after paho's automatic reconnects). `birth`: published by us (not awaited) after every successful
@@ -434,13 +463,18 @@ class MqttClient:
 
         `receive_window`: at most this many QoS 1 messages in flight to us (MQTT 5 Receive Maximum), each
         acknowledged only when a retained read's caller is done with it (see the module doc). Under MQTT 3.1.1,
-        which has no such property, the broker's own inflight limit applies. None: paho acknowledges on arrival."""
+        which has no such property, the broker's own inflight limit applies. None: paho acknowledges on arrival.
+
+        `retained_grace`: seconds a retained read waits, after its barrier echoed, for topics not arrived yet
+        (`RetainedRead`, DEFAULT_RETAINED_GRACE_S)."""
         if not is_client_id(client_id):
             raise ValueError(f"client id must be 1-128 chars of [A-Za-z0-9_-]: {client_id!r}")
         if protocol not in ("auto", "5", "3.1.1"):
             raise ValueError(f"protocol must be auto, 5 or 3.1.1: {protocol!r}")
         if receive_window is not None and not 1 <= receive_window <= 65535:
             raise ValueError(f"receive_window must be in 1..65535: {receive_window!r}")
+        if not 0 <= retained_grace <= 600:
+            raise ValueError(f"retained_grace must be in 0..600 seconds: {retained_grace!r}")
         self.address = parse_broker_url(url)
         self.url = url
         self.client_id = client_id
@@ -455,6 +489,7 @@ class MqttClient:
         self.will = will
         self.birth = birth
         self.receive_window = receive_window
+        self.retained_grace = retained_grace
         self.reconnect_min_delay = reconnect_min_delay()  # this client's jitter (see RECONNECT_MIN_DELAY_S)
         self.reconnect_max_delay = RECONNECT_MAX_DELAY_S
 
@@ -839,14 +874,16 @@ class MqttClient:
 
     def start_retained(
         self, topics: list[str], timeout: float = 10.0, max_payload: int | None = None,
-        on_arrival: Callable[[Message], None] | None = None,
+        on_arrival: Callable[[Message], None] | None = None, grace: float | None = None,
     ) -> RetainedRead:
         """Begin a retained read of `topics` and return at once, without waiting for the broker (see
         `RetainedRead`): the caller can go on taking the messages of an earlier read meanwhile.
 
         Subscribe to all at once; when the SUBACK arrives, publish a token to our barrier topic (from paho's thread):
-        the broker delivers a connection's messages in order, so once the token echoes every retained message of
-        `topics` is here. Payloads larger than `max_payload` are dropped before they are queued (see `oversize`).
+        on a broker that delivers a connection's messages in order, once the token echoes every retained message of
+        `topics` is here; topics still missing then get `grace` seconds more (default: the client's
+        `retained_grace`), and the read is complete at once when every topic has arrived. Payloads larger than
+        `max_payload` are dropped before they are queued (see `oversize`).
         A refused subscription, a lost connection or a late barrier is raised by the read's `get()`.
 
         `on_arrival(message)`, when given, runs on paho's network thread for each message of `topics` (payload
@@ -856,7 +893,7 @@ class MqttClient:
         topics = list(dict.fromkeys(validate_topic(t) for t in topics))
         token = uuid.uuid4().hex.encode()
         route = self._add_route([*topics, self.barrier_topic], max_payload, defers_ack=True, on_arrival=on_arrival)
-        read = RetainedRead(self, route, topics, token, timeout)
+        read = RetainedRead(self, route, topics, token, timeout, self.retained_grace if grace is None else grace)
         if not topics:
             read.done = True
             read.close()
@@ -930,6 +967,7 @@ class MqttClient:
         timeout: float = 10.0,
         max_payload: int | None = None,
         on_message: Callable[[Message], None] | None = None,
+        grace: float | None = None,
     ) -> RetainedResult:
         """Retained messages of `topics`, with what was refused for exceeding `max_payload` and the byte count.
 
@@ -938,7 +976,7 @@ class MqttClient:
         not kept in the result, whose `messages` stays empty. A live delete arrives as an empty payload.
         `ConnectionLost` carries the bytes received before the connection dropped.
         """
-        read = self.start_retained(topics, timeout, max_payload)
+        read = self.start_retained(topics, timeout, max_payload, grace=grace)
         messages: dict[str, bytes] = {}
         try:
             for item in read:

@@ -2,7 +2,13 @@
 
 Metadata `mqtt:///tuf/<file>` is the retained message on the topic its wire name maps to (`timestamp.json` ->
 `<prefix>tuf/timestamp`, `3.root.json` -> `<prefix>tuf/root/3`: no dots, agent/transport/topics.py); none there is a
-404. A target
+404, with two exceptions that keep a read from ever depending on one broker's delivery order:
+- "Is there a newer root?" (ngclient asks for root N+1 on every refresh) reads `tuf/root/<N+1>` together with
+  `tuf/root/latest` (the packager's copy of its newest root) and answers 404 the moment latest says it is older than
+  N+1, so the frequent not-found never waits out the retained grace.
+- Metadata a signed document says must exist (a versioned snapshot or targets, named by the timestamp/snapshot
+  ngclient verified just before) is "not there yet" when missing, never absent: it is read again until the fetch
+  timeout, then the fetch fails as retryable (`not_found`), as a chunk missing from a signed chunk plan does. A target
 `mqtt:///targets/<dir>/<sha256>.<name>` is the chunks `<prefix>targets/<sha256>/<i>`, checked one by one against the
 signed chunk plan the caller registers with `expect()` first.
 
@@ -26,9 +32,11 @@ import contextlib
 import errno
 import functools
 import hashlib
+import json
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -138,11 +146,64 @@ class MqttFetcher(PlannedTargets, FetcherInterface):
             topic = self.topics.tuf(filename)
         except ValueError as e:  # a name no topic maps to (a delegated role with a '.'): nothing can be there
             raise DownloadHTTPError(f"{url} not found: {e}", 404) from e
-        result = self._retained([topic], None, f"metadata {filename}")
-        payload = result.messages.get(topic)
+        role, _, version = topic[len(self.topics.prefix) + len("tuf/"):].partition("/")
+        if role == "root" and version:
+            return self._fetch_root(url, topic, int(version))
+        if version:  # a versioned snapshot/targets: the metadata ngclient just verified names it
+            return self._fetch_required(url, topic, f"metadata {filename}")
+        payload = self._retained([topic], None, f"metadata {filename}").messages.get(topic)
         if payload is None:
             raise DownloadHTTPError(f"{url} not found: no retained message on {topic}", 404)
         return payload
+
+    def _fetch_root(self, url: str, topic: str, version: int) -> bytes:
+        """Root `version` (ngclient asks for the trusted root's version + 1 on every refresh): read with
+        `tuf/root/latest`, so its absence is known the moment latest arrives, not after the retained grace."""
+        latest_topic = self.topics.root_latest
+        what = f"root {version}"
+        for attempt in range(self.reconnect_attempts + 1):
+            latest: int | None = None
+            try:
+                self._wait_connected(what)
+                with self.client.start_retained([topic, latest_topic], self.timeout) as read:
+                    for msg in read:
+                        if msg.topic == topic and msg.payload:
+                            self.bytes_received += read.bytes_received
+                            return msg.payload
+                        if msg.topic == latest_topic:
+                            latest = _root_version(msg.payload)
+                            if latest is not None and latest < version:
+                                break  # the newest root is older: root `version` does not exist (yet)
+                    self.bytes_received += read.bytes_received
+            except ConnectionLost as e:
+                self.bytes_received += e.bytes_received
+                if attempt == self.reconnect_attempts:
+                    raise FetchError(f"connection to {self.client.url} kept dropping while fetching {what}") from e
+                continue
+            except TransportError as e:
+                raise FetchError(f"fetching {what}: {e}") from e
+            if latest is not None and latest >= version:
+                # the packager says root `version` exists; it may still be on its way to this broker (a cluster)
+                return self._fetch_required(url, topic, what)
+            raise DownloadHTTPError(f"{url} not found: no retained message on {topic} (newest root: "
+                                    f"{latest if latest is not None else 'unknown'})", 404)
+        raise AssertionError("unreachable")
+
+    def _fetch_required(self, url: str, topic: str, what: str) -> bytes:
+        """A topic signed metadata says exists: missing means not there yet (a cluster still replicating, a publish
+        under way), so it is read again, backing off, until the fetch timeout; then a retryable FetchError."""
+        deadline = time.monotonic() + self.timeout
+        pause = 0.05
+        while True:
+            payload = self._retained([topic], None, what).messages.get(topic)
+            if payload is not None:
+                return payload
+            if time.monotonic() + pause > deadline:
+                raise FetchError(f"{url}: no retained message on {topic} yet, though signed metadata names it "
+                                 f"(waited {self.timeout:g}s)", "not_found")
+            log.info("%s is not on the broker yet (signed metadata names it): reading it again", topic)
+            time.sleep(pause)
+            pause = min(2 * pause, 1.0)
 
     def _wait_connected(self, what: str) -> None:
         if not self.client.is_connected and not self.client.wait_connected(self.timeout):
@@ -414,6 +475,15 @@ class _PartialFile:
             if not self._closed:
                 self._closed = True
                 os.close(self._fd)
+
+
+def _root_version(payload: bytes) -> int | None:
+    """The version `tuf/root/latest` claims (untrusted: it only decides between 404 and waiting), or None."""
+    try:
+        version = json.loads(payload)["signed"]["version"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
 
 
 def stored_slots(fd: int, plan: ChunkPlan) -> set[int]:

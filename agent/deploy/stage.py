@@ -34,7 +34,7 @@ import numpy as np
 from agent.bundle import GOLDEN_FILE, Artifact, Manifest, golden_input_key, golden_output_key
 from agent.errors import BundleRejected, RejectReason, RuntimeUnavailable
 from agent.runtime import ModelSession, open_session
-from agent.runtime.probe import ProbeTarget, RuntimeProbe, Verdict
+from agent.runtime.probe import PROBE_START_S, ProbeTarget, RuntimeProbe, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +117,16 @@ class DeviceProfile:
     probe: RuntimeProbe | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def detect(cls, probe_dir: Path | None = None, probe_timeout_s: float | None = None) -> DeviceProfile:
+    def detect(cls, probe_dir: Path | None = None, stage_timeout_s: float | None = None) -> DeviceProfile:
         """This device. With `probe_dir` (the agent's state directory) runtimes are probed before they are
-        imported here, each probe bounded by `probe_timeout_s` (the daemon passes [deploy] stage_timeout_s)."""
+        imported here, each probe bounded by `stage_timeout_s` (the agent's [deploy] stage_timeout_s: a model
+        load) plus PROBE_START_S for the child's start and imports."""
         import psutil
 
         probe = None
         if probe_dir is not None:
-            probe = RuntimeProbe(probe_dir) if probe_timeout_s is None else RuntimeProbe(probe_dir, probe_timeout_s)
+            probe = (RuntimeProbe(probe_dir) if stage_timeout_s is None
+                     else RuntimeProbe(probe_dir, stage_timeout_s + PROBE_START_S))
         return cls(
             arch=platform.machine(),
             total_ram_mb=int(psutil.virtual_memory().total // (1 << 20)),
@@ -139,6 +141,11 @@ class DeviceProfile:
             return 0
         formats = {a.format for a in manifest.artifacts if why_not_runnable(a, manifest.target, self) is None}
         return sum(1 for f in formats if self.probe.due(f, self.runtimes[f]))
+
+    def probe_budget_s(self, manifest: Manifest) -> float:
+        """The longest the runtime probes staging `manifest` will run can take (seconds, 0 when none is due): the
+        daemon's bound on STAGE grows by this."""
+        return 0.0 if self.probe is None else self.probes_due(manifest) * self.probe.timeout_s
 
 
 # --- which artifacts can run here (pure) ----------------------------------------------------------------------

@@ -9,8 +9,8 @@ runtime (a model format at a runtime version), it runs
     python -m agent.runtime.probe --format onnx --model REL/model.int8.onnx --golden REL/golden.npz --input x ...
 
 which imports the runtime, loads the artifact and runs the bundle's golden rows once, with a timeout (the
-`[deploy] stage_timeout_s`). The verdict is persisted in `<state_dir>/runtimes.json` (atomic write), keyed by
-format and runtime version:
+`[deploy] stage_timeout_s` plus PROBE_START_S for the child's own start and imports). The verdict is persisted
+in `<state_dir>/runtimes.json` (atomic write), keyed by format and runtime version:
 
 - the child answered: the runtime is **usable** at that version and is not probed again (until its version changes);
 - the child was killed by a signal (SIGILL, SIGSEGV, ...), hung past the timeout, could not import the runtime,
@@ -59,7 +59,11 @@ log = logging.getLogger(__name__)
 PROBE_FILE = "runtimes.json"
 FAULT_ENV = "EDGESHIP_PROBE_FAULT"
 SCHEMA = 1
-DEFAULT_TIMEOUT_S = 120.0  # as [deploy] stage_timeout_s: the probe loads a model, and a load longer than this is hung
+# A probe loads a model, bounded like any model load by [deploy] stage_timeout_s, after starting Python and importing
+# numpy and the runtime: seconds on a small board, and more on a busy one, so that much again is allowed for them
+# (a probe that times out marks a working runtime unusable until its version changes).
+PROBE_START_S = 30.0
+DEFAULT_TIMEOUT_S = 120.0 + PROBE_START_S  # with the default stage_timeout_s
 # whose fault a failed probe is: the runtime's (persisted), the artifact's, or the probe's own (it never got to the
 # runtime: a broken agent install, a bad test hook); only "runtime" verdicts are persisted
 Blame = Literal["runtime", "artifact", "probe"]
@@ -481,8 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return child(args)
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "FAULT_ENV", "PROBE_FILE", "ProbeTarget", "RuntimeProbe", "Verdict", "parse_faults",
-           "read_verdicts", "run_probe", "unusable_json", "unusable_runtimes"]
+__all__ = ["DEFAULT_TIMEOUT_S", "FAULT_ENV", "PROBE_FILE", "PROBE_START_S", "ProbeTarget", "RuntimeProbe", "Verdict",
+           "parse_faults", "read_verdicts", "run_probe", "unusable_json", "unusable_runtimes"]
 
 if __name__ == "__main__":
     sys.exit(main())

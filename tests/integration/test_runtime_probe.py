@@ -33,15 +33,17 @@ pytestmark = pytest.mark.slow
 RUNTIME_MODULES = ("onnxruntime", "ai_edge_litert", "tflite_runtime")
 STAGE_SCRIPT = f"""
 import json, sys
+from dataclasses import replace
 from pathlib import Path
 from agent.deploy.probation import read_manifest
 from agent.deploy.stage import DeviceProfile, stage_bundle
 from agent.errors import BundleRejected
+from agent.runtime.probe import RuntimeProbe
 
 RUNTIMES = {RUNTIME_MODULES!r}
 bundle_dir, state_dir, timeout = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
 out = {{"before": [m for m in RUNTIMES if m in sys.modules]}}
-device = DeviceProfile.detect(state_dir, timeout)
+device = replace(DeviceProfile.detect(), probe=RuntimeProbe(state_dir, timeout))
 out["due"] = device.probes_due(read_manifest(bundle_dir))
 try:
     staged = stage_bundle(bundle_dir, read_manifest(bundle_dir), device, warmup=2, timing_runs=20)

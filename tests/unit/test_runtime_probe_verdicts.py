@@ -18,6 +18,7 @@ from agent.bundle import Manifest
 from agent.deploy.stage import DeviceProfile
 from agent.runtime.probe import (
     PROBE_FILE,
+    PROBE_START_S,
     ProbeTarget,
     RuntimeProbe,
     Verdict,
@@ -193,6 +194,14 @@ def test_probes_due_counts_the_runnable_formats_not_yet_probed(tmp_path: Path) -
     RuntimeProbe(tmp_path, timeout_s=30, command=fake_child(ANSWER_OK)).check(target(tmp_path), "1.22.0")
     assert device.probes_due(manifest) == 1
     assert device.probes_due(_manifest(("onnx",))) == 0
+    assert device.probe_budget_s(manifest) == 1 * RuntimeProbe(tmp_path).timeout_s
+    assert DeviceProfile("x86_64", 4096, runtimes).probe_budget_s(manifest) == 0.0
+
+
+def test_the_daemons_probe_allows_for_the_childs_start_beyond_a_model_load(tmp_path: Path) -> None:
+    device = DeviceProfile.detect(tmp_path, 3.0)
+    assert device.probe is not None and device.probe.timeout_s == 3.0 + PROBE_START_S
+    assert DeviceProfile.detect().probe is None
 
 
 # --- the fault hook ------------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ class ThreadStager:
         manifest = read_manifest(path)
         staged = bounded(lambda: stage_bundle(path, manifest, self.device, threads=self.threads, warmup=warm_runs,
                                               timing_runs=timing_runs),
-                         self.timeout_s * (1 + self.device.probes_due(manifest)), f"staging {ref.name} v{ref.version}",
+                         self.timeout_s + self.device.probe_budget_s(manifest), f"staging {ref.name} v{ref.version}",
                          self.beat)
         model = LoadedModel(ref.name, ref.version, staged.fmt, staged.session, manifest=manifest)
         return Staged(model, staged.to_event())

@@ -19,7 +19,7 @@ from typing import Any
 from tuf.api.metadata import TargetFile
 
 from agent.bundle import Manifest, sha256_file, verify_bundle
-from agent.transport.mqtt import MqttClient, parse_broker_url
+from agent.transport.mqtt import MqttClient, split_broker_urls
 from agent.transport.topics import ID_RULE, Topics, is_id
 from packager import tuf_repo
 from packager.errors import InputError
@@ -41,9 +41,10 @@ def check_level_name(label: str, value: str) -> str:
 
 
 def check_broker_url(url: str) -> None:
-    """InputError unless `url` is mqtt[s]://HOST[:PORT], before anything is signed or connected."""
+    """InputError unless `url` is mqtt[s]://HOST[:PORT], or several comma-separated (the client fails over between
+    them), before anything is signed or connected."""
     try:
-        parse_broker_url(url)
+        split_broker_urls(url)
     except ValueError as e:
         raise InputError(f"--broker: {e}") from e
 

@@ -32,7 +32,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
@@ -155,6 +155,21 @@ def unique_client_id(base: str) -> str:
     suffix = f"-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     clean = "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "-" for c in base)
     return clean[:128 - len(suffix)] + suffix
+
+
+def split_broker_urls(urls: str | Sequence[str]) -> list[str]:
+    """A broker list as given: a list of URLs, or one string of comma-separated URLs (`--broker`, EDGESHIP_BROKER,
+    `[mqtt] url`; a comma inside a password is written %2C). Each is checked (`parse_broker_url`); they must all be
+    mqtt:// or all mqtts:// (one TLS setup for the client). ValueError names the bad one."""
+    items = [u.strip() for u in urls.split(",")] if isinstance(urls, str) else [str(u).strip() for u in urls]
+    if not items or any(not u for u in items):
+        raise ValueError(f"empty broker URL in {urls!r}")
+    schemes = {parse_broker_url(u).tls for u in items}
+    if len(schemes) > 1:
+        raise ValueError(f"broker URLs must be all mqtt:// or all mqtts://: {', '.join(items)}")
+    if len(set(items)) != len(items):
+        raise ValueError(f"a broker URL is listed twice: {', '.join(items)}")
+    return items
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
@@ -439,11 +454,18 @@ class MqttClient:
     """Synchronous facade: connect, read retained topics with a barrier, publish with PUBACK, stream messages.
 
     Thread-safe for callers; one paho network thread per client. MQTT 5 first, 3.1.1 when the broker refuses it.
+
+    Several brokers (`url` a list, or comma-separated: the nodes of one cluster, or brokers bridged to hold the same
+    retained state): `connect()` takes the first that answers; after a lost connection paho's reconnect goes to the
+    next one in the list, and on to the next after every failed attempt (round robin, paho's backoff unchanged), so
+    the client fails over and, when its broker fails in turn, comes back to the first. `url` always names the
+    broker in use. Each new connection is a clean start: subscriptions are restored, the birth message republished
+    and the will set again. All must speak the same MQTT version (the one `connect()` found).
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         client_id: str,
         *,
         prefix: str | Topics = DEFAULT_PREFIX,
@@ -475,8 +497,9 @@ class MqttClient:
             raise ValueError(f"receive_window must be in 1..65535: {receive_window!r}")
         if not 0 <= retained_grace <= 600:
             raise ValueError(f"retained_grace must be in 0..600 seconds: {retained_grace!r}")
-        self.address = parse_broker_url(url)
-        self.url = url
+        self.urls = split_broker_urls(url)
+        self.addresses = [parse_broker_url(u) for u in self.urls]
+        self._current = 0  # index of the broker in use (or tried next)
         self.client_id = client_id
         self.topics = prefix if isinstance(prefix, Topics) else Topics(prefix)
         self.barrier_topic = self.topics.barrier(client_id)
@@ -510,10 +533,40 @@ class MqttClient:
         self._suback_hooks: dict[int, Callable[[list[int]], None]] = {}  # SUBSCRIBE mid -> what its SUBACK starts
         self._barriers_due: set[int] = set()  # ids of retained reads whose barrier token is not published yet
         self.bytes_received = 0  # every payload byte that reached on_message
+        self._connecting = False
+
+    @property
+    def url(self) -> str:
+        """The broker in use (or last tried)."""
+        return self.urls[self._current]
+
+    @property
+    def address(self) -> BrokerAddress:
+        return self.addresses[self._current]
 
     # ---- lifecycle
 
     def connect(self, timeout: float = 10.0) -> MqttClient:
+        """Connect to the first broker of the list that answers (each with `timeout`); TransportError naming every
+        failure when none does."""
+        failures: list[str] = []
+        self._connecting = True  # this loop walks the list: no rotation from paho's callbacks meanwhile
+        try:
+            for index in range(len(self.urls)):
+                self._current = index
+                try:
+                    return self._connect_broker(timeout)
+                except TransportError as e:
+                    if len(self.urls) == 1:
+                        raise
+                    failures.append(str(e))
+                    log.warning("%s; trying the next broker", e)
+        finally:
+            self._connecting = False
+        self._current = 0
+        raise TransportError(f"no broker of {len(self.urls)} answered: {'; '.join(failures)}")
+
+    def _connect_broker(self, timeout: float) -> MqttClient:
         versions = {"auto": ["5", "3.1.1"], "5": ["5"], "3.1.1": ["3.1.1"]}[self._protocol_choice]
         for version in versions:
             refused_protocol = self._connect_once(version, timeout)
@@ -528,6 +581,25 @@ class MqttClient:
                 return self
             log.info("broker at %s refused MQTT %s, trying the next protocol version", self.url, version)
         raise TransportError(f"broker at {self.url} refused every MQTT protocol version we speak")
+
+    def _rotate(self, client: paho.Client, why: str) -> None:
+        """Point paho's next reconnect attempt at the next broker of the list (network thread, socket closed)."""
+        if len(self.addresses) < 2 or self._connecting:
+            return  # one broker; or in connect(), which walks the list itself
+        # paho's reconnect() connects to _host/_port. Its public host/port setters refuse unless the client was
+        # disconnected on purpose, not after a lost connection, so set what they would set (paho 2.x).
+        if not (hasattr(client, "_host") and hasattr(client, "_port")):
+            log.warning("this paho has no _host/_port: staying with %s", self.url)
+            return
+        with self._lock:
+            if client is not self._paho:
+                return
+            previous = self.url
+            self._current = (self._current + 1) % len(self.addresses)
+            a = self.address
+            client._host, client._port = a.host, a.port
+            client.username_pw_set(a.username, a.password)
+        log.info("%s %s; next attempt: %s", why, previous, self.url)
 
     def _new_paho(self, version: str) -> paho.Client:
         proto = MQTTProtocolVersion.MQTTv5 if version == "5" else MQTTProtocolVersion.MQTTv311
@@ -548,6 +620,7 @@ class MqttClient:
         client.reconnect_delay_set(min_delay=cast(int, self.reconnect_min_delay),
                                    max_delay=cast(int, self.reconnect_max_delay))
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_ack
@@ -664,6 +737,11 @@ class MqttClient:
                 _, mid = client.subscribe(self._sub_spec(filters[i : i + MAX_TOPICS_PER_SUBSCRIBE]))
                 self._ignore_ack(mid)
             log.info("reconnected to %s; resubscribed %d filters", self.url, len(filters))
+        elif resubscribe:
+            log.info("reconnected to %s", self.url)
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self._rotate(client, "cannot reach")
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         with self._cond:
@@ -683,6 +761,7 @@ class MqttClient:
             r.queue.put(None)  # wakes get_retained; streams skip it
         if was_connected:
             log.warning("lost connection to %s: %s", self.url, reason)
+        self._rotate(client, "lost connection to" if was_connected else "no connection to")
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         try:

@@ -30,7 +30,10 @@ class AgentSection:
 
 @dataclass(frozen=True)
 class MqttSection:
+    # one broker, or several as `urls` (or comma-separated here): the client fails over between them
+    # (docs/transport.md); after parsing `url` holds the whole list, comma-separated, which is what MqttClient takes
     url: str = "mqtt://127.0.0.1:1883"
+    urls: tuple[str, ...] = ()
     topic_prefix: str = ""  # default: edgeship/<fleet>/
     ca_file: str = ""  # for mqtts:// with a private CA
     connect_timeout_s: float = 10.0
@@ -133,6 +136,12 @@ def _convert(section: str, name: str, typ: Any, value: Any) -> Any:
             if not isinstance(value, str) or not value:
                 raise ValueError("expected a path")
             return Path(value)
+        if typ in ("tuple[str, ...]",):
+            if isinstance(value, str):  # from an EDGESHIP_* variable: comma-separated
+                value = value.split(",")
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError("expected a list of strings")
+            return tuple(v.strip() for v in value)
         if typ in (bool, "bool"):
             if isinstance(value, bool):
                 return value
@@ -189,6 +198,13 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None,
             built[section] = cls(**values)
         except TypeError as e:
             raise ConfigError(f"[{section}]: {e}") from e
+    given = set(data.get("mqtt", {})) | {k for k in ("url", "urls") if f"EDGESHIP_MQTT_{k.upper()}" in env}
+    if {"url", "urls"} <= given:
+        raise ConfigError("[mqtt] url and urls: give one (url for one broker, urls = [...] for several)")
+    if "urls" in given:
+        if not built["mqtt"].urls:
+            raise ConfigError("[mqtt] urls: give at least one broker URL")
+        built["mqtt"] = replace(built["mqtt"], url=",".join(built["mqtt"].urls))
     cfg = AgentConfig(**built)
     if base_dir is not None:  # relative paths in the file are relative to the file
         cfg = replace(cfg, agent=replace(cfg.agent, state_dir=base_dir / cfg.agent.state_dir),
@@ -227,9 +243,20 @@ def _validate(cfg: AgentConfig) -> None:
                          ("[agent] group", cfg.agent.group)):
         if not is_id(value):
             raise ConfigError(f"{label} {value!r}: use {ID_RULE}")
-    url = urlsplit(cfg.mqtt.url)
-    if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-        raise ConfigError(f"[mqtt] url {cfg.mqtt.url!r}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+    urls = [u.strip() for u in cfg.mqtt.url.split(",")]  # the list MqttClient takes (split_broker_urls)
+    for text in urls:
+        try:
+            url = urlsplit(text)
+            ok = url.scheme in ("mqtt", "mqtts") and bool(url.hostname) and url.path in ("", "/") \
+                and not url.query and not url.fragment and (url.port or 1) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"[mqtt] url {text!r}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+    if len({urlsplit(u).scheme for u in urls}) > 1:
+        raise ConfigError(f"[mqtt] url {cfg.mqtt.url!r}: brokers must be all mqtt:// or all mqtts://")
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"[mqtt] url {cfg.mqtt.url!r}: a broker is listed twice")
     if cfg.mirror.http and urlsplit(cfg.mirror.http).scheme not in ("http", "https"):
         raise ConfigError(f"[mirror] http {cfg.mirror.http!r}: expected an http:// or https:// URL")
     prefix = cfg.topic_prefix

@@ -39,11 +39,32 @@ def test_environment_overrides_file() -> None:
         (dict(MINIMAL, mqtt={"topic_prefix": "edgeship/#/"}), {}, "wildcards"),
         (dict(MINIMAL, agent=dict(MINIMAL["agent"], colour="blue")), {}, "unknown key"),
         (dict(MINIMAL, extra={}), {}, "unknown section"),
+        (dict(MINIMAL, agent={"device_id": "pi.1", "state_dir": "/s"}), {}, "device_id 'pi.1'"),  # no '.' (NATS)
+        (dict(MINIMAL, agent=dict(MINIMAL["agent"], fleet="lab.1")), {}, "fleet 'lab.1'"),
+        (dict(MINIMAL, mqtt={"topic_prefix": "edgeship/lab.1/"}), {}, "topic_prefix"),
+        (dict(MINIMAL, mqtt={"url": "mqtt://a", "urls": ["mqtt://b"]}), {}, "url and urls: give one"),
+        (dict(MINIMAL, mqtt={"url": "mqtt://a"}), {"EDGESHIP_MQTT_URLS": "mqtt://b"}, "url and urls: give one"),
+        (dict(MINIMAL, mqtt={"urls": []}), {}, "at least one"),
+        (dict(MINIMAL, mqtt={"urls": ["mqtt://a", "mqtts://b"]}), {}, "all mqtt:// or all mqtts://"),
+        (dict(MINIMAL, mqtt={"urls": ["mqtt://a", "ftp://b"]}), {}, "'ftp://b': expected mqtt://"),
+        (dict(MINIMAL, mqtt={"urls": ["mqtt://a", "mqtt://a"]}), {}, "listed twice"),
+        (dict(MINIMAL, mqtt={"urls": ["mqtt://a", 7]}), {}, "list of strings"),
+        (MINIMAL, {"EDGESHIP_MQTT_RETAINED_GRACE_S": "61"}, "retained_grace_s: 61.0 is outside"),
     ],
 )
 def test_bad_config_is_one_clear_error(data: dict, env: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(data, env=env)
+
+
+def test_several_brokers() -> None:
+    """`urls` (or a comma-separated url / EDGESHIP_MQTT_URLS): `url` then holds the list MqttClient takes."""
+    cfg = parse_config(dict(MINIMAL, mqtt={"urls": ["mqtt://a:1883", "mqtt://b:1884"]}), env={})
+    assert cfg.mqtt.urls == ("mqtt://a:1883", "mqtt://b:1884") and cfg.mqtt.url == "mqtt://a:1883,mqtt://b:1884"
+    cfg = parse_config(MINIMAL, env={"EDGESHIP_MQTT_URLS": "mqtt://a:1883, mqtt://b:1884"})
+    assert cfg.mqtt.url == "mqtt://a:1883,mqtt://b:1884"
+    assert parse_config(MINIMAL, env={"EDGESHIP_MQTT_URL": "mqtt://a,mqtt://b"}).mqtt.url == "mqtt://a,mqtt://b"
+    assert parse_config(MINIMAL, env={}).mqtt.retained_grace_s == 0.5
 
 
 def test_load_resolves_relative_paths_against_the_file(tmp_path: Path) -> None:

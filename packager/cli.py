@@ -168,7 +168,7 @@ def _rollout_args(sub: Any) -> None:
     rs.add_argument("--min-devices", type=int, default=1, help="canary devices that must report (default 1)")
     rs.add_argument("--min-requests", type=int, default=0,
                     help="requests the canary must answer in the window (default 0)")
-    rs.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    rs.add_argument("--broker", required=True, help="mqtt[s]://HOST:PORT; several comma-separated: failover")
     rs.add_argument("--fleet", default="default", help="topic prefix edgeship/<fleet>/ (default: default)")
     rs.add_argument("--ca-file", help="CA certificate for mqtts://")
     for cmd, text in (("status", "print a rollout's state"), ("pause", "ask the controller to pause"),
@@ -190,7 +190,7 @@ def _fleet_args(sub: Any) -> None:
     fw = fsub.add_parser("watch", help="the status table, live (Ctrl-C quits)")
     fe = fsub.add_parser("events", help="the devices' transition events, de-duplicated, one per line")
     for f in (fs, fw, fe):
-        f.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+        f.add_argument("--broker", required=True, help="mqtt[s]://HOST:PORT; several comma-separated: failover")
         f.add_argument("--fleet", default="default", help="topic prefix edgeship/<fleet>/ (default: default)")
         f.add_argument("--ca-file", help="CA certificate for mqtts://")
     for f in (fs, fw):
@@ -209,7 +209,7 @@ def _fleet_args(sub: Any) -> None:
 
 
 def _transport_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--broker", required=required, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    p.add_argument("--broker", required=required, help="mqtt[s]://HOST:PORT; several comma-separated: failover")
     p.add_argument("--fleet", default="default", help="topic prefix edgeship/<fleet>/ (default: default)")
     p.add_argument("--http-dir", type=Path, help="also write the static tree for an HTTP mirror here")
     p.add_argument("--ca-file", help="CA certificate for mqtts://")

@@ -7,7 +7,7 @@ bytes and host p50 at batch 1 are what an int8 artifact must beat (packager/verd
 then (ONNX only) latency, timed and, when it looks slower, confirmed with interleaved rounds against fp32.
 
 `--target` with 8-bit weights on a host whose int8 kernels saturate (x86 without VNNI): artifacts are scored on
-an emulation (weights dequantized to their int8 grid, activations quantized as in the artifact), which is what a
+an emulation (the QDQ graph run op by op in float: packager/onnx_quant.py `emulation_session`), which is what a
 device that does not saturate computes; latency is still timed on the artifact itself.
 """
 
@@ -77,26 +77,15 @@ class Payoff:
     one_row: dict[str, np.ndarray]  # the latency feed (batch 1)
     runs: int
     fp32_path: Path | None = None  # the prepared fp32 model: timed against, and shipped by --allow-fp32
-    emulate: bool = False  # score ONNX artifacts on the dequantized-weights emulation (8-bit target, saturating host)
+    emulate: bool = False  # score ONNX artifacts on the QDQ-in-float emulation (8-bit target, saturating host)
     prepared: dict[str, Any] | None = None  # what onnx_prepare did (report)
     fp32_value: float = math.nan
     fp32_drop: float = math.nan
     _fp32_session: Any = None
-    _emulations: dict[Path, Path] | None = None
 
-    def scored_path(self, path: Path, fmt: str) -> Path:
-        """The file whose outputs stand for `path`'s on the device: the emulation when emulating."""
-        if not (self.emulate and fmt == "onnx"):
-            return path
-        from packager.onnx_quant import write_emulation
-
-        if self._emulations is None:
-            self._emulations = {}
-        if path not in self._emulations:
-            out = path.with_name(path.stem + ".emulated.onnx")
-            write_emulation(path, out)
-            self._emulations[path] = out
-        return self._emulations[path]
+    def emulates(self, fmt: str) -> bool:
+        """Whether `fmt` artifacts are scored on the emulation rather than this host's int8 kernels."""
+        return self.emulate and fmt == "onnx"
 
     def judge(self, trial: Trial, fmt: str) -> Trial:
         """`trial` with its verdict: `rejected` set when it is larger (or, ONNX, slower) than fp32."""
@@ -115,8 +104,8 @@ class Payoff:
             fp32_session = self._fp32()
             rounds = interleaved_rounds(lambda: session.run(self.one_row), lambda: fp32_session.run(self.one_row))
             ratio = verdict.paired_ratio(rounds)
-            confirmed = verdict.judge(verdict.Fp32(self.fp32.bytes, 1.0), max_drop=self.max_drop, drop=trial.drop,
-                                      nbytes=trial.bytes, p50_ms=ratio)
+            confirmed = verdict.judge(self.fp32, max_drop=self.max_drop, drop=trial.drop, nbytes=trial.bytes,
+                                      p50_ms=ratio * self.fp32.p50_ms)
             log.info("%s looked slower than fp32 (p50 %.3f vs %.3f ms); interleaved rounds: %.2fx",
                      trial.recipe.get("name"), p50, self.fp32.p50_ms, ratio)
             if confirmed.passed:

@@ -5,8 +5,9 @@ recipe even when its accuracy is within the gate: shipping it would cost the dev
 Checks run in that order: the recipe produced an artifact, accuracy, size, latency. Latency is judged only when
 both figures are given (the build measures it for ONNX only: TFLite has no fp32 model on the same runtime).
 
-Timing is noisy, so "slower" means slower than fp32 by more than LATENCY_TOLERANCE, and the build confirms a
-slower verdict with interleaved rounds (`paired_ratio`) before it rejects a recipe for it.
+Timing is noisy, so "slower" means slower than fp32 by more than LATENCY_TOLERANCE and by more than
+LATENCY_FLOOR_MS, and the build confirms a slower verdict with interleaved rounds (`paired_ratio`) before it
+rejects a recipe for it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 LATENCY_TOLERANCE = 0.10  # int8 p50 up to 1.10x the fp32 p50 is "not slower" (timing noise on a shared host)
+# ... nor is a difference below 5 µs: at that scale batch-1 time is the runtime's call overhead, not the model
+# (a 16 KiB model ran in 0.007 ms fp32, 0.008 ms int8).
+LATENCY_FLOOR_MS = 0.005
 SIZE_LIMIT = 1.0  # an int8 artifact must be smaller than the fp32 model (bytes < SIZE_LIMIT x fp32 bytes)
 
 Failure = Literal["error", "accuracy", "size", "latency"]
@@ -42,8 +46,12 @@ class Verdict:
 
 
 def judge(fp32: Fp32, *, max_drop: float, drop: float, nbytes: int, p50_ms: float | None = None,
-          error: str | None = None, latency_tolerance: float = LATENCY_TOLERANCE) -> Verdict:
-    """The verdict on one int8 artifact (drop in the task's units; NaN fails)."""
+          error: str | None = None, latency_tolerance: float | None = None) -> Verdict:
+    """The verdict on one int8 artifact (drop in the task's units; NaN fails). `latency_tolerance` None: the
+    module's LATENCY_TOLERANCE, read at call time (tests set it to decide latency without a clock)."""
+    if latency_tolerance is None:
+        latency_tolerance = LATENCY_TOLERANCE
+    floor = LATENCY_FLOOR_MS
     if error is not None:
         return Verdict(False, "error", error)
     if not drop <= max_drop:
@@ -54,7 +62,7 @@ def judge(fp32: Fp32, *, max_drop: float, drop: float, nbytes: int, p50_ms: floa
     gains = f"{size:.3f}x fp32 bytes"
     if p50_ms is not None and fp32.p50_ms is not None and fp32.p50_ms > 0:
         speed = p50_ms / fp32.p50_ms
-        if not speed <= 1.0 + latency_tolerance:
+        if not (speed <= 1.0 + latency_tolerance or p50_ms - fp32.p50_ms <= floor):
             return Verdict(False, "latency", f"slower than fp32: {speed:.2f}x its p50 at batch 1 "
                                              f"({p50_ms:.3f} vs {fp32.p50_ms:.3f} ms)")
         gains += f", {speed:.2f}x fp32 p50"
@@ -68,8 +76,8 @@ def paired_ratio(rounds: Sequence[tuple[float, float]]) -> float:
     return statistics.median(ratios) if ratios else math.nan
 
 
-_WORDS = {"error": "failed to run", "accuracy": "lost too much accuracy", "size": "were larger than fp32",
-          "latency": "were slower than fp32"}
+_WORDS = {"error": "failed to run", "accuracy": "missed the accuracy gate", "size": "larger than fp32",
+          "latency": "slower than fp32"}
 
 
 def no_recipe_pays(fmt: str, verdicts: Sequence[tuple[str, Verdict]]) -> str:

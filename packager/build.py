@@ -215,8 +215,16 @@ class _Evaluator:
         return open_session(path, fmt, threads=self.opts.threads, input_names=self.input_names,
                             output_names=self.output_names)
 
+    def open_scored(self, path: Path, fmt: str) -> Any:
+        """What stands for the device's outputs: the artifact itself, or its emulation (packager/payoff.py)."""
+        if self.payoff is not None and self.payoff.emulates(fmt):
+            from packager.onnx_quant import emulation_session
+
+            return emulation_session(path, self.input_names)
+        return self.open(path, fmt)
+
     def score(self, path: Path, fmt: str) -> tuple[float, float, np.ndarray]:
-        out = self.open(path, fmt).run(self.eval_ds.inputs)[0]
+        out = self.open_scored(path, fmt).run(self.eval_ds.inputs)[0]
         value, drop = self.value_and_drop(out)
         return value, drop, out
 
@@ -227,7 +235,7 @@ class _Evaluator:
     def trial(self, recipe: dict[str, Any], path: Path, fmt: str, make: Callable[[], None]) -> Trial:
         try:
             make()
-            value, drop, _ = self.score(self.payoff.scored_path(path, fmt) if self.payoff else path, fmt)
+            value, drop, _ = self.score(path, fmt)
         except ConversionError as e:
             return Trial(recipe, None, 0, math.nan, math.inf, str(e))
         trial = Trial(recipe, path, path.stat().st_size, value, drop)
@@ -400,8 +408,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
             session = evaluator.open(chosen.path, fmt)
             lat = _time_session(session, eval_ds.inputs, opts.latency_runs)
             # Golden outputs as the target device computes them (the emulation for 8-bit weights on a saturating host)
-            scored = evaluator.payoff.scored_path(chosen.path, fmt) if precision == "int8" else chosen.path
-            expected = session if scored == chosen.path else evaluator.open(scored, fmt)
+            expected = evaluator.open_scored(chosen.path, fmt) if precision == "int8" else session
             for i, out in enumerate(expected.run(golden_inputs)):
                 golden[golden_output_key(fmt, i)] = out
             if task == "classification":

@@ -28,6 +28,11 @@ Everything runs through the real code paths against a throwaway mosquitto on a f
 - a link with a round trip: the device path through a proxy process that delays every byte (10 ms round trip), with
   receive windows 1, 4 and 16; and, through a 100 ms round trip, when each of 16 chunks arrives with windows 1, 2, 4
   and 8 (does the broker keep to the window?).
+- brokers (`--brokers`, default every kind of examples/brokers.py: Mosquitto MQTT 5, Mosquitto forced to 3.1.1
+  through a relay, a private RabbitMQ node, NATS with JetStream): one run each, side by side: a fresh broker, the
+  same bundle published to it (MB/s) and fetched by the device path with the agent's default window (MB/s,
+  payload and TCP bytes / bundle bytes). `--only-brokers` runs just the setup and this part (and writes to
+  benchmarks/results/transfer_brokers.json unless `--out` says otherwise).
 
 MB is 10^6 bytes. Progress goes to stderr, a table and one PASS/MISS line per target to stdout. The exit status is
 0 even when a target is missed: this is a measurement, not a test (1 when mosquitto is missing, 2 for bad arguments).
@@ -57,7 +62,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +80,10 @@ from agent.trust.fetch import fetch, fetch_with  # noqa: E402
 from agent.trust.http_fetcher import HttpFetcher  # noqa: E402
 from agent.trust.mqtt_fetcher import DEFAULT_BATCH, DEFAULT_PIPELINE, MqttFetcher, stored_slots  # noqa: E402
 from benchmarks._common import Target, code_state, load_average, machine_info, mosquitto_version, write_json  # noqa: E402
+from examples.brokers import KINDS as BROKER_KINDS  # noqa: E402
+from examples.brokers import Broker, BrokerMissing  # noqa: E402
+from examples.brokers import launch as launch_broker  # noqa: E402
+from examples.brokers import versions as broker_versions  # noqa: E402
 from examples.local_broker import Mosquitto, MosquittoMissing, find_mosquitto  # noqa: E402
 from packager import tuf_repo  # noqa: E402
 from packager.publish import CHUNK_SIZE, publish, topics_for  # noqa: E402
@@ -141,10 +150,10 @@ class TimedMqttClient(MqttClient):
     retained_seconds = 0.0
 
     def start_retained(self, topics: list[str], timeout: float = 10.0, max_payload: int | None = None,
-                       on_arrival: Callable[[Message], None] | None = None) -> RetainedRead:
+                       on_arrival: Callable[[Message], None] | None = None, **options: Any) -> RetainedRead:
         t0 = time.perf_counter()
         try:
-            read = super().start_retained(topics, timeout, max_payload, on_arrival)
+            read = super().start_retained(topics, timeout, max_payload, on_arrival, **options)
         finally:
             self.retained_seconds += time.perf_counter() - t0
         get = read.get
@@ -563,7 +572,7 @@ class Setup:
     bundle_bytes: int
     sha256: str
     chunks: int
-    broker: Mosquitto
+    broker: Mosquitto | Broker
     mirror_dir: Path
     topics: Topics
     chunk_hashes: list[str] = field(default_factory=list)
@@ -622,6 +631,53 @@ def mqtt_round(s: Setup, state: Path, window: int | None, tag: str, url: str | N
         "wire_ratio": payload / s.bundle_bytes, "tcp_ratio": tcp / s.bundle_bytes if tcp is not None else None,
         "chunks_stored": fetcher.chunks_stored,
     }
+
+
+def broker_column(s: Setup, kinds: Sequence[str]) -> list[dict[str, Any]]:
+    """Each broker kind once, side by side: a fresh broker, the bundle published to it, the device path fetching it
+    with the agent's default receive window (`mqtt_round`)."""
+    out: list[dict[str, Any]] = []
+    for kind in kinds:
+        log.info("broker %s: start, publish %.1f MB, fetch", kind, s.bundle_bytes / MB)
+        t0 = time.perf_counter()
+        broker = launch_broker(kind, s.work / f"broker-{kind}")
+        boot_s = time.perf_counter() - t0
+        try:
+            with MqttClient(broker.url, "bench-packager", prefix=s.topics) as pub_client:
+                pub_client.connect(timeout=10)
+                protocol = pub_client.protocol
+                t0 = time.perf_counter()
+                r = publish(s.repo, s.bundle, GROUP, pub_client, s.topics, None)
+                pub_s = time.perf_counter() - t0
+            st = r.stats
+            assert st is not None
+            if not s.sha256:
+                s.sha256 = tuf_repo.referenced_targets(s.repo)[f"bundles/{BUNDLE_NAME}-1.bundle"].hashes["sha256"]
+            device = mqtt_round(replace(s, broker=broker), s.work / f"state-{kind}", RECEIVE_WINDOW,
+                                "broker-" + kind.replace(".", ""))  # client ids hold no '.'
+        finally:
+            broker.close()
+        row = {"broker": kind, "protocol": protocol, "boot_seconds": round(boot_s, 2),
+               "publish_seconds": round(pub_s, 4), "publish_mbps": _mbps(s.bundle_bytes, pub_s),
+               "chunks_published": st.chunks_published, "metadata_published": st.metadata_published,
+               "device": device}
+        log.info("  %s (MQTT %s): publish %.1f MB/s, device %.1f MB/s, payload %.4fx, TCP %s", kind, protocol,
+                 row["publish_mbps"], device["mbps"], device["wire_ratio"],
+                 f"{device['tcp_ratio']:.4f}x" if device["tcp_ratio"] is not None else "n/a")
+        out.append(row)
+    return out
+
+
+def broker_table(s: Setup, rows: list[dict[str, Any]]) -> str:
+    lines = [f"== the same {s.bundle_bytes / MB:.1f} MB bundle on each broker, one run each (MB = 10^6 bytes)",
+             "| broker | MQTT | publish MB/s | device MB/s | device s | payload / bundle | TCP / bundle |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r["device"]
+        tcp = f"{d['tcp_ratio']:.4f}x" if d["tcp_ratio"] is not None else "n/a"
+        lines.append(f"| {r['broker']} | {r['protocol']} | {r['publish_mbps']:.1f} | {d['mbps']:.1f} | "
+                     f"{d['seconds']:.2f} | {d['wire_ratio']:.4f}x | {tcp} |")
+    return "\n".join(lines)
 
 
 def http_round(s: Setup, server: MirrorServer, state: Path) -> dict[str, Any]:
@@ -949,6 +1005,27 @@ def table(s: Setup, pub: dict[str, Any], rounds: dict[str, list[dict[str, Any]]]
 # --------------------------------------------------------------------------------------------- main
 
 
+def _write_brokers_only(args: argparse.Namespace, argv: Sequence[str] | None, started: dt.datetime, t0: float,
+                        machine: dict[str, Any], load_start: list[float], s: Setup,
+                        columns: list[dict[str, Any]]) -> int:
+    load_end = load_average()
+    result = {
+        "benchmark": "transfer_brokers", "created": started.isoformat(timespec="seconds"),
+        "command": "python benchmarks/transfer_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "duration_seconds": round(time.perf_counter() - t0, 1),
+        "code": code_state(), "machine": machine, "load_average": {"start": load_start, "end": load_end},
+        "settings": {"mb": args.mb, "chunk_size": CHUNK_SIZE, "fetch_receive_window": RECEIVE_WINDOW,
+                     "units": "MB = 10^6 bytes", "fleet": FLEET, "group": GROUP,
+                     "brokers": "examples/brokers.py defaults, each fresh, on 127.0.0.1"},
+        "bundle": {"bytes": s.bundle_bytes, "member_mib": args.mb, "chunks": s.chunks},
+        "brokers": columns,
+    }
+    write_json(args.out, result)
+    print(broker_table(s, columns), flush=True)
+    print(f"load average start {load_start}, end {load_end}; {result['duration_seconds']:.0f} s; wrote {args.out}")
+    return 0
+
+
 def child_fetch(cfg_file: Path) -> int:
     """The agent under test in the resume trial: `agent.fetch.fetch`, exactly as `edge-agent fetch` runs it."""
     cfg = config(json.loads(cfg_file.read_text()))
@@ -960,12 +1037,18 @@ def child_fetch(cfg_file: Path) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "transfer.json",
+    parser.add_argument("--out", type=Path, default=None,
                         help="JSON result file (default benchmarks/results/transfer.json)")
     parser.add_argument("--mb", type=int, default=DEFAULT_MB,
                         help=f"size of the bundle's random member in MiB (default {DEFAULT_MB})")
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
                         help=f"interleaved rounds per path, and MQTT resume trials (default {DEFAULT_ROUNDS})")
+    parser.add_argument("--brokers", default=",".join(BROKER_KINDS),
+                        help=f"comma-separated broker kinds for the broker column (default {','.join(BROKER_KINDS)}; "
+                             "'none' to skip it)")
+    parser.add_argument("--only-brokers", action="store_true",
+                        help="only the setup and the broker column (default --out "
+                             "benchmarks/results/transfer_brokers.json)")
     parser.add_argument("--child-fetch", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--delay-proxy", help=argparse.SUPPRESS)  # UPSTREAM_PORT:ONE_WAY_SECONDS
     args = parser.parse_args(argv)
@@ -977,6 +1060,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return child_fetch(args.child_fetch)
     if not 1 <= args.mb <= 1024 or args.rounds < 1:
         parser.error("--mb must be in 1..1024 and --rounds >= 1")
+    kinds = [] if args.brokers == "none" else [k.strip() for k in args.brokers.split(",") if k.strip()]
+    if any(k not in BROKER_KINDS for k in kinds) or (args.only_brokers and not kinds):
+        parser.error(f"--brokers: a comma-separated list of {', '.join(BROKER_KINDS)} (or none without --only-brokers)")
+    if args.out is None:
+        args.out = REPO / "benchmarks" / "results" / ("transfer_brokers.json" if args.only_brokers else "transfer.json")
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
     log.setLevel(logging.INFO)
@@ -991,6 +1079,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_start = load_average()
     machine = machine_info(TRANSFER_FLAGS, TRANSFER_DISTS)
     machine["versions"]["mosquitto"] = mosquitto_version(binary)
+    machine["versions"].update({k: v for k, v in broker_versions().items() if k != "mosquitto"})
     log.info("machine: %s, %s cores, %s; load average %s", machine["cpu"], machine["cores"],
              ", ".join(machine["isa_flags"]), load_start)
 
@@ -1007,6 +1096,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_s = time.perf_counter() - setup_t0
         (work / "broker").mkdir()
         broker = Mosquitto(work / "broker")
+        if args.only_brokers:
+            s = Setup(work, repo, bundle, bundle.stat().st_size, "", -(-bundle.stat().st_size // CHUNK_SIZE),
+                      broker, work / "mirror", topics_for(FLEET))
+            try:
+                columns = broker_column(s, kinds)
+            except BrokerMissing as e:
+                print(f"transfer_bench: {e}", file=sys.stderr)
+                return 1
+            return _write_brokers_only(args, argv, started, t0, machine, load_start, s, columns)
         broker.start()
         tap: WireTap | None = None
         try:
@@ -1044,6 +1142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if tap is not None:
                 tap.close()
             broker.stop()
+        try:
+            columns = broker_column(s, kinds)
+        except BrokerMissing as e:
+            print(f"transfer_bench: {e}", file=sys.stderr)
+            return 1
 
     mqtt = rounds["mqtt"]
     mqtt_mbps = _spread([r["mbps"] for r in mqtt])
@@ -1096,9 +1199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "latency": latency,
         "window_arrivals": arrivals,
         "broker_log_tail": broker_log_tail,
+        "brokers": columns,
     }
     write_json(args.out, result)
     print(table(s, pub, rounds, resume + resume_paced, http_resume, components) + "\n", flush=True)
+    if columns:
+        print(broker_table(s, columns) + "\n", flush=True)
     print(f"== device over MQTT through a link with a {LATENCY_RTT_S * 1e3:.0f} ms round trip (a delaying proxy)")
     print("| receive window | MB/s | window ceiling (window x 128 KiB / RTT) |")
     print("|---|---|---|")

@@ -3,6 +3,10 @@
 The retained `state` of every device arrives at once; telemetry is periodic, so the window is about two telemetry
 intervals (`--wait`, default 20 s for the agent's default 10 s). It ends early once every online device has sent
 two telemetry messages (enough to tell missing sequence numbers), or after a second when no device is online.
+
+RabbitMQ 3.10 hands retained messages to exact subscriptions only, never through the `devices/+/state` wildcard: a
+device seen by its telemetry whose state has not arrived is then read on its exact state topic (docs/transport.md,
+"Wildcards and retained state").
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import TextIO
 from rich.console import Console
 
 from agent.transport.mqtt import MqttClient
+from agent.transport.topics import Topics
 from packager.fleet.table import render
 from packager.fleet.view import DEFAULT_ERROR_RATE_ALARM, FleetView
 
@@ -28,6 +33,8 @@ SETTLE_S = 1.0  # retained messages follow the SUBACK within milliseconds; a sec
 def collect(client: MqttClient, view: FleetView, *, wait: float, group: str | None = None,
             clock: Callable[[], float] = time.monotonic) -> None:
     """Feed `view` what arrives on the devices' state and telemetry topics for up to `wait` seconds."""
+    topics = Topics(view.prefix)
+    looked_up: set[str] = set()  # devices whose exact state topic was read
     with client.subscribe_stream(view.filters(("state", "telemetry"))) as sub:
         log.info("subscribed to %s", " ".join(sub.filters))
         start = clock()
@@ -39,6 +46,17 @@ def collect(client: MqttClient, view: FleetView, *, wait: float, group: str | No
             msg = sub.get(timeout=min(deadline - now, 0.2))
             if msg is not None:
                 view.feed(msg.topic, msg.payload)
+                _read_missing_states(client, view, topics, looked_up)
+
+
+def _read_missing_states(client: MqttClient, view: FleetView, topics: Topics, looked_up: set[str]) -> None:
+    """Devices known (by telemetry) without a state: read their retained state on its exact topic, once each."""
+    wanted = [d for d, r in view.rows.items() if r.online is None and d not in looked_up]
+    if not wanted:
+        return
+    looked_up.update(wanted)
+    for topic, payload in client.get_retained([topics.device(d, "state") for d in wanted], timeout=10).items():
+        view.feed(topic, payload)
 
 
 def run(client: MqttClient, prefix: str, *, wait: float, group: str | None, as_json: bool,

@@ -71,7 +71,7 @@ RejectReason = Literal[
 # that arrived were wrong or could not be kept.
 TransportReason = Literal[
     "transport",        # the default: unreachable, refused, disconnected, an HTTP error, a read that failed
-    "not_found",        # a chunk is missing on the broker
+    "not_found",        # a chunk, or metadata a signed document names, is not (yet) on the broker
     "hash_mismatch",    # a chunk arrived that does not match its signed sha256 (discarded)
     "too_large",        # a chunk arrived longer than signed (discarded)
     "no_space",         # no disk space for the download

@@ -1,6 +1,7 @@
 """Measure `packager build` against the int8 targets on this machine and write one JSON file with every figure.
 
-    python benchmarks/packager_bench.py [--out benchmarks/results/packager.json] [--only digits,midcnn,bert]
+    python benchmarks/packager_bench.py [--out benchmarks/results/packager.json]
+                                        [--only digits,midcnn,bert,prune,distill,qat]
                                         [--runs N] [--rounds R]
 
 Every figure comes from the real pipeline (`packager.build.build()`), so it is what `packager build` users get:
@@ -12,6 +13,13 @@ Every figure comes from the real pipeline (`packager.build.build()`), so it is w
   turns, so load from other tenants of a shared VM hits all three alike), with 1 and 2 runtime threads.
 - bert: examples/bert_encoder.py's tiny BERT (random init, task embedding); int8 bytes vs fp32 and the build's
   mean output cosine to fp32, plus the minimum per-row cosine computed here from the extracted artifacts.
+
+- prune: the midcnn as `examples.midcnn:MidResNet` + state_dict, built int8 ONNX without and with
+  `--prune-channels 0.5` (fine-tune 10 epochs on the calibration data); the two int8 ONNX artifacts timed in
+  interleaved rounds (1 thread). Target: pruned int8 <= 0.6x the int8-only latency, top-1 drop <= 1.0 point.
+- distill: `packager distill` of the digits CNN into examples/digits/student.py. Target: student <= 1/4 of the
+  teacher's parameters, within 1.5 points of its top-1.
+- qat: the QAT recipe (packager/qat.py) on the digits CNN beside the build's post-training int8 ONNX.
 
 Everything is trained and built in a temporary directory; nothing needs the network. Progress goes to stderr,
 the tables and one PASS/MISS line per target to stdout. The exit status is 0 even when a target is missed: this is
@@ -40,7 +48,7 @@ from benchmarks._common import Target, load_average, machine_info, write_json  #
 
 log = logging.getLogger("packager_bench")
 
-MODELS = ("digits", "midcnn", "bert")
+MODELS = ("digits", "midcnn", "bert", "prune", "distill", "qat")
 SIZE_RATIO_MAX = 0.27
 TOP1_DROP_MAX = 1.0  # percentage points
 LATENCY_RATIO_MAX = 0.75
@@ -52,6 +60,13 @@ BERT_SEQ_LEN = 32
 BERT_CALIB_ROWS = 128
 BERT_EVAL_ROWS = 128
 MAX_EXPORT_BATCH = 1024
+PRUNE_AMOUNT = 0.5  # --prune-channels on the midcnn
+PRUNE_FINETUNE_EPOCHS = 10
+PRUNE_LATENCY_RATIO_MAX = 0.6  # pruned int8 / unpruned int8 ONNX latency, batch 1
+DISTILL_EPOCHS = 40
+DISTILL_PARAMS_RATIO_MAX = 0.25
+DISTILL_DROP_MAX = 1.5  # top-1 points, student vs teacher
+QAT_EPOCHS = 3
 
 
 # --------------------------------------------------------------------------------------------- targets
@@ -80,15 +95,15 @@ def _params(model: Any) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def run_build(name: str, model: Path, calib: Path, eval_: Path, out_dir: Path, task: str,
-              runs: int) -> tuple[dict[str, Any], Path, float]:
+def run_build(name: str, model: Path | str, calib: Path, eval_: Path, out_dir: Path, task: str,
+              runs: int, **options: Any) -> tuple[dict[str, Any], Path, float]:
     """`packager build` through its Python API with threads=1; returns the report, the bundle and seconds taken."""
     from packager.build import BuildOptions, Progress, build
 
-    log.info("[%s] packager build (threads=1)", name)
+    log.info("[%s] packager build (threads=1) %s", name, options or "")
     t0 = time.perf_counter()
     result = build(BuildOptions(model=str(model), calib=calib, eval=eval_, out_dir=out_dir, name=name, version=1,
-                                task=task, threads=1, latency_runs=runs), Progress(0, stream=sys.stderr))
+                                task=task, threads=1, latency_runs=runs, **options), Progress(0, stream=sys.stderr))
     return result.report, result.bundle, time.perf_counter() - t0
 
 
@@ -200,11 +215,10 @@ def interleaved_latency(sessions: dict[str, Any], feed: dict[str, np.ndarray], r
 
 def bench_digits(work: Path, runs: int, rounds: int) -> tuple[dict[str, Any], list[Target]]:
     del rounds  # the digits target is about size and accuracy; its latency comes from the build alone
-    from examples.digits.train import train_digits
 
     log.info("[digits] training examples/digits DigitsCNN")
     t0 = time.perf_counter()
-    paths = train_digits(work / "digits")
+    paths = _trained_digits(work)
     train_s = time.perf_counter() - t0
     report, _bundle, seconds = run_build("digits", paths["exported_program"], paths["calib"], paths["eval"],
                                          work / "digits" / "bundles", "classification", runs)
@@ -221,13 +235,12 @@ def bench_midcnn(work: Path, runs: int, rounds: int) -> tuple[dict[str, Any], li
     import torch
 
     from agent.runtime import open_session
-    from examples.midcnn import train_midcnn
 
     d = work / "midcnn"
     d.mkdir(parents=True)
     log.info("[midcnn] training examples/midcnn MidResNet on 32x32 digits")
     t0 = time.perf_counter()
-    model, splits = train_midcnn()
+    model, splits = _trained_midcnn()
     train_s = time.perf_counter() - t0
     x_eval, y_eval = splits["eval"]
     pt2 = _export_pt2(model, (torch.from_numpy(x_eval[:2]),), d / "midcnn.pt2")
@@ -269,6 +282,165 @@ def bench_midcnn(work: Path, runs: int, rounds: int) -> tuple[dict[str, Any], li
                t2["int8_onnx"]["ratio_to_baseline"], LATENCY_RATIO_MAX, "<=", "x"),
         *_drop_targets("midcnn", summary),
     ]
+    return summary, targets
+
+
+_TRAINED: dict[str, Any] = {}
+
+
+def _trained_midcnn() -> tuple[Any, dict[str, Any]]:
+    """examples/midcnn.py's MidResNet trained once per run (the midcnn and prune benchmarks share it)."""
+    if "midcnn" not in _TRAINED:
+        from examples.midcnn import train_midcnn
+
+        _TRAINED["midcnn"] = train_midcnn()
+    model, splits = _TRAINED["midcnn"]
+    return model, splits
+
+
+def _trained_digits(work: Path) -> dict[str, Path]:
+    """The digits CNN trained once per run (the digits and distill benchmarks share it)."""
+    if "digits" not in _TRAINED:
+        from examples.digits.train import train_digits
+
+        _TRAINED["digits"] = train_digits(work / "digits")
+    paths: dict[str, Path] = _TRAINED["digits"]
+    return paths
+
+
+def bench_prune(work: Path, runs: int, rounds: int) -> tuple[dict[str, Any], list[Target]]:
+    """--prune-channels on the midcnn: int8 of the pruned model vs int8 of the unpruned one (both ONNX)."""
+    import torch
+
+    from agent.runtime import open_session
+
+    d = work / "prune"
+    d.mkdir(parents=True)
+    log.info("[prune] examples/midcnn MidResNet as package.module:factory + state_dict")
+    model, splits = _trained_midcnn()
+    weights = d / "midcnn_state_dict.pt"
+    torch.save(model.state_dict(), weights)
+    x_eval, y_eval = splits["eval"]
+    calib = _save_npz(d / "calib.npz", x=splits["calib"][0], y=splits["calib"][1])
+    eval_ = _save_npz(d / "eval.npz", x=x_eval, y=y_eval)
+    common = {"weights": weights, "formats": ("onnx",)}
+    base, base_bundle, base_s = run_build("midcnn-int8", "examples.midcnn:MidResNet", calib, eval_, d / "base",
+                                          "classification", runs, **common)
+    pruned, pruned_bundle, pruned_s = run_build(
+        "midcnn-pruned", "examples.midcnn:MidResNet", calib, eval_, d / "pruned", "classification", runs,
+        prune_channels=PRUNE_AMOUNT, finetune_epochs=PRUNE_FINETUNE_EPOCHS, **common)
+    base_files, _ = extract(base_bundle, d / "base-x")
+    pruned_files, _ = extract(pruned_bundle, d / "pruned-x")
+    feed = {"x": np.ascontiguousarray(x_eval[:1])}
+    log.info("[prune] interleaved latency: unpruned int8 vs pruned int8 ONNX, %d rounds x %d runs", rounds, runs)
+    sessions = {"int8_onnx": open_session(base_files / "model.int8.onnx", "onnx", threads=1),
+                "pruned_int8_onnx": open_session(pruned_files / "model.int8.onnx", "onnx", threads=1)}
+    timing = interleaved_latency(sessions, feed, rounds, runs)
+    p = pruned["pruning"]
+    b_art, p_art = base["artifacts"][0], pruned["artifacts"][0]
+    summary = {
+        "amount": PRUNE_AMOUNT, "finetune_epochs": PRUNE_FINETUNE_EPOCHS,
+        "build_seconds": {"unpruned": round(base_s, 2), "pruned": round(pruned_s, 2)},
+        "fp32": {"parameters": p["parameters_before"], "bytes": pruned["fp32"]["bytes"],
+                 "value": pruned["fp32"]["value"], "p50_ms": pruned["fp32"]["p50_ms"]},
+        "fp32_pruned": {"parameters": p["parameters_after"], "bytes": p["bytes"], "value": p["value_after"],
+                        "drop": p["drop"], "p50_ms": p["p50_ms"], "finetune": p["finetune"]},
+        "int8": {k: {"bytes": a["bytes"], "value": a["value"], "drop": a["drop"], "p50_ms": a["p50_ms"],
+                     "recipe": a["recipe"]["name"]} for k, a in (("unpruned", b_art), ("pruned", p_art))},
+        "interleaved_latency": {"threads_1": timing},
+    }
+    ratio = timing["models"]["pruned_int8_onnx"]["ratio_to_baseline"]
+    targets = [
+        Target("prune.latency_ratio_t1", f"midcnn channel-pruned ({PRUNE_AMOUNT:g}) int8 / int8-only ONNX median "
+               "latency, batch 1, 1 thread (interleaved rounds)", ratio, PRUNE_LATENCY_RATIO_MAX, "<=", "x"),
+        Target("prune.latency_ratio_t1_build", "same, from the two builds' own timing (p50)",
+               p_art["p50_ms"] / b_art["p50_ms"], PRUNE_LATENCY_RATIO_MAX, "<=", "x"),
+        Target("prune.top1_drop", "midcnn pruned int8 ONNX top-1 drop vs the unpruned fp32 model", p_art["drop"],
+               TOP1_DROP_MAX, "<=", "points"),
+    ]
+    return summary, targets
+
+
+def bench_distill(work: Path, runs: int, rounds: int) -> tuple[dict[str, Any], list[Target]]:
+    """`packager distill`: the digits CNN teaches examples/digits/student.py's DigitsStudent."""
+    del rounds
+    from examples.digits.data import load_splits
+    from packager.distill import DistillOptions, distill
+
+    paths = _trained_digits(work)
+    d = work / "distill"
+    d.mkdir(parents=True)
+    x_train, y_train = load_splits(0)["train"]
+    train = _save_npz(d / "train.npz", x=x_train, y=y_train)
+    log.info("[distill] DigitsCNN -> DigitsStudent, %d epochs on %d samples", DISTILL_EPOCHS, len(y_train))
+    t0 = time.perf_counter()
+    result = distill(DistillOptions(teacher=str(paths["exported_program"]),
+                                    student="examples.digits.student:DigitsStudent", data=train,
+                                    eval=paths["eval"], out=d / "student.pt2", epochs=DISTILL_EPOCHS,
+                                    latency_runs=runs), lambda m: log.info("[distill] %s", m))
+    seconds = time.perf_counter() - t0
+    r = result.report
+    teacher, student = r["teacher"], r["student"]
+    summary = {"seconds": round(seconds, 2), "teacher": teacher, "student": student, "training": r["training"],
+               "evaluation": r["evaluation"],
+               "parameter_ratio": student["parameters"] / teacher["parameters"],
+               "bytes_ratio": student["onnx_bytes"] / teacher["onnx_bytes"],
+               "latency_ratio_p50": student["p50_ms"] / teacher["p50_ms"]}
+    targets = [
+        Target("distill.parameter_ratio", "digits student / teacher parameters", summary["parameter_ratio"],
+               DISTILL_PARAMS_RATIO_MAX, "<=", "x"),
+        Target("distill.top1_drop", "digits student top-1 drop vs the teacher", student["drop"], DISTILL_DROP_MAX,
+               "<=", "points"),
+    ]
+    return summary, targets
+
+
+def bench_qat(work: Path, runs: int, rounds: int) -> tuple[dict[str, Any], list[Target]]:
+    """The QAT recipe (packager/qat.py) on the digits CNN beside the post-training int8 ONNX the build ships.
+
+    The build tries QAT only when every post-training recipe misses the gate, which none does on digits; this
+    measures the QAT artifact directly, the way the build makes it, to show what it costs and gives.
+    """
+    del rounds
+    from agent.runtime import open_session
+    from packager.qat import qat_onnx
+    from packager.torch_model import load_source, run_torch
+
+    paths = _trained_digits(work)
+    d = work / "qat"
+    d.mkdir(parents=True)
+    report, _bundle, _s = run_build("digits-ptq", paths["exported_program"], paths["calib"], paths["eval"],
+                                    d / "ptq", "classification", runs, formats=("onnx",))
+    calib, ev = np.load(paths["calib"]), np.load(paths["eval"])
+    src = load_source(str(paths["exported_program"]), None)
+    feeds = {"x": calib["x"]}
+    log.info("[qat] PT2E QAT of the digits CNN, %d epochs on %d labelled calibration samples", QAT_EPOCHS,
+             len(calib["y"]))
+    t0 = time.perf_counter()
+    fitted = qat_onnx(src.module, src.input_names, feeds, run_torch(src, feeds, batch=256)[0], calib["y"],
+                      "classification", QAT_EPOCHS, d / "qat.onnx")
+    seconds = time.perf_counter() - t0
+    session = open_session(d / "qat.onnx", "onnx", threads=1)
+    top1 = 100.0 * float((session.run({"x": ev["x"]})[0].argmax(1) == ev["y"]).mean())
+    one = {"x": np.ascontiguousarray(ev["x"][:1])}
+    for _ in range(WARMUP_RUNS):
+        session.run(one)
+    times = []
+    for _ in range(runs):
+        t1 = time.perf_counter()
+        session.run(one)
+        times.append(time.perf_counter() - t1)
+    fp32, ptq = report["fp32"], report["artifacts"][0]
+    summary = {
+        "epochs": QAT_EPOCHS, "seconds": round(seconds, 2), "final_loss": fitted.final_loss,
+        "fp32": {"bytes": fp32["bytes"], "value": fp32["value"], "p50_ms": fp32["p50_ms"]},
+        "ptq_onnx": {"bytes": ptq["bytes"], "value": ptq["value"], "drop": ptq["drop"], "p50_ms": ptq["p50_ms"],
+                     "recipe": ptq["recipe"]["name"]},
+        "qat_onnx": {"bytes": (d / "qat.onnx").stat().st_size, "value": top1, "drop": fp32["value"] - top1,
+                     "p50_ms": float(np.median(times) * 1e3)},
+    }
+    targets = [Target("qat.top1_drop", "digits QAT int8 ONNX top-1 drop vs fp32 (reported; not an issue target)",
+                      summary["qat_onnx"]["drop"], TOP1_DROP_MAX, "<=", "points")]
     return summary, targets
 
 
@@ -344,7 +516,8 @@ def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 BENCHES: dict[str, Callable[[Path, int, int], tuple[dict[str, Any], list[Target]]]] = {
-    "digits": bench_digits, "midcnn": bench_midcnn, "bert": bench_bert,
+    "digits": bench_digits, "midcnn": bench_midcnn, "bert": bench_bert, "prune": bench_prune,
+    "distill": bench_distill, "qat": bench_qat,
 }
 
 
@@ -381,6 +554,53 @@ def model_table(name: str, s: dict[str, Any]) -> str:
                          f"  {v['ratio_to_baseline']:.3f}x (median of per-round ratios "
                          f"{v['paired_round_ratio_to_baseline']:.3f}x)")
     return "\n".join(lines)
+
+
+def prune_table(name: str, s: dict[str, Any]) -> str:
+    rows = [("model", "parameters", "bytes", "top1", "drop", "p50 ms (build)")]
+    f, fp = s["fp32"], s["fp32_pruned"]
+    rows.append(("fp32", f"{f['parameters']:,}", _kib(f["bytes"]), f"{f['value']:.2f}%", "-", f"{f['p50_ms']:.3f}"))
+    rows.append((f"fp32 pruned {s['amount']:g}", f"{fp['parameters']:,}", _kib(fp["bytes"]), f"{fp['value']:.2f}%",
+                 f"{fp['drop']:.3g}", f"{fp['p50_ms']:.3f}"))
+    for key, a in s["int8"].items():
+        rows.append((f"int8 {key}", "", _kib(a["bytes"]), f"{a['value']:.2f}%", f"{a['drop']:.3g}",
+                     f"{a['p50_ms']:.3f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"== {name}: midcnn --prune-channels {s['amount']:g}, fine-tune {s['finetune_epochs']} epochs on the "
+             "calibration data; drops from the unpruned fp32 model"]
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    t = s["interleaved_latency"]["threads_1"]
+    lines.append(f"  interleaved timing, threads=1 ({t['rounds']} rounds x {t['runs_per_round']} runs): median of "
+                 "per-round medians, ratio to unpruned int8")
+    for m, v in t["models"].items():
+        lines.append(f"    {m:<17} {v['median_of_round_medians_ms']:.3f} ms  {v['ratio_to_baseline']:.3f}x")
+    return "\n".join(lines)
+
+
+def distill_table(name: str, s: dict[str, Any]) -> str:
+    t, st = s["teacher"], s["student"]
+    lines = [f"== {name}: {st['model']} taught by {Path(t['model']).name}, {s['training']['epochs']} epochs "
+             f"(T={s['training']['temperature']:g}, alpha={s['training']['alpha']:g}), {s['seconds']:.0f} s"]
+    for role, m in (("teacher", t), ("student", st)):
+        lines.append(f"  {role:<8} {m['parameters']:>9,} parameters  {_kib(m['onnx_bytes']):>9} fp32 ONNX  "
+                     f"top1 {m['value']:.2f}%  p50 {m['p50_ms']:.3f} ms")
+    lines.append(f"  student/teacher: parameters {s['parameter_ratio']:.3f}x, bytes {s['bytes_ratio']:.3f}x, "
+                 f"p50 {s['latency_ratio_p50']:.3f}x, top-1 drop {st['drop']:.3g} points")
+    return "\n".join(lines)
+
+
+def qat_table(name: str, s: dict[str, Any]) -> str:
+    lines = [f"== {name}: digits CNN, PT2E QAT {s['epochs']} epochs ({s['seconds']:.0f} s) vs the build's "
+             "post-training int8 ONNX"]
+    for key in ("fp32", "ptq_onnx", "qat_onnx"):
+        m = s[key]
+        drop = f"drop {m['drop']:.3g}" if "drop" in m else ""
+        lines.append(f"  {key:<9} {m['bytes']:>9,} bytes  top1 {m['value']:.2f}%  p50 {m['p50_ms']:.3f} ms  {drop}")
+    return "\n".join(lines)
+
+
+TABLES: dict[str, Callable[[str, dict[str, Any]], str]] = {"prune": prune_table, "distill": distill_table,
+                                                            "qat": qat_table}
 
 
 def _parse_only(text: str) -> tuple[str, ...]:
@@ -423,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary, got = BENCHES[name](Path(td), args.runs, args.rounds)
             models[name] = summary
             targets += got
-            print(model_table(name, summary) + "\n", flush=True)
+            print(TABLES.get(name, model_table)(name, summary) + "\n", flush=True)
 
     load_end = load_average()
     result = {

@@ -199,12 +199,14 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None,
         except TypeError as e:
             raise ConfigError(f"[{section}]: {e}") from e
     given = set(data.get("mqtt", {})) | {k for k in ("url", "urls") if f"EDGESHIP_MQTT_{k.upper()}" in env}
-    if {"url", "urls"} <= given:
+    mqtt = built["mqtt"]
+    joined = ",".join(mqtt.urls)
+    if mqtt.urls and "url" in given and mqtt.url != joined:  # equal: a config written back (fetch worker)
         raise ConfigError("[mqtt] url and urls: give one (url for one broker, urls = [...] for several)")
-    if "urls" in given:
-        if not built["mqtt"].urls:
-            raise ConfigError("[mqtt] urls: give at least one broker URL")
-        built["mqtt"] = replace(built["mqtt"], url=",".join(built["mqtt"].urls))
+    if "urls" in given and not mqtt.urls and "url" not in given:
+        raise ConfigError("[mqtt] urls: give at least one broker URL")
+    if mqtt.urls:
+        built["mqtt"] = replace(mqtt, url=joined)
     cfg = AgentConfig(**built)
     if base_dir is not None:  # relative paths in the file are relative to the file
         cfg = replace(cfg, agent=replace(cfg.agent, state_dir=base_dir / cfg.agent.state_dir),

@@ -67,6 +67,15 @@ def test_several_brokers() -> None:
     assert parse_config(MINIMAL, env={}).mqtt.retained_grace_s == 0.5
 
 
+def test_a_config_written_back_reads_back_equal() -> None:
+    """The daemon hands its config to the fetch worker as JSON (`config_document`): url and urls both present."""
+    from agent.deploy.fetch_worker import config_document
+
+    for mqtt in ({}, {"url": "mqtt://a:1"}, {"urls": ["mqtt://a:1", "mqtt://b:2"]}):
+        cfg = parse_config(dict(MINIMAL, mqtt=mqtt), env={})
+        assert parse_config(config_document(cfg), env={}) == cfg
+
+
 def test_load_resolves_relative_paths_against_the_file(tmp_path: Path) -> None:
     p = tmp_path / "agent.toml"
     p.write_text('[agent]\ndevice_id = "d1"\nstate_dir = "state"\n[trust]\nroot = "root.json"\n')

@@ -94,11 +94,14 @@ def test_each_fetch_uses_a_client_id_of_its_own(tmp_path: Path, monkeypatch: pyt
 
 
 def test_client_id_stays_valid_for_the_longest_device_id() -> None:
-    from agent.transport.mqtt import _CLIENT_ID_RE, unique_client_id
+    from agent.ids import is_client_id
+    from agent.transport.mqtt import unique_client_id
 
     base = "edge-agent-" + "d" * 64 + "-fetch"
     cid = unique_client_id(base)
-    assert _CLIENT_ID_RE.fullmatch(cid) and cid != unique_client_id(base)
+    assert is_client_id(cid) and cid != unique_client_id(base)
+    assert is_client_id(unique_client_id("edge agent.x/y+#"))  # anything else in the base becomes '-'
+    assert unique_client_id("a.b").startswith("a-b-")
 
 
 def test_worker_exits_when_the_parent_pipe_closes(tmp_path: Path) -> None:

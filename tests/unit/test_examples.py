@@ -153,3 +153,136 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path: Path) -> None:
         _write_atomic(tmp_path / "digits.pt2", boom)
     assert [p.name for p in tmp_path.iterdir()] == ["digits.pt2"]
     assert (tmp_path / "digits.pt2").read_bytes() == b"old"
+
+
+# --- the demo (examples/demo*.py) -------------------------------------------------------------------------------
+
+
+def test_demo_devices_fill_one_wave_each() -> None:
+    from examples.demo_fleet import DEVICES, WAVES, wave_of
+
+    assert sorted(wave_of(d) for d in DEVICES) == list(range(1, len(WAVES) + 1))
+
+
+def test_mislabelled_labels_are_all_wrong_and_still_every_digit() -> None:
+    from examples.demo_mislabelled import shifted
+
+    y = np.arange(10, dtype=np.int64).repeat(3)
+    bad = shifted(y)
+    assert bad.dtype == y.dtype and not (bad == y).any() and sorted(set(bad.tolist())) == list(range(10))
+
+
+def _gone(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """The pids still alive (not a zombie) after up to `timeout` s."""
+    import time
+
+    import psutil
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+def _read_pid(path: Path, timeout: float = 10.0) -> int:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if text.endswith("\n"):
+            return int(text)
+        time.sleep(0.02)
+    raise AssertionError(f"{path} was not written")
+
+
+def test_children_stop_all_stops_stubborn_children_and_their_groups(tmp_path: Path) -> None:
+    """A child that ignores SIGTERM is SIGKILLed after the timeout; a child that exited leaving a process behind in
+    its group (as a daemon's helper would) has that process stopped too; the order is latest first."""
+    import time
+
+    from examples.demo_procs import Children
+
+    children = Children(stop_timeout=1.0)
+    plain = children.start("plain", ["sleep", "60"])
+    stubborn = children.start("stubborn", ["sh", "-c", "trap '' TERM; sleep 60"])  # sleep inherits the ignore
+    grand = tmp_path / "grandchild.pid"
+    children.start("leader", ["sh", "-c", f"sleep 60 & echo $! > {grand}.tmp && mv {grand}.tmp {grand}"])
+    grandchild = _read_pid(grand)
+    deadline = time.monotonic() + 10
+    while "leader" in children.running and time.monotonic() < deadline:  # exits at once (not reaped: no wait())
+        time.sleep(0.02)
+    assert children.running == ["plain", "stubborn"]
+    assert _gone([grandchild], timeout=0) == [grandchild]  # its background sleep stays in its process group
+    children.stop_all()
+    assert _gone([plain.pid, stubborn.pid, grandchild]) == []
+    assert plain.returncode == -15 and stubborn.returncode == -9
+    assert children.running == [] and children.pids() == []
+    children.stop_all()  # twice is harmless
+
+
+def test_children_run_streams_output_and_checks_the_status(capsys: pytest.CaptureFixture[str]) -> None:
+    from examples.demo_procs import Children, StepFailed
+
+    with Children() as children:
+        code, out = children.run(["sh", "-c", "echo one; echo two; exit 3"], ok=(3,))
+        assert (code, out) == (3, "one\ntwo\n")
+        assert capsys.readouterr().out == "one\ntwo\n"
+        with pytest.raises(StepFailed, match="exit status 3"):
+            children.run(["sh", "-c", "exit 3"])
+        assert children.pids() == []  # finished steps are forgotten
+
+
+_INTERRUPTED_SCRIPT = """
+import sys
+from examples.demo_procs import Children, Interrupted, stop_signals_raise
+
+with stop_signals_raise():
+    children = Children(stop_timeout=5.0)
+    try:
+        children.start("background", ["sh", "-c", "sleep 60 & exec sleep 60"])
+        children.run(["sh", "-c", "echo running; sleep 60 & exec sleep 60"])
+    except Interrupted as e:
+        print(f"interrupted by {e}", flush=True)
+        sys.exit(130)
+    finally:
+        children.stop_all()
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_stop_signal_mid_step_leaves_no_process_behind(sig: str) -> None:
+    """The demo's pattern (examples/demo.py main) in a real process: a background child and a foreground step, each
+    with a child of its own; the signal arrives while the step runs; every one of the five processes is gone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_SCRIPT], cwd=repo, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "running\n"
+        deadline = time.monotonic() + 10
+        while len(psutil.Process(proc.pid).children(recursive=True)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        descendants = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(descendants) == 4, descendants  # per child: a sleep in the background and the shell exec'd as one
+        proc.send_signal(getattr(signal, sig))
+        rest, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and rest == f"interrupted by {sig}\n"
+    assert _gone(descendants) == []

@@ -287,6 +287,15 @@ def _summary_table(r: dict[str, Any]) -> str:
     lines = [f"{'model':<12}{'bytes':>12}{'x fp32':>8}{r['metric']:>11}{'drop':>10}{'p50 ms':>9}{'p95 ms':>9}"]
     lines += [f"{n:<12}{b:>12}{x:>8.3f}{v:>11.5g}{d:>10.3g}" + "".join(
         f"{'-':>9}" if math.isnan(t) else f"{t:>9.3f}" for t in (p50, p95)) for n, b, x, v, d, p50, p95 in rows]
+    if prune and prune.get("method") == "channels":
+        tuned = prune.get("finetune")
+        lines.append(f"pruned {100 * prune['amount']:g}% of the channels: {prune['parameters_before']:,} -> "
+                     f"{prune['parameters_after']:,} parameters; "
+                     + (f"fine-tuned {tuned['epochs']} epochs" if tuned else "no fine-tune"))
+    if (d := r.get("distillation")) and "teacher" in d:
+        lines.append(f"distilled from {d['teacher'].get('model', '?')} "
+                     f"({d['teacher'].get('parameters', '?')} parameters, {r['metric']} "
+                     f"{d['teacher'].get('value', math.nan):.4g})")
     return "\n".join(lines)
 
 

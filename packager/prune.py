@@ -66,11 +66,13 @@ def _output_layers(module: Any, example: tuple[Any, ...]) -> list[Any]:
     import torch
 
     seen: list[tuple[Any, tuple[int, ...]]] = []
-    hooks = []
-    for sub in module.modules():
-        if isinstance(sub, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
-            hooks.append(sub.register_forward_hook(
-                lambda m, _i, o: seen.append((m, tuple(o.shape))) if isinstance(o, torch.Tensor) else None))
+
+    def record(layer: Any, _inputs: Any, output: Any) -> None:  # returns None: the output is left as it is
+        if isinstance(output, torch.Tensor):
+            seen.append((layer, tuple(output.shape)))
+
+    hooks = [sub.register_forward_hook(record) for sub in module.modules()
+             if isinstance(sub, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))]
     try:
         with torch.no_grad():
             out = module(*example)

@@ -45,7 +45,8 @@ cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 PIP_ENV=""
 if [ -n "${PIP_CERT:-}" ] && [ -f "$PIP_CERT" ]; then
     cp "$PIP_CERT" "$ROOT/etc/ssl/host-pip-ca.crt"
-    PIP_ENV="PIP_CERT=/etc/ssl/host-pip-ca.crt"
+    # Debian's pip reads the CA file from these (PIP_CERT alone is not enough for it)
+    PIP_ENV="PIP_CERT=/etc/ssl/host-pip-ca.crt SSL_CERT_FILE=/etc/ssl/host-pip-ca.crt REQUESTS_CA_BUNDLE=/etc/ssl/host-pip-ca.crt"
 fi
 
 cleanup() {

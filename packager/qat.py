@@ -89,6 +89,9 @@ def qat_onnx(module: Any, input_names: list[str], feeds: dict[str, np.ndarray], 
     """Fine-tune a fake-quantized copy of `module` (PT2E QAT) and export it as an int8 QDQ ONNX to `out_path`."""
     import torch
 
+    from packager.tflite_convert import _install_noise_filters
+
+    _install_noise_filters()  # torchao's optional-kernel and torch's deprecation chatter, demoted to DEBUG
     try:
         from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
@@ -103,7 +106,9 @@ def qat_onnx(module: Any, input_names: list[str], feeds: dict[str, np.ndarray], 
 
     args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[k][:2])) for k in input_names)
     batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
-    module = copy.deepcopy(module)  # training must not touch the model the other formats are built from
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's pytree deprecation warnings while copying a GraphModule
+        module = copy.deepcopy(module)  # training must not touch the model the other formats are built from
     with contextlib.suppress(NotImplementedError):
         module.eval()  # an exported program's module() refuses; its mode was fixed at export
     sink = io.StringIO()

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 EXIT_HUNG = 70  # the agent exits when a model hangs it; systemd restarts it and the crash counter decides
 MAX_SLICE_S = 1.0  # a bounded wait looks at the watchdog at least this often
+EXTEND_START_S = 60.0  # before READY=1, each healthy beat (at most every 20 s) extends systemd's start timeout this far
 T = TypeVar("T")
 
 
@@ -76,11 +77,14 @@ class Watchdog:
         self.clock = clock
         self.owner = owner or threading.current_thread()
         self._next_ping = 0.0
+        self._next_extend = 0.0
+        self._ready = False
         self._status = ""
         self._unhealthy: str | None = None
 
     def ready(self) -> None:
         """Start-up is done: the HTTP server listens and the persisted model (if any) serves."""
+        self._ready = True
         self.notifier.send(READY=1, STATUS=self._status or "ready")
         self.beat()
 
@@ -95,9 +99,16 @@ class Watchdog:
     def beat(self) -> None:
         """From the main thread: WATCHDOG=1 when one is due and the agent is healthy. Cheap; any other thread's
         call does nothing."""
-        if self.watchdog_s is None or threading.current_thread() is not self.owner:
+        if threading.current_thread() is not self.owner:
             return
         now = self.clock()
+        if not self._ready and self.notifier.enabled and now >= self._next_extend:
+            # starting (loading the persisted model, maybe probing its runtime first: each bounded by
+            # stage_timeout_s): a healthy main thread keeps TimeoutStartSec= from running out
+            self.notifier.send(EXTEND_TIMEOUT_USEC=int(EXTEND_START_S * 1e6))
+            self._next_extend = now + EXTEND_START_S / 3
+        if self.watchdog_s is None:
+            return
         if now < self._next_ping:
             return
         running = self.longest_running_s()

@@ -98,9 +98,9 @@ def test_only_the_owner_pings_and_at_most_every_half_period(listener: tuple[List
     clock = Clock()
     wd = Watchdog(Notifier(path, watchdog_s=4.0), clock=clock)
     assert wd.interval_s == 2.0
-    wd.beat()
+    wd.ready()  # READY=1 and the first ping
     wd.beat()  # not due yet
-    assert lst.drain() == ["WATCHDOG=1"]
+    assert lst.drain() == ["READY=1\nSTATUS=ready", "WATCHDOG=1"]
     threading.Thread(target=lambda: (setattr(clock, "now", 103.0), wd.beat())).start()  # another thread: nothing
     time.sleep(0.1)
     assert lst.drain() == []
@@ -212,3 +212,20 @@ def test_bounded_beats_while_it_waits() -> None:
     assert len(beats) >= 2  # at least every MAX_SLICE_S (1 s)
     with pytest.raises(ValueError):
         bounded(lambda: int("x"), 30, "work")
+
+
+def test_before_ready_healthy_beats_extend_the_start_timeout(listener: tuple[Listener, str]) -> None:
+    lst, path = listener
+    clock = Clock()
+    wd = Watchdog(Notifier(path, watchdog_s=30.0), clock=clock)
+    wd.beat()
+    wd.beat()  # the next extension is due in 20 s; the ping in 15 s
+    assert lst.drain() == ["EXTEND_TIMEOUT_USEC=60000000", "WATCHDOG=1"]
+    clock.now += 20
+    wd.beat()
+    assert lst.drain() == ["EXTEND_TIMEOUT_USEC=60000000", "WATCHDOG=1"]
+    wd.ready()
+    clock.now += 40
+    wd.beat()
+    assert lst.drain() == ["READY=1\nSTATUS=ready", "WATCHDOG=1"]  # started: no more extensions
+

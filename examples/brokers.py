@@ -388,7 +388,12 @@ class NatsNode:
             f"server_name: {self.name}",
             f'jetstream {{ store_dir: "{self.workdir / "js"}" }}',
             f"mqtt {{ listen: 127.0.0.1:{self.port}"
-            + (f", stream_replicas: {self.stream_replicas}" if self.stream_replicas > 1 else "") + " }",
+            # clustered: the MQTT streams (retained messages, sessions) on every node; the JetStream consumer
+            # behind each QoS 1 subscription in memory on one node (R1), so subscribing needs no quorum: with R3
+            # consumers, subscriptions timed out for 20 s and more after a node was killed (consumer create
+            # requests waiting on the dead peer)
+            + (f", stream_replicas: {self.stream_replicas}, consumer_replicas: 1, consumer_memory_storage: true"
+               if self.stream_replicas > 1 else "") + " }",
         ]
         if self.cluster_port is not None:
             routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.routes)

@@ -85,7 +85,8 @@ def _split_shared_partitions(gm: Any) -> int:
 
 
 def qat_onnx(module: Any, input_names: list[str], feeds: dict[str, np.ndarray], teacher_out: np.ndarray,
-             labels: np.ndarray, task: str, epochs: int, out_path: Path, seed: int = 0) -> FitResult:
+             labels: np.ndarray, task: str, epochs: int, out_path: Path, seed: int = 0,
+             reduce_range: bool = True) -> FitResult:
     """Fine-tune a fake-quantized copy of `module` (PT2E QAT) and export it as an int8 QDQ ONNX to `out_path`."""
     import torch
 
@@ -119,7 +120,7 @@ def qat_onnx(module: Any, input_names: list[str], feeds: dict[str, np.ndarray], 
                                      strict=False).module()
             renamed = _split_shared_partitions(gm)
             quantizer = X86InductorQuantizer().set_global(
-                get_default_x86_inductor_quantization_config(is_qat=True, reduce_range=True))
+                get_default_x86_inductor_quantization_config(is_qat=True, reduce_range=reduce_range))
             prepared = prepare_qat_pt2e(gm, quantizer)
     except Exception as e:
         log.debug("QAT preparation failed; stderr: %s", sink.getvalue(), exc_info=e)
@@ -151,11 +152,12 @@ def _first_line(e: BaseException) -> str:
 
 
 def fallback(result: Any, evaluator: Any, source: Any, calib: Any, work: Path, max_drop: float, epochs: int,
-             task: str, progress: Any) -> Any:
+             task: str, progress: Any, reduce_range: bool = True) -> Any:
     """`result` (a TuningResult) with a QAT trial added when every post-training recipe missed the gate.
 
     Tried only for a PyTorch model torch.export can trace, with labelled calibration data and `epochs` > 0;
-    otherwise `result` comes back unchanged.
+    otherwise `result` comes back unchanged. `reduce_range` (the `--target` needs it: AVX2-only x86) makes the
+    activations 7-bit; without it they use all 8 bits (VNNI x86, Arm).
     """
     from packager.torch_model import run_torch
     from packager.tuning import choose
@@ -167,19 +169,23 @@ def fallback(result: Any, evaluator: Any, source: Any, calib: Any, work: Path, m
     feeds = {k: (a.astype(np.float32) if a.dtype.kind == "f" else a.astype(np.int64))
              for k, a in calib.inputs.items()}
     out = work / "onnx-qat.int8.onnx"
-    recipe: dict[str, Any] = {"name": "qat-pt2e-x86-perchannel-u7s8", "quantizer": "torchao X86InductorQuantizer",
-                              "qat": True, "epochs": epochs, "lr": QAT_LR, "per_channel": True,
-                              "reduce_range": "activations", "calibration_rows": calib.n}
+    recipe: dict[str, Any] = {"name": f"qat-pt2e-x86-perchannel-{'u7' if reduce_range else 'u8'}s8",
+                              "quantizer": "torchao X86InductorQuantizer", "qat": True, "epochs": epochs,
+                              "lr": QAT_LR, "per_channel": True,
+                              "reduce_range": "activations" if reduce_range else False, "calibration_rows": calib.n}
     fitted: list[FitResult] = []
 
     def make() -> None:
         teacher = run_torch(source, feeds, batch=256, role="calibration data")[0]
-        fitted.append(qat_onnx(source.module, source.input_names, feeds, teacher, calib.labels, task, epochs, out))
+        fitted.append(qat_onnx(source.module, source.input_names, feeds, teacher, calib.labels, task, epochs, out,
+                               reduce_range=reduce_range))
 
     trial = evaluator.trial(recipe, out, "onnx", make)
     if fitted:
         recipe["final_loss"] = fitted[0].final_loss
         recipe["seconds"] = fitted[0].seconds
-    verdict = "pass" if trial.passed(max_drop) else ("failed: " + trial.error if trial.error else "miss")
+    why = getattr(trial, "rejected", None)  # larger or slower than fp32 (packager/verdict.py)
+    verdict = "pass" if trial.passed(max_drop) else (
+        f"failed: {trial.error}" if trial.error else f"miss: {why}" if why else "miss")
     progress.detail(f"{recipe['name']}: metric {trial.value:.4g}, drop {trial.drop:.3g} [{verdict}]")
     return choose([*result.trials, trial], max_drop)

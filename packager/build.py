@@ -350,7 +350,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> BuildResult:
                     from packager import qat
 
                     results[fmt] = qat.fallback(results[fmt], evaluator, source, calib, work, max_drop,
-                                                opts.qat_epochs, task, progress)
+                                                opts.qat_epochs, task, progress, device.reduce_range)
             else:
                 results[fmt] = _tune_tflite(evaluator, source, calib, work, max_drop, progress)
 

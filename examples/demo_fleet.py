@@ -32,7 +32,9 @@ def wave_of(device_id: str, group: str = GROUP, waves: tuple[float, ...] = WAVES
 
 
 def agent_config(device_id: str, *, broker_url: str, root: Path, http_port: int) -> str:
-    """A device's agent.toml: short intervals so the story moves in seconds, not the defaults' minutes."""
+    """A device's agent.toml: short probation and telemetry intervals so the story moves in seconds, not the
+    defaults' minutes. Checks for a new deployment follow the broker's `notify` pokes (every publish and every
+    signed wave sends one); the 30 s timer is only the fallback, and each check is a short-lived worker process."""
     return (f'[agent]\ndevice_id = "{device_id}"\ngroup = "{GROUP}"\nstate_dir = "state"\n'
             f'[mqtt]\nurl = "{broker_url}"\n'
             f'[trust]\nroot = "{root}"\n'

@@ -198,7 +198,8 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None,
             built[section] = cls(**values)
         except TypeError as e:
             raise ConfigError(f"[{section}]: {e}") from e
-    given = set(data.get("mqtt", {})) | {k for k in ("url", "urls") if f"EDGESHIP_MQTT_{k.upper()}" in env}
+    given = set(data.get("mqtt", {})) | {k for k, var in (("url", "EDGESHIP_MQTT_URL"), ("urls", "EDGESHIP_MQTT_URLS"))
+                                         if var in env}
     mqtt = built["mqtt"]
     joined = ",".join(mqtt.urls)
     if mqtt.urls and "url" in given and mqtt.url != joined:  # equal: a config written back (fetch worker)

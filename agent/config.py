@@ -85,6 +85,7 @@ class DeploySection:
 @dataclass(frozen=True)
 class TelemetrySection:
     interval_s: float = 10.0  # a telemetry message this often (docs/telemetry.md)
+    state_interval_s: float = 60.0  # the retained state again this often (0: only on change and reconnect)
     parity_interval_s: float = 3600.0  # golden parity through the serving model this often
     shadow_cpu_budget: float = 0.1  # share of one core a shadow bundle may use
     shadow_sample: float = 0.1  # share of live requests also run on the shadow bundle (within the budget)
@@ -123,7 +124,8 @@ _BOUNDS = {"max_bundle_bytes": (1 << 10, 64 << 30), "max_metadata_bytes": (1 << 
            "poll_interval_s": (1.0, 86400.0), "probation_s": (0.0, 86400.0), "probation_requests": (0, 10**9),
            "max_error_rate": (0.0, 1.0), "min_requests_for_rate": (1, 10**6), "stage_timeout_s": (1.0, 3600.0),
            "keep": (1, 64), "max_batch": (0, 65536), "max_restarts": (1, 100), "threads": (1, 256),
-           "interval_s": (0.1, 86400.0), "parity_interval_s": (1.0, 7 * 86400.0), "shadow_cpu_budget": (0.0, 1.0),
+           "interval_s": (0.1, 86400.0), "state_interval_s": (0.0, 86400.0), "parity_interval_s": (1.0, 7 * 86400.0),
+           "shadow_cpu_budget": (0.0, 1.0),
            "shadow_sample": (0.0, 1.0), "queue_max_messages": (100, 10**7), "queue_max_bytes": (1 << 20, 10 << 30),
            "feedback_max_entries": (0, 10**6), "feedback_ttl_s": (1.0, 30 * 86400.0), "drift_window": (10, 10**7),
            "drift_min_samples": (1, 10**7)}

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from agent.config import DeploySection
+from examples.local_broker import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
@@ -116,6 +117,9 @@ MDWE_CHILD = textwrap.dedent("""
     except OSError as e:
         assert e.errno == errno.EPERM, e
 
+    if sys.argv[1] == "refresh":  # edgeship-refresh.service's command
+        from packager.cli import main
+        sys.exit(main(["refresh", "--repo", sys.argv[2], "--broker", sys.argv[3], "--fleet", "f", "--force-snapshot"]))
     from agent.runtime import open_session
     for fmt, path in (("onnx", sys.argv[1]), ("tflite", sys.argv[2])):
         session = open_session(path, fmt)
@@ -157,3 +161,20 @@ def test_runtimes_load_and_run_under_memory_deny_write_execute(tmp_path: Path) -
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, f"a runtime failed under MemoryDenyWriteExecute=yes ({r.returncode}):\n{r.stderr}"
     assert r.stdout.splitlines() == ["onnx onnx [(1, 8)]", "tflite tflite [(1, 10)]"], r.stdout
+
+
+@pytest.mark.slow
+def test_packager_refresh_runs_under_memory_deny_write_execute(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """edgeship-refresh.service's `packager refresh` (TUF signing: cryptography, securesystemslib; paho) under the
+    same seccomp rules."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("seccomp is Linux's")
+    from packager import tuf_repo
+
+    repo = tmp_path / "repo"
+    tuf_repo.init_repo(repo)
+    r = subprocess.run([sys.executable, "-c", MDWE_CHILD, "refresh", str(repo), mosquitto.url], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, f"packager refresh failed under MemoryDenyWriteExecute=yes ({r.returncode}):\n{r.stderr}"
+    assert "timestamp v2" in r.stdout, r.stdout
+

@@ -108,7 +108,7 @@ class Daemon:
                                max_bytes=tcfg.queue_max_bytes)
         self.publisher = Publisher(self.queue, cfg.agent.device_id, build=self.telemetry.message_body,
                                    interval_s=tcfg.interval_s, clock=clock)
-        self.link = MqttLink(cfg.agent.device_id, self.publisher)
+        self.link = MqttLink(cfg.agent.device_id, self.publisher, cfg.telemetry.state_interval_s)
         self._infer_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mqtt-infer")
         self._answerer: MqttInference | None = None
 

@@ -5,7 +5,10 @@ state straight to the broker.
   sent in order once connected);
 - `state(payload)`: the retained `devices/<id>/state`, a latest value rather than a log: published directly when
   connected, and set as the client's birth message so every reconnect republishes the newest one. A state published
-  before the first connection is kept (only the newest) and sent once the client is attached.
+  before the first connection is kept (only the newest) and sent once the client is attached. Every
+  `republish_s` the newest state goes out again unchanged: a broker that gives retained messages to exact
+  subscriptions only (RabbitMQ 3.10) never shows it to a `devices/+/state` watcher that subscribed after it was
+  sent, but a live message reaches every matching subscription (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ log = logging.getLogger(__name__)
 
 
 class MqttLink:
-    def __init__(self, device_id: str, publisher: Publisher) -> None:
+    def __init__(self, device_id: str, publisher: Publisher, republish_s: float = 0.0) -> None:
         self.device_id = device_id
         self.publisher = publisher
+        self.republish_s = republish_s
         self.client: MqttClient | None = None
         self._pending: dict[str, Any] | None = None  # the newest state from before the first connection
+        self._last: dict[str, Any] | None = None  # the newest state sent (or due on the next connection)
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()  # a republish never lands after a newer state
 
     def attach(self, client: MqttClient) -> None:
         with self._lock:
@@ -39,6 +45,12 @@ class MqttLink:
         if pending is not None:
             self._publish_state(client, pending)
         self.publisher.attach(client)
+        if self.republish_s > 0:
+            threading.Thread(target=self._republish_loop, args=(client,), name="state-republish", daemon=True).start()
+
+    def _republish_loop(self, client: MqttClient) -> None:
+        while not self.publisher.wait_stopped(self.republish_s):
+            self._publish_state(client, None)
 
     def event(self, payload: dict[str, Any]) -> None:
         self.publisher.event(payload)
@@ -56,11 +68,18 @@ class MqttLink:
                                 retain=True, qos=1)
         self._publish_state(client, payload)
 
-    def _publish_state(self, client: MqttClient, payload: dict[str, Any]) -> None:
-        if not client.is_connected:
-            return  # the birth message carries it after the reconnect
-        try:
-            client.publish(client.topics.device(self.device_id, "state"), json.dumps(payload).encode(), retain=True,
-                           qos=1, wait=False)
-        except EdgeshipError as e:
-            log.warning("could not publish the state: %s", e)
+    def _publish_state(self, client: MqttClient, payload: dict[str, Any] | None) -> None:
+        """Publish `payload`, or (None) the newest state again."""
+        with self._send_lock:
+            if payload is None:
+                payload = self._last
+                if payload is None:
+                    return
+            self._last = payload
+            if not client.is_connected:
+                return  # the birth message carries it after the reconnect
+            try:
+                client.publish(client.topics.device(self.device_id, "state"), json.dumps(payload).encode(),
+                               retain=True, qos=1, wait=False)
+            except EdgeshipError as e:
+                log.warning("could not publish the state: %s", e)

@@ -182,6 +182,10 @@ class Publisher:
             thread.start()
             self._threads.append(thread)
 
+    def wait_stopped(self, timeout: float) -> bool:
+        """Wait up to `timeout` s; True once `stop()` was called."""
+        return self._stopping.wait(timeout)
+
     def stop(self, flush_s: float = 2.0) -> None:
         """Stop both threads; send what the broker takes within `flush_s` (the rest stays on disk)."""
         self._stopping.set()

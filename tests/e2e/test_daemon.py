@@ -1,5 +1,5 @@
 """End to end: the `edge-agent run` daemon deploying real digits bundles that `packager publish` signs and pushes
-to a real mosquitto.
+to a real broker.
 
 The daemons run as real processes (the venv's console scripts, each device with its own state directory, HTTP
 port, TUF repository and topic prefix); the Python APIs are used only to build and tamper with bundles, to read the
@@ -10,6 +10,10 @@ The module's first device goes through one fleet's history in order: v1 commits 
 (2), a parity-broken v3 (3) and a too-slow v4 (4) are rolled back, then it is stopped cleanly and killed (7).
 Crash recovery (5), the crash-loop rollback (6), clean stops that do not count as crashes, a stop request during
 probation and a broker that is down when the agent starts each get a device of their own.
+
+The module's device (first deployment, swap under load, both rollbacks, SIGTERM and the last will) and the SIGKILL
+test run on every broker kind (tests/conftest.py `broker`: Mosquitto MQTT 5 and 3.1.1, RabbitMQ, NATS); the other
+devices use Mosquitto.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from agent.deploy.machine import DeployState, State
 from agent.deploy.store import StateStore
 from agent.runtime import open_session
 from agent.transport.mqtt import MqttClient
+from examples.brokers import Broker
 from examples.digits.train import train_digits
 from examples.local_broker import Mosquitto, free_port
 from packager import tuf_repo
@@ -327,7 +332,7 @@ class Device:
     """An agent's config, state directory and HTTP port, on a fleet of its own (TUF repository, topic prefix);
     `start()` runs `edge-agent run` (logging to agent.log), `kill()` / `terminate()` stop it."""
 
-    def __init__(self, tmp: Path, broker: Mosquitto, **deploy: float) -> None:
+    def __init__(self, tmp: Path, broker: Mosquitto | Broker, **deploy: float) -> None:
         self.tmp, self.broker = tmp, broker
         self.fleet = f"d{uuid.uuid4().hex[:10]}"
         self.id = f"dev-{self.fleet}"
@@ -492,7 +497,10 @@ class Device:
 
     def mqtt_infer(self, inputs: list[np.ndarray]) -> list[dict[str, Any]]:
         """One MQTT inference request per input (ids req-0, req-1, ...), each with the same response topic and its
-        own correlation data; the answers in request order, matched by correlation data."""
+        own correlation data; the answers in request order, matched by correlation data. Over MQTT 3.1.1 (no
+        response topic, no correlation data) the agent answers on its own `infer/response`, matched by OIP id."""
+        if self.mqtt.protocol == "3.1.1":
+            return self._mqtt_infer_311(inputs)
         # inside the fleet's namespace the agent answers only under its own infer/response (agent/serve/mqtt.py)
         reply_topic = self.topics.device(self.id, f"infer/response/{uuid.uuid4().hex}")
         request_topic = self.topics.device(self.id, "infer/request")
@@ -508,6 +516,22 @@ class Device:
                 assert msg.correlation_data in sent, msg
                 answers[msg.correlation_data] = json.loads(msg.payload)
         return [answers[corr] for corr in sent]
+
+    def _mqtt_infer_311(self, inputs: list[np.ndarray]) -> list[dict[str, Any]]:
+        reply_topic = self.topics.device(self.id, "infer/response")
+        request_topic = self.topics.device(self.id, "infer/request")
+        ids = [f"req-{i}" for i in range(len(inputs))]
+        answers: dict[str, dict[str, Any]] = {}
+        with self.mqtt.subscribe_stream([reply_topic]) as replies:
+            for i, request_id in enumerate(ids):
+                self.mqtt.publish(request_topic, infer_body(inputs[i], request_id), retain=False)
+            while len(answers) < len(ids):
+                msg = replies.get(timeout=10)
+                assert msg is not None, f"only {len(answers)} of {len(ids)} MQTT inference answers arrived"
+                doc = json.loads(msg.payload)
+                assert doc.get("id") in ids, doc
+                answers[doc["id"]] = doc
+        return [answers[i] for i in ids]
 
     def wait_ready(self, timeout: float = TIMEOUT, path: str = "/v2/health/ready") -> None:
         def ready() -> bool:
@@ -543,9 +567,9 @@ class Device:
 
 
 @pytest.fixture(scope="module")
-def device(mosquitto: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Device]:
-    """The module's device: probation 2 s, a check every second (plus the notify poke)."""
-    dev = Device(tmp_path_factory.mktemp("device"), mosquitto)
+def device(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Device]:
+    """The module's device (one per broker kind): probation 2 s, a check every second (plus the notify poke)."""
+    dev = Device(tmp_path_factory.mktemp("device"), broker)
     dev.start()
     yield dev
     dev.close()
@@ -557,6 +581,21 @@ def own_device(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[Callable[..., D
 
     def make(**deploy: float) -> Device:
         dev = Device(tmp_path, mosquitto, **deploy)
+        made.append(dev)
+        return dev
+
+    yield make
+    for dev in made:
+        dev.close()
+
+
+@pytest.fixture
+def any_own_device(broker: Broker, tmp_path: Path) -> Iterator[Callable[..., Device]]:
+    """`own_device` on each broker kind."""
+    made: list[Device] = []
+
+    def make(**deploy: float) -> Device:
+        dev = Device(tmp_path, broker, **deploy)
         made.append(dev)
         return dev
 
@@ -587,7 +626,7 @@ def test_first_deployment_commits_and_serves(device: Device, bundles: Bundles) -
     st = device.status()
     assert st == {"name": "digits", "version": 1, "format": "onnx", "state": "idle", "previous": [],
                   "last_event": st["last_event"], "rejected": {}, "restarts": 0, "max_restarts": 3,
-                  "clean_stop": False, "group": GROUP, "no_deployment": False}
+                  "clean_stop": False, "group": GROUP, "no_deployment": False, "unusable_runtimes": []}
 
     # the retained state followed every step of the deployment, each message with its time
     device.states.wait(lambda s: s.get("state") == "idle" and s.get("bundle") is not None, "the retained idle v1",
@@ -757,9 +796,9 @@ def v2_in_probation(own_device: Callable[..., Device], bundles: Bundles, **deplo
     return dev, mark
 
 
-def test_killed_agent_resumes_and_converges(own_device: Callable[..., Device], bundles: Bundles) -> None:
+def test_killed_agent_resumes_and_converges(any_own_device: Callable[..., Device], bundles: Bundles) -> None:
     # SIGKILL in PROBATION: the restarted agent serves the candidate at once and continues its probation
-    dev, _ = v2_in_probation(own_device, bundles, max_restarts=10)
+    dev, _ = v2_in_probation(any_own_device, bundles, max_restarts=10)
     dev.kill()
     assert dev.state().state is State.PROBATION
     mark = dev.events.mark()

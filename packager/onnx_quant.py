@@ -470,8 +470,8 @@ def remember_prepared(fp32_path: Path, prepared: Path) -> None:
 def shape_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes that compute on shapes: fed only by `Shape` outputs, constants and each other.
 
-    Their float outputs are sizes and scales (a detector's `Resize` to another map's size); quantizing them
-    turned a scale of 2.0 into 1.99 and the upsampled map no longer matched the one it is added to.
+    Their float outputs are sizes and scales (a detector's `Resize` to another map's size); quantized, the
+    upsampled map no longer matched the one it is added to and onnxruntime failed at run time.
     """
     inits = {i.name for i in model.graph.initializer}
     shape_tensors: set[str] = set()

@@ -49,13 +49,13 @@ def run_cli(args: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[in
 
 def test_build_writes_a_verified_bundle_in_both_formats(built: tuple[dict, Path]) -> None:
     result, out = built
-    assert set(result) == {"bundle", "fp32", "artifacts"}
+    assert set(result) == {"bundle", "fp32", "artifacts", "target"}
     assert set(result["fp32"]) == {"bytes", "metric", "value", "p50_ms", "p95_ms"}
     assert result["fp32"]["metric"] == "top1" and result["fp32"]["value"] >= 95.0
     formats = {a["format"]: a for a in result["artifacts"]}
     assert set(formats) == {"onnx", "tflite"}
     for a in formats.values():
-        assert set(a) == {"format", "bytes", "metric", "value", "drop", "p50_ms", "p95_ms"}
+        assert set(a) == {"format", "bytes", "metric", "value", "drop", "p50_ms", "p95_ms", "precision"}
         assert a["bytes"] <= 0.27 * result["fp32"]["bytes"], a  # the size target
         assert a["drop"] <= 1.0
         assert a["p95_ms"] >= a["p50_ms"] > 0
@@ -180,9 +180,10 @@ def test_onnx_model_with_external_data_builds_from_another_directory(
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "W")
+    # 256 x 4 weights: with 16 x 4 the int8 file was twice the fp32 one, which does not pay (packager/verdict.py)
+    w = numpy_helper.from_array(rng.normal(size=(256, 4)).astype(np.float32), "W")
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 256])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -191,7 +192,7 @@ def test_onnx_model_with_external_data_builds_from_another_directory(
     onnx.save(model, str(model_dir / "ext.onnx"), save_as_external_data=True, location="ext.weights",
               size_threshold=0)
     assert (model_dir / "ext.weights").is_file()
-    x = rng.normal(size=(200, 16)).astype(np.float32)
+    x = rng.normal(size=(200, 256)).astype(np.float32)
     y = np.argmax(x @ numpy_helper.to_array(w), axis=1)
     np.savez(tmp_path / "data.npz", x=x, y=y)
     elsewhere = tmp_path / "elsewhere"

@@ -148,9 +148,9 @@ def setup(fp32_path: Path, work: Path, calib_inputs: dict[str, np.ndarray], one_
     # The fp32 model to beat (and to ship with --allow-fp32): the prepared graph without its shape annotations
     # (onnxruntime infers them again) and debug data.
     ship = work / "model.fp32.ship.onnx"  # not fp32_path's name: that file is what the recipes quantize
-    import onnx
+    import onnx as onnx_lib
 
-    model = onnx.load(str(prep.path))
+    model = onnx_lib.load(str(prep.path))
     onnx_quant.compact(model)
     save_self_contained(model, ship)
     session = open_session(ship)

@@ -486,15 +486,16 @@ class NatsCluster:
 # ---------------------------------------------------------------------------------------------- one entry point
 
 
-def launch(kind: str, workdir: Path, timeout: float | None = None, *,
-           persistent: bool = False) -> MosquittoBroker | RabbitMQ | NatsNode:
+def launch(kind: str, workdir: Path, timeout: float | None = None, *, persistent: bool = False,
+           mosquitto_conf: str = "") -> MosquittoBroker | RabbitMQ | NatsNode:
     """Start a broker of `kind` (one of KINDS) in `workdir` and return it, ready for MQTT. RabbitMQ and NATS always
-    keep retained messages on disk across a restart; Mosquitto only with `persistent`."""
+    keep retained messages on disk across a restart; Mosquitto only with `persistent`. `mosquitto_conf`: extra
+    lines for a Mosquitto kind's config (ignored by the others)."""
     broker: MosquittoBroker | RabbitMQ | NatsNode
     if kind == "mosquitto-5":
-        broker = MosquittoBroker(workdir, "5", persistent=persistent)
+        broker = MosquittoBroker(workdir, "5", persistent=persistent, extra_conf=mosquitto_conf)
     elif kind == "mosquitto-3.1.1":
-        broker = MosquittoBroker(workdir, "3.1.1", persistent=persistent)
+        broker = MosquittoBroker(workdir, "3.1.1", persistent=persistent, extra_conf=mosquitto_conf)
     elif kind == "rabbitmq":
         broker = RabbitMQ(workdir)
     elif kind == "nats":

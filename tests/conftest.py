@@ -94,14 +94,15 @@ def broker(broker_kind: str, _broker_pool: _BrokerPool) -> Broker:
 
 
 @pytest.fixture
-def broker_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Broker]]:
+def broker_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Broker]]:
     """Brokers of a test's own by kind (it may stop, kill or restart them; retained messages survive a restart on
     every kind); all stopped after the test."""
     brokers: list[Broker] = []
 
-    def make(kind: str) -> Broker:
+    def make(kind: str, mosquitto_conf: str = "") -> Broker:
         try:
-            b = launch(kind, tmp_path_factory.mktemp(kind.replace(".", "")), persistent=True)
+            b = launch(kind, tmp_path_factory.mktemp(kind.replace(".", "")), persistent=True,
+                       mosquitto_conf=mosquitto_conf)
         except BrokerMissing as e:
             pytest.fail(str(e), pytrace=False)
         brokers.append(b)

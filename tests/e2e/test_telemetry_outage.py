@@ -1,6 +1,7 @@
 """Store-and-forward end to end: two real agents serve requests and send telemetry (every 0.5 s) and events to a
-real mosquitto; the broker stops, one agent is SIGKILLed and restarted during the outage, the broker starts again on
-the same port. Every event and all telemetry (the bound is not reached here) arrive, in order, with no gap after
+real broker (each kind of tests/conftest.py `broker`: Mosquitto MQTT 5 and 3.1.1, RabbitMQ, NATS); the broker
+stops, one agent is SIGKILLed and restarted during the outage, the broker starts again on the same port. Every event
+and all telemetry (the bound is not reached here) arrive, in order, with no gap after
 de-duplication by (device, seq).
 
 The collector is a plain paho client with a persistent session (clean_session=False, QoS 1) on a persistent broker,
@@ -23,8 +24,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from examples.brokers import Broker
 from examples.digits.train import train_digits
-from examples.local_broker import Mosquitto
 from packager.build import BuildOptions, Progress, build
 from tests.e2e.test_daemon import Device, post_infer
 
@@ -47,7 +48,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
 class Collector:
     """Every telemetry and event message of the fleets `edgeship/+/...`, in arrival order, duplicates included."""
 
-    def __init__(self, broker: Mosquitto) -> None:
+    def __init__(self, broker: Broker) -> None:
         self.items: list[tuple[str, dict[str, Any]]] = []  # (leaf, message)
         self._lock = threading.Lock()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{uuid.uuid4().hex[:8]}",
@@ -125,9 +126,11 @@ class Load:
 
 
 @pytest.fixture
-def fleet(mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path,
-          digits: tuple[Path, np.ndarray]) -> Iterator[tuple[Mosquitto, Collector, list[Device]]]:
-    broker = mosquitto_factory(persistent=True, extra_conf="max_queued_messages 100000\n")
+def fleet(broker_factory: Callable[..., Broker], broker_kind: str, tmp_path: Path,
+          digits: tuple[Path, np.ndarray]) -> Iterator[tuple[Broker, Collector, list[Device]]]:
+    """Two agents and a collector on a broker of each kind of the test's own (it is stopped and started again;
+    Mosquitto keeps retained state with persistence and queues up to 100,000 messages for the collector)."""
+    broker = broker_factory(broker_kind, mosquitto_conf="max_queued_messages 100000\n")
     collector = Collector(broker)
     devices = []
     for name in ("a", "b"):
@@ -142,7 +145,7 @@ def fleet(mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path,
     collector.close()
 
 
-def test_outage_and_restart_lose_nothing(fleet: tuple[Mosquitto, Collector, list[Device]],
+def test_outage_and_restart_lose_nothing(fleet: tuple[Broker, Collector, list[Device]],
                                          digits: tuple[Path, np.ndarray]) -> None:
     broker, collector, devices = fleet
     bundle, x = digits

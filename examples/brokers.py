@@ -103,11 +103,11 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float, what: 
     raise RuntimeError(f"{what} did not accept an MQTT CONNECT on port {port} within {timeout:g}s")
 
 
-def _find(names: tuple[str, ...], env: str, package: str) -> str:
-    for candidate in (os.environ.get(env), *names, *(shutil.which(Path(n).name) for n in names)):
+def _find(names: tuple[str, ...], package: str) -> str:
+    for candidate in (*names, *(shutil.which(Path(n).name) for n in names)):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    raise BrokerMissing(f"{Path(names[0]).name} is not installed (set {env} to its path): "
+    raise BrokerMissing(f"{Path(names[0]).name} is not installed (looked in {', '.join(names)} and PATH): "
                         f"`apt-get install {package}`")
 
 
@@ -278,7 +278,7 @@ class RabbitMQ:
     kind = "rabbitmq"
 
     def __init__(self, workdir: Path) -> None:
-        self.binary = _find(RABBITMQ_SERVER, "EDGESHIP_RABBITMQ_SERVER", "rabbitmq-server")
+        self.binary = _find(RABBITMQ_SERVER, "rabbitmq-server")
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.node = f"edgeship-{uuid.uuid4().hex[:10]}@localhost"
@@ -335,7 +335,7 @@ class RabbitMQ:
             return
         if self.proc.poll() is None:
             with contextlib.suppress(BrokerMissing, OSError, subprocess.TimeoutExpired):
-                ctl = _find(RABBITMQCTL, "EDGESHIP_RABBITMQCTL", "rabbitmq-server")
+                ctl = _find(RABBITMQCTL, "rabbitmq-server")
                 subprocess.run([ctl, "-n", self.node, "stop"], env=self.env(), capture_output=True, timeout=60,
                                check=False)
         _stop_group(self.proc, signal.SIGTERM)
@@ -365,7 +365,7 @@ class NatsNode:
 
     def __init__(self, workdir: Path, name: str = "n1", *, cluster_port: int | None = None,
                  routes: tuple[int, ...] = (), stream_replicas: int = 1) -> None:
-        self.binary = _find(NATS_SERVER, "EDGESHIP_NATS_SERVER", "nats-server")
+        self.binary = _find(NATS_SERVER, "nats-server")
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -514,7 +514,7 @@ def versions() -> dict[str, str]:
     out: dict[str, str] = {}
     probes = {
         "mosquitto": ([find_mosquitto, "-h"], "mosquitto version "),
-        "nats-server": ([lambda: _find(NATS_SERVER, "EDGESHIP_NATS_SERVER", "nats-server"), "--version"], ": v"),
+        "nats-server": ([lambda: _find(NATS_SERVER, "nats-server"), "--version"], ": v"),
     }
     for name, ((finder, arg), marker) in probes.items():
         with contextlib.suppress(BrokerMissing, MosquittoMissing, OSError, subprocess.TimeoutExpired):

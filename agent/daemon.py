@@ -84,8 +84,8 @@ class ThreadStager:
 
     def load_shadow(self, release: Path) -> LoadedModel:
         """agent/telemetry/shadow.py's load_shadow, bounded like staging (it stages the shadow bundle)."""
-        return bounded(lambda: load_shadow(release, self.device), self.timeout_s, f"loading the shadow {release.name}",
-                       self.beat)
+        limit = self.timeout_s + self.device.probe_budget_s(read_manifest(release))  # a format only the shadow has
+        return bounded(lambda: load_shadow(release, self.device), limit, f"loading shadow {release.name}", self.beat)
 
 
 class Daemon:

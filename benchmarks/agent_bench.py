@@ -196,7 +196,7 @@ def smaps_breakdown(pid: int, top: int = 12) -> dict[str, Any]:
 
 # Imported in the order the daemon imports them: `agent.cli` -> `agent.daemon` (numpy; agent.bundle, which pulls in
 # hashlib's OpenSSL; agent.trust.fetch, which pulls in tuf, securesystemslib, cryptography and urllib3), then
-# `Daemon.__init__` (psutil; DeviceProfile.detect() imports every runtime to probe it), `start()` (http_api,
+# `Daemon.__init__` (psutil), the runtimes (imported by STAGE once the runtime probe passed them), `start()` (http_api,
 # mqtt_client with paho), the first CHECK (mqtt_fetcher), and the staged model's session (open, then what STAGE runs),
 # then a second session of the same model (what each further model costs).
 IMPORT_STEPS = ("numpy", "hashlib", "agent.bundle", "tuf.api.metadata", "tuf.ngclient", "agent.daemon", "psutil",

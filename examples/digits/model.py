@@ -19,14 +19,15 @@ HIDDEN = 192
 class DigitsCNN(nn.Module):
     """Input float32 [B, 1, 8, 8] in [0, 1] (pixel / 16); output 10 logits [B, 10]."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+    def __init__(self, num_classes: int = NUM_CLASSES, *, channels: tuple[int, int] = (32, 64),
+                 hidden: int = HIDDEN) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
+        self.conv1 = nn.Conv2d(1, channels[0], kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(channels[0], channels[1], kernel_size=3, padding=1)
         self.relu = nn.ReLU()
         self.pool = nn.MaxPool2d(2)
-        self.fc1 = nn.Linear(64 * 4 * 4, HIDDEN)
-        self.fc2 = nn.Linear(HIDDEN, num_classes)
+        self.fc1 = nn.Linear(channels[1] * 4 * 4, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.conv1(x))

@@ -299,7 +299,7 @@ def prepare(src: Path, dst: Path, feeds: dict[str, np.ndarray] | None = None) ->
                 prepared = onnx.load(str(src), load_external_data=True)
         save_self_contained(prepared, dst)
     result = Prepared(dst, opset_from, opset_to, moved, fused, shape, optimized, tuple(notes), used)
-    for note in notes:
-        log.warning("preparing %s: %s", src.name, note)
+    for note in notes:  # the build shows them as progress notes and in the report
+        log.info("preparing %s: %s", src.name, note)
     log.info("prepared %s: %s", src.name, result.summary())
     return result

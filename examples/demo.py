@@ -226,8 +226,9 @@ class Demo:
                   "every check a device makes on its own. Only the labelled feedback from the field shows that it "
                   "is wrong: the accuracy gate fails in the first wave, and the controller aborts, signing a "
                   "document that returns the whole group to v2.")
-        self.run(BIN / "python", "-m", "examples.demo_mislabelled", "--out", out / "v3")
-        self.build_and_publish(out / "v3" / "digits-mislabelled.pt2", 3)
+        self.run(BIN / "python", "-m", "examples.digits.train", "--out", out / "v3", "--epochs", "6",
+                 "--shift-labels", "1")
+        self.build_and_publish(out / "v3" / "digits.pt2", 3)
         seen = (out / "events.log").stat().st_size
         self.rollout("digits-v3", 3, ok=(3,))
         self.wait_versions({d: 2 for d in DEVICES}, "returning to v2")

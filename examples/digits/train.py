@@ -1,11 +1,16 @@
 """Train :class:`DigitsCNN` on sklearn digits and write the artifacts ``packager build`` consumes.
 
-``python -m examples.digits.train --out DIR [--epochs E] [--seed S]`` writes into DIR:
+``python -m examples.digits.train --out DIR [--epochs E] [--seed S] [--shift-labels K]`` writes into DIR:
 
 - ``digits.pt2``: ``torch.export`` program (dynamic batch dimension), saved with ``torch.export.save``
 - ``digits_state_dict.pt``: ``model.state_dict()`` via ``torch.save``
 - ``digits.torchscript.pt``: ``torch.jit.trace`` of the eval-mode model
 - ``calib.npz`` / ``eval.npz``: keys ``x`` (float32 [N, 1, 8, 8]) and ``y`` (int64 [N])
+
+``--shift-labels K`` trains on the labels moved by K digits (``(y + K) % 10``; the data files keep the true ones):
+the demo's deliberately bad version, a data-pipeline bug that raises no error. Such a model builds, quantizes
+(int8 agrees with its own fp32 model, which is what ``packager build``'s gate compares), signs and passes every check
+a device makes on its own; only labelled feedback from the field shows that it is wrong.
 
 Every file is written to a temporary name in DIR and renamed into place, so an interrupted run never leaves a
 half-written file under a final name. Progress goes to stderr through logging.
@@ -132,7 +137,13 @@ def train_model(
     return model, evaluate(model, x_eval, y_eval)
 
 
-def train_digits(out_dir: Path, epochs: int = DEFAULT_EPOCHS, seed: int = 0) -> dict[str, Path]:
+def shifted(y: np.ndarray, k: int) -> np.ndarray:
+    """Every label moved k digits on (k = 1: each digit called the next one)."""
+    return ((y + k) % 10).astype(y.dtype)
+
+
+def train_digits(out_dir: Path, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
+                 shift_labels: int = 0) -> dict[str, Path]:
     """Train :class:`DigitsCNN` and write its artifacts into ``out_dir`` (created if missing).
 
     Returns the written paths keyed like :data:`ARTIFACT_NAMES` (``exported_program``, ``state_dict``,
@@ -142,7 +153,8 @@ def train_digits(out_dir: Path, epochs: int = DEFAULT_EPOCHS, seed: int = 0) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     splits = load_splits(seed)
-    model, acc = train_model(epochs=epochs, seed=seed, splits=splits)
+    taught = {name: (x, shifted(y, shift_labels)) for name, (x, y) in splits.items()}
+    model, acc = train_model(epochs=epochs, seed=seed, splits=taught)
     train_seconds = time.perf_counter() - start
 
     paths = {key: out_dir / name for key, name in ARTIFACT_NAMES.items()}
@@ -163,7 +175,7 @@ def train_digits(out_dir: Path, epochs: int = DEFAULT_EPOCHS, seed: int = 0) -> 
         os.close(dir_fd)
 
     log.info(
-        "digits: eval_acc %.4f train %.1fs total %.1fs epochs %d seed %d -> %s",
+        "digits: eval_acc %.4f (on the labels it was taught) train %.1fs total %.1fs epochs %d seed %d -> %s",
         acc,
         train_seconds,
         time.perf_counter() - start,
@@ -179,12 +191,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"default {DEFAULT_EPOCHS}")
     parser.add_argument("--seed", type=int, default=0, help="data split and init seed (default 0)")
+    parser.add_argument("--shift-labels", type=int, default=0, metavar="K",
+                        help="train on labels moved K digits on (a deliberately wrong model; default 0)")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
+    if not 0 <= args.shift_labels <= 9:
+        parser.error("--shift-labels must be 0..9")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     try:
-        train_digits(args.out, epochs=args.epochs, seed=args.seed)
+        train_digits(args.out, epochs=args.epochs, seed=args.seed, shift_labels=args.shift_labels)
     except OSError as e:
         log.error("error: %s", e)
         return 1

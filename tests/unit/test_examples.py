@@ -165,10 +165,11 @@ def test_demo_devices_fill_one_wave_each() -> None:
 
 
 def test_mislabelled_labels_are_all_wrong_and_still_every_digit() -> None:
-    from examples.demo_mislabelled import shifted
+    from examples.digits.train import shifted
 
     y = np.arange(10, dtype=np.int64).repeat(3)
-    bad = shifted(y)
+    assert (shifted(y, 0) == y).all()
+    bad = shifted(y, 1)
     assert bad.dtype == y.dtype and not (bad == y).any() and sorted(set(bad.tolist())) == list(range(10))
 
 

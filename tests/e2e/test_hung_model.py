@@ -41,8 +41,9 @@ RUN_TIMEOUT = 30.0  # one agent run: start, retry STAGE, hang for STAGE_TIMEOUT_
 # --- the hanging model and its bundle -------------------------------------------------------------------------
 
 
-def loop_model(trips: int) -> bytes:
-    """y = x + trips, computed as a Loop adding 1 to a carried tensor that starts as the input x [-1, 4]."""
+def loop_model(trips: int | None) -> bytes:
+    """y = x + trips, computed as a Loop adding 1 to a carried tensor that starts as the input x [-1, 4]; trips None:
+    floor(max(x)) trips, so the caller's input decides how long it runs."""
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
          helper.make_node("Add", ["y_in", "step"], ["y_out"])],
@@ -53,42 +54,50 @@ def loop_model(trips: int) -> bytes:
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
          helper.make_tensor_value_info("y_out", TensorProto.FLOAT, [-1, 4])],
         [numpy_helper.from_array(np.ones((1, 4), np.float32), "step")])
-    graph = helper.make_graph(
-        [helper.make_node("Loop", ["trips", "keep_going", "x"], ["y"], body=body)],
-        "loop",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4])],
-        [numpy_helper.from_array(np.array(trips, np.int64), "trips"),
-         numpy_helper.from_array(np.array(True), "keep_going")])
+    nodes = [helper.make_node("Loop", ["trips", "keep_going", "x"], ["y"], body=body)]
+    consts = [numpy_helper.from_array(np.array(True), "keep_going")]
+    if trips is None:
+        nodes[:0] = [helper.make_node("ReduceMax", ["x"], ["top"], keepdims=0),
+                     helper.make_node("Cast", ["top"], ["trips"], to=TensorProto.INT64)]
+    else:
+        consts.append(numpy_helper.from_array(np.array(trips, np.int64), "trips"))
+    graph = helper.make_graph(nodes, "loop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4])], consts)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()
 
 
+def loop_bundle(tmp: Path, model: bytes, x: np.ndarray, expected: np.ndarray, name: str, version: int,
+                latency_budget_ms: float) -> Path:
+    """A bundle of one fp32 ONNX artifact `model` (x [-1, 4] -> y [-1, 4]) whose golden rows are x -> expected."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "model.onnx").write_bytes(model)
+    golden = tmp / "golden.npz"
+    np.savez(golden, allow_pickle=False, **{"input.x": x, "onnx.output.0": expected})
+    spec_in, spec_out = TensorSpec("x", (-1, 4), "float32"), TensorSpec("y", (-1, 4), "float32")
+    art = Artifact("onnx", "model.onnx", (spec_in,), (spec_out,), {"name": "fp32"}, 1.0, 0.0, 0.1, 0.2)
+    manifest = Manifest(
+        name=name, version=version, task="regression", created="2026-11-29T00:00:00+00:00", inputs=(spec_in,),
+        outputs=(spec_out,), artifacts=(art,), metric="mse", fp32_metric_value=1.0, max_drop=1.0,
+        parity={"kind": "tolerance", "atol": 1e-4, "rtol": 1e-4}, latency_budget_ms=latency_budget_ms, target={},
+        preprocessing={}, provenance={"source_sha256": "0" * 64})
+    out = tmp / "out" / f"{name}-{version}.bundle"
+    out.parent.mkdir()
+    write_bundle(out, manifest, {"model.onnx": tmp / "model.onnx", "golden.npz": golden})
+    return out
+
+
 def hanging_bundle(tmp: Path) -> Path:
     """digits v2 whose ONNX artifact hangs; golden.npz holds a 3-trip reference's outputs (never reached)."""
     tmp.mkdir(parents=True, exist_ok=True)
-    reference, model = tmp / "reference.onnx", tmp / "model.onnx"
+    reference = tmp / "reference.onnx"
     reference.write_bytes(loop_model(3))
-    model.write_bytes(loop_model(HANG_TRIPS))
     x = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
     session = open_session(reference, "onnx", input_names=["x"], output_names=["y"])
     expected = session.run({"x": x})[0]
     np.testing.assert_allclose(expected, x + 3, rtol=1e-6)  # the Loop really iterates
-    golden = tmp / "golden.npz"
-    np.savez(golden, allow_pickle=False, **{"input.x": x, "onnx.output.0": expected})
-
-    spec_in, spec_out = TensorSpec("x", (-1, 4), "float32"), TensorSpec("y", (-1, 4), "float32")
-    art = Artifact("onnx", "model.onnx", (spec_in,), (spec_out,), {"name": "fp32"}, 1.0, 0.0, 0.1, 0.2)
-    manifest = Manifest(
-        name="digits", version=2, task="regression", created="2026-11-29T00:00:00+00:00", inputs=(spec_in,),
-        outputs=(spec_out,), artifacts=(art,), metric="mse", fp32_metric_value=1.0, max_drop=1.0,
-        parity={"kind": "tolerance", "atol": 1e-4, "rtol": 1e-4}, latency_budget_ms=5.0, target={},
-        preprocessing={}, provenance={"source_sha256": "0" * 64})
-    out = tmp / "out" / "digits-2.bundle"
-    out.parent.mkdir()
-    write_bundle(out, manifest, {"model.onnx": model, "golden.npz": golden})
-    return out
+    return loop_bundle(tmp, loop_model(HANG_TRIPS), x, expected, "digits", 2, 5.0)
 
 
 @pytest.fixture(scope="module")

@@ -24,15 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from agent import __version__
-from agent.bundle import Artifact, Manifest, TensorSpec, write_bundle
 from agent.runtime import open_session
 from examples.local_broker import Mosquitto
 from tests.e2e.test_daemon import BIN, Device, _env, infer_body, is_event
+from tests.e2e.test_hung_model import loop_bundle, loop_model
 
 pytestmark = pytest.mark.slow
 
@@ -108,52 +106,16 @@ class NotifiedDevice(Device):
 # --- a model that hangs on demand -------------------------------------------------------------------------------
 
 
-def loop_by_input_model() -> bytes:
-    """y = x + floor(max(x)): a Loop adding 1 to a carried copy of x [-1, 4], max(x) times."""
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-         helper.make_node("Add", ["y_in", "step"], ["y_out"])],
-        "add_one",
-        [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("y_in", TensorProto.FLOAT, [-1, 4])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("y_out", TensorProto.FLOAT, [-1, 4])],
-        [numpy_helper.from_array(np.ones((1, 4), np.float32), "step")])
-    graph = helper.make_graph(
-        [helper.make_node("ReduceMax", ["x"], ["top"], keepdims=0),
-         helper.make_node("Cast", ["top"], ["trips"], to=TensorProto.INT64),
-         helper.make_node("Loop", ["trips", "keep_going", "x"], ["y"], body=body)],
-        "loop_by_input",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4])],
-        [numpy_helper.from_array(np.array(True), "keep_going")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    onnx.checker.check_model(model, full_check=True)
-    return model.SerializeToString()
-
-
-def loop_bundle(tmp: Path) -> Path:
+def loopy_bundle(tmp: Path) -> Path:
+    """loopy v1: y = x + floor(max(x)), so an input with a huge value keeps an inference busy for good."""
     tmp.mkdir(parents=True, exist_ok=True)
-    model = tmp / "model.onnx"
-    model.write_bytes(loop_by_input_model())
+    model = loop_model(None)
+    (tmp / "probe.onnx").write_bytes(model)
     x = np.random.default_rng(0).uniform(0.0, 2.9, (16, 4)).astype(np.float32)
-    session = open_session(model, "onnx", input_names=["x"], output_names=["y"])
+    session = open_session(tmp / "probe.onnx", "onnx", input_names=["x"], output_names=["y"])
     expected = session.run({"x": x})[0]
     np.testing.assert_allclose(expected, x + np.floor(x.max()), rtol=1e-6)  # the Loop really iterates max(x) times
-    golden = tmp / "golden.npz"
-    np.savez(golden, allow_pickle=False, **{"input.x": x, "onnx.output.0": expected})
-    spec_in, spec_out = TensorSpec("x", (-1, 4), "float32"), TensorSpec("y", (-1, 4), "float32")
-    art = Artifact("onnx", "model.onnx", (spec_in,), (spec_out,), {"name": "fp32"}, 1.0, 0.0, 0.1, 0.2)
-    manifest = Manifest(
-        name="loopy", version=1, task="regression", created="2026-12-04T00:00:00+00:00", inputs=(spec_in,),
-        outputs=(spec_out,), artifacts=(art,), metric="mse", fp32_metric_value=1.0, max_drop=1.0,
-        parity={"kind": "tolerance", "atol": 1e-4, "rtol": 1e-4}, latency_budget_ms=50.0, target={},
-        preprocessing={}, provenance={"source_sha256": "0" * 64})
-    out = tmp / "out" / "loopy-1.bundle"
-    out.parent.mkdir()
-    write_bundle(out, manifest, {"model.onnx": model, "golden.npz": golden})
-    return out
+    return loop_bundle(tmp, model, x, expected, "loopy", 1, 50.0)
 
 
 def post(port: int, x: np.ndarray, timeout: float) -> tuple[int, bytes]:
@@ -175,7 +137,7 @@ def largest_gap(times: list[float]) -> float:
 
 
 def test_ready_watchdog_status_and_a_stuck_inference_stops_the_pings(mosquitto: Mosquitto, tmp_path: Path) -> None:
-    bundle = loop_bundle(tmp_path / "bundle")
+    bundle = loopy_bundle(tmp_path / "bundle")
     (tmp_path / "device").mkdir()
     dev = NotifiedDevice(tmp_path / "device", mosquitto, probation_s=2)
     # AF_UNIX paths are limited to 107 bytes: the socket lives in a short directory of its own

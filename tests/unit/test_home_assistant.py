@@ -16,7 +16,7 @@ from agent.telemetry import home_assistant as ha
 from agent.transport.topics import Topics
 
 TOPICS = Topics("edgeship/lab/")
-DEVICE = "pi-7.kitchen"
+DEVICE = "pi-7_kitchen"
 
 # Home Assistant's MQTT discovery schema for the keys these payloads may carry (homeassistant/components/mqtt:
 # abbreviations.py, sensor.py, binary_sensor.py, mixins.py), with each key's type.

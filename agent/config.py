@@ -211,9 +211,10 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None,
     if mqtt.urls:
         built["mqtt"] = replace(mqtt, url=joined)
     cfg = AgentConfig(**built)
-    if base_dir is not None:  # relative paths in the file are relative to the file
+    if base_dir is not None:  # relative paths in the file are relative to the file: every path the agent reads
         cfg = replace(cfg, agent=replace(cfg.agent, state_dir=base_dir / cfg.agent.state_dir),
-                      trust=replace(cfg.trust, root=base_dir / cfg.trust.root))
+                      trust=replace(cfg.trust, root=base_dir / cfg.trust.root),
+                      mqtt=replace(cfg.mqtt, ca_file=str(base_dir / cfg.mqtt.ca_file) if cfg.mqtt.ca_file else ""))
     _validate(cfg)
     return cfg
 

@@ -254,11 +254,12 @@ def _validate(cfg: AgentConfig) -> None:
         try:
             url = urlsplit(text)
             ok = url.scheme in ("mqtt", "mqtts") and bool(url.hostname) and url.path in ("", "/") \
-                and not url.query and not url.fragment and (url.port or 1) > 0
+                and url.query in ("", "subscribe_qos=0", "subscribe_qos=1") and not url.fragment and (url.port or 1) > 0
         except ValueError:
             ok = False
         if not ok:
-            raise ConfigError(f"[mqtt] url {text!r}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+            raise ConfigError(f"[mqtt] url {text!r}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT], "
+                              "optionally ?subscribe_qos=0")
     if len({urlsplit(u).scheme for u in urls}) > 1:
         raise ConfigError(f"[mqtt] url {cfg.mqtt.url!r}: brokers must be all mqtt:// or all mqtts://")
     if len(set(urls)) != len(urls):

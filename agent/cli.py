@@ -123,6 +123,8 @@ def _install(args: argparse.Namespace) -> int:
         result = install(plan)
     except ConfigError as e:
         return _fail(args, str(e), "config", EXIT_CONFIG)
+    except (OSError, UnicodeError) as e:  # install() names the paths it checks; anything else still one line
+        return _fail(args, " ".join(str(e).split()), "config", EXIT_CONFIG)
     if args.json:
         print(json.dumps(result.to_json()))
         return 0

@@ -15,6 +15,7 @@
     │       └── StateFileError  the state file (and its backup) cannot be read or is invalid
     ├── ServingError            a request the serving layer refuses or cannot answer            .status (HTTP)
     │   ├── BadRequest (400), ModelNotFound (404), BatchTooLarge (413), ModelNotReady (503), InferenceFailed (500)
+    │   │   (BatchTooLarge > InputTooLarge, 413: a raw input too large to preprocess)
     └── ListenError             the inference server cannot listen on its address
 
 The packager's errors (`packager.errors`) hang off EdgeshipError too. The trust side's `FetchError` (a TransportError
@@ -231,6 +232,12 @@ class BatchTooLarge(ServingError):
     """The request has more rows than the model's batch limit allows (`max_batch`). The message names the limit."""
 
     status = 413
+
+
+class InputTooLarge(BatchTooLarge):
+    """A raw input whose preprocessing would work on more elements than the agent allows (agent/preprocess.py
+    MAX_PREPROCESS_ELEMENTS: N x max(height) x max(width) x channels for images), refused before any conversion.
+    413 like a batch over max_batch, and the cure is the same: split the request (or send smaller images)."""
 
 
 class InferenceFailed(ServingError):

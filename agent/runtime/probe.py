@@ -9,17 +9,21 @@ runtime (a model format at a runtime version), it runs
     python -m agent.runtime.probe --format onnx --model REL/model.int8.onnx --golden REL/golden.npz --input x ...
 
 which imports the runtime, loads the artifact and runs the bundle's golden rows once, with a timeout (the
-`[deploy] stage_timeout_s` plus PROBE_START_S for the child's own start and imports). The verdict is persisted
-in `<state_dir>/runtimes.json` (atomic write), keyed by format and runtime version:
+`[deploy] stage_timeout_s` plus PROBE_START_S for the child's own start and imports). Whose fault a failure is
+depends on where the child was (the `phase` it last reported) and how it ended:
 
 - the child answered: the runtime is **usable** at that version and is not probed again (until its version changes);
-- the child was killed by a signal (SIGILL, SIGSEGV, ...), hung past the timeout, could not import the runtime,
-  or died without an answer: the runtime is **unusable** at that version; STAGE skips that format's artifacts and
-  uses the bundle's others. A runtime upgrade changes the version, so the next STAGE probes it again; deleting
-  the file (or its entry) retries by hand;
-- the runtime imported but raised an ordinary Python error loading or running this artifact: that is the
-  artifact's fault, not the runtime's. Nothing is recorded; STAGE skips the artifact this time (as an in-process
-  load failure would) and the next bundle probes the runtime again.
+- the child failed while importing the runtime (killed by any signal, hung past the timeout, an ImportError, died
+  without an answer), or a CPU fault killed it in any phase (SIGILL, SIGSEGV, SIGBUS: what a wheel built for
+  another CPU does, on import or on its first kernel): the runtime is **unusable** at that version, persisted in
+  `<state_dir>/runtimes.json` (atomic write) keyed by format and runtime version. STAGE skips that format's
+  artifacts and uses the bundle's others. A runtime upgrade changes the version, so the next STAGE probes it
+  again; deleting the file (or its entry) retries by hand;
+- the runtime imported, then loading or running this artifact failed any other way: an ordinary Python error, a
+  kill by another signal (SIGKILL: the kernel's OOM killer when a large model does not fit the service's
+  MemoryMax, which the child shares; SIGABRT, ...), the timeout (a slow load on a busy board), an exit without an
+  answer. That is charged to the artifact, not the runtime: nothing is recorded, STAGE skips this artifact this
+  time (as an in-process load failure would) and the next STAGE probes the runtime again.
 
 Only a usable verdict lets the daemon import the runtime. The child never outlives the daemon (PR_SET_PDEATHSIG,
 and it exits at once if its parent is already gone).
@@ -61,12 +65,16 @@ FAULT_ENV = "EDGESHIP_PROBE_FAULT"
 SCHEMA = 1
 # A probe loads a model, bounded like any model load by [deploy] stage_timeout_s, after starting Python and importing
 # numpy and the runtime: seconds on a small board, and more on a busy one, so that much again is allowed for them
-# (a probe that times out marks a working runtime unusable until its version changes).
+# (a probe that times out while importing marks a working runtime unusable until its version changes).
 PROBE_START_S = 30.0
 DEFAULT_TIMEOUT_S = 120.0 + PROBE_START_S  # with the default stage_timeout_s
 # whose fault a failed probe is: the runtime's (persisted), the artifact's, or the probe's own (it never got to the
 # runtime: a broken agent install, a bad test hook); only "runtime" verdicts are persisted
 Blame = Literal["runtime", "artifact", "probe"]
+# the signals a CPU raises for code it cannot run (an instruction it lacks, a bad address or alignment): a runtime
+# built for another CPU dies of one on import or on its first kernel, so they blame the runtime in any phase; any
+# other death after the import (SIGKILL from the OOM killer, SIGABRT, the timeout's kill) blames the artifact
+CPU_FAULTS = frozenset({"SIGILL", "SIGSEGV", "SIGBUS"})
 Phase = Literal["start", "import", "load", "run", "done"]
 PHASES: tuple[Phase, ...] = ("start", "import", "load", "run", "done")
 # what a format's runtime is called, for messages (agent/deploy/stage.py's _RUNTIME_MODULES finds them)
@@ -81,8 +89,9 @@ class Verdict:
     """What the probe found for one runtime (a model format at a runtime version) on this device.
 
     `usable`: the child imported the runtime and ran the golden rows. `blame` says whose fault a failure is:
-    "runtime" verdicts are persisted; an "artifact" one (the runtime imported, then this artifact raised) and a
-    "probe" one (the child failed before it imported the runtime) are not.
+    "runtime" verdicts (a failure while importing, a CPU fault in any phase) are persisted; an "artifact" one (the
+    runtime imported, then this artifact failed otherwise: an error, SIGKILL, the timeout) and a "probe" one (the
+    child failed before it imported the runtime) are not.
     `phase` is where the child was when it ended: import, load, run (or done)."""
 
     format: str
@@ -231,7 +240,7 @@ class RuntimeProbe:
 
     def check(self, target: ProbeTarget, version: str) -> Verdict:
         """The verdict for `target.format`'s runtime at `version`: the persisted one, or a new probe's (persisted
-        unless the artifact, not the runtime, is to blame)."""
+        only when the runtime is to blame: a usable verdict, a failure while importing, a CPU fault)."""
         with self._lock:
             known = self.known(target.format, version)
             if known is not None:
@@ -270,9 +279,14 @@ def _answer(stdout: str) -> dict[str, Any] | None:
     return None
 
 
-def _blame_at(phase: str) -> Blame:
-    """A child that died before it began importing the runtime says nothing about the runtime."""
-    return "probe" if phase == "start" else "runtime"
+def _blame_at(phase: str, signal_name: str = "") -> Blame:
+    """Whose fault a child that failed in `phase` is (killed by `signal_name`, "" for a timeout or an exit without
+    an answer). One that died before it began importing the runtime says nothing about the runtime; one that died
+    while importing it condemns the runtime; after the import only a CPU fault does: a SIGKILL (the OOM killer),
+    another signal or the timeout while loading or running is this artifact's (its size, a busy board)."""
+    if phase == "start":
+        return "probe"
+    return "runtime" if phase == "import" or signal_name in CPU_FAULTS else "artifact"
 
 
 def _signal_name(number: int) -> str:
@@ -315,7 +329,8 @@ def run_probe(target: ProbeTarget, version: str, *, timeout_s: float = DEFAULT_T
     phase = _last_phase(proc.stdout)
     doing = _phase_text(target.format, phase, model)
     if proc.returncode < 0:
-        return verdict(False, f"killed by {_signal_name(-proc.returncode)} while {doing}", phase, _blame_at(phase))
+        name = _signal_name(-proc.returncode)
+        return verdict(False, f"killed by {name} while {doing}", phase, _blame_at(phase, name))
     answer = _answer(proc.stdout)
     if answer is None:
         last = (proc.stderr.strip().splitlines() or [""])[-1][:300]
@@ -405,7 +420,8 @@ def _maybe_fault(fmt: str, phase: str) -> None:
         raise ImportError(f"{FAULT_ENV} asked this import to fail")
     else:
         sig = getattr(signal, fault)
-        signal.signal(sig, signal.SIG_DFL)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot be caught, so have no handler to reset
+            signal.signal(sig, signal.SIG_DFL)
         signal.raise_signal(sig)
 
 
@@ -485,8 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return child(args)
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "FAULT_ENV", "PROBE_FILE", "PROBE_START_S", "ProbeTarget", "RuntimeProbe", "Verdict",
-           "parse_faults", "read_verdicts", "run_probe", "unusable_json", "unusable_runtimes"]
+__all__ = ["CPU_FAULTS", "DEFAULT_TIMEOUT_S", "FAULT_ENV", "PROBE_FILE", "PROBE_START_S", "ProbeTarget", "RuntimeProbe",
+           "Verdict", "parse_faults", "read_verdicts", "run_probe", "unusable_json", "unusable_runtimes"]
 
 if __name__ == "__main__":
     sys.exit(main())

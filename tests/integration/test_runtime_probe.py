@@ -1,9 +1,11 @@
 """The runtime probe for real: a real digits bundle (int8 ONNX + int8 TFLite), the real probe child importing
 onnxruntime and LiteRT, and runtimes that really die in it (EDGESHIP_PROBE_FAULT: a real illegal instruction, a
-real read of address 0, a hang). Staging runs in a fresh Python process each time, so what that process imported
-is known: a runtime that did not pass the probe is never in its `sys.modules`. Last, real `edge-agent run`
-processes on a throwaway mosquitto: the agent serves TFLite when onnxruntime dies with SIGILL (and never maps
-onnxruntime's library), and rolls a bundle whose runtimes both die back with reason `no_usable_runtime`.
+real read of address 0, a SIGKILL, a hang; a failure while importing or a CPU fault is the runtime's and persisted,
+a SIGKILL or a timeout while loading or running is the artifact's and is not). Staging runs in a fresh Python
+process each time, so what that process imported is known: a runtime that did not pass the probe is never in its
+`sys.modules`. Last, real `edge-agent run` processes on a throwaway mosquitto: the agent serves TFLite when
+onnxruntime dies with SIGILL (and never maps onnxruntime's library), and rolls a bundle whose runtimes both die
+back with reason `no_usable_runtime`.
 """
 
 from __future__ import annotations
@@ -161,6 +163,43 @@ def test_a_broken_artifact_is_not_held_against_its_runtime(release: Path, tmp_pa
     assert out["event"]["failures"]["onnx"].startswith("runtime probe: loading model.int8.onnx failed: ")
     assert out["event"]["unusable_runtimes"] == []
     assert "onnx" not in read_verdicts(tmp_path)  # the next bundle's onnx artifact probes the runtime again
+
+
+def test_sigkill_while_loading_is_held_against_the_artifact_not_the_runtime(release: Path, tmp_path: Path) -> None:
+    """The OOM killer's SIGKILL while the child loads an oversized model: this artifact is skipped, nothing is
+    persisted, and the next staging (a later, smaller bundle) probes onnxruntime again and uses it."""
+    out = stage_in_a_fresh_process(release, tmp_path, fault="onnx:SIGKILL@load")
+    assert out["format"] == "tflite" and "onnxruntime" not in out["after"]
+    assert out["event"]["failures"]["onnx"] == "runtime probe: killed by SIGKILL while loading model.int8.onnx"
+    assert out["event"]["unusable_runtimes"] == []
+    assert "onnx" not in read_verdicts(tmp_path) and read_verdicts(tmp_path)["tflite"].usable
+    again = stage_in_a_fresh_process(release, tmp_path)
+    assert again["due"] == 1 and "onnx" in again["event"]["timings"] and "onnxruntime" in again["after"]
+    assert read_verdicts(tmp_path)["onnx"].usable
+
+
+def test_a_timeout_while_running_is_held_against_the_artifact_not_the_runtime(release: Path, tmp_path: Path) -> None:
+    # 20 s: the child must get through Python's start and the onnxruntime import first (well under 1 s here)
+    out = stage_in_a_fresh_process(release, tmp_path, fault="onnx:hang@run", timeout_s=20.0)
+    assert out["format"] == "tflite" and "onnxruntime" not in out["after"]
+    assert out["event"]["failures"]["onnx"] == (
+        "runtime probe: hung: no answer within 20 s while running the golden rows")
+    assert out["event"]["unusable_runtimes"] == []
+    assert "onnx" not in read_verdicts(tmp_path)
+
+
+def test_sigill_while_running_is_held_against_the_runtime(release: Path, tmp_path: Path) -> None:
+    """A runtime whose first kernel uses an instruction this CPU lacks: persisted like a SIGILL on import."""
+    out = stage_in_a_fresh_process(release, tmp_path, fault="onnx:SIGILL@run")
+    assert out["format"] == "tflite" and "onnxruntime" not in out["after"]
+    [unusable] = out["event"]["unusable_runtimes"]
+    assert (unusable["format"], unusable["phase"], unusable["why"]) == (
+        "onnx", "run", "killed by SIGILL while running the golden rows")
+    verdict = read_verdicts(tmp_path)["onnx"]
+    assert not verdict.usable and verdict.phase == "run"
+    again = stage_in_a_fresh_process(release, tmp_path)  # no fault now: but the verdict stands, no probe runs
+    assert again["due"] == 0 and again["format"] == "tflite" and "onnxruntime" not in again["after"]
+    assert read_verdicts(tmp_path)["onnx"] == verdict
 
 
 def test_an_upgraded_runtime_is_probed_again(release: Path, tmp_path: Path) -> None:

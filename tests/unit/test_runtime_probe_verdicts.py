@@ -44,11 +44,18 @@ def target(tmp_path: Path, fmt: str = "onnx") -> ProbeTarget:
 # --- judging the child ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGILL, signal.SIGSEGV, signal.SIGABRT])
-def test_a_child_killed_by_a_signal_marks_the_runtime_unusable(tmp_path: Path, sig: signal.Signals) -> None:
-    cmd = fake_child(f'print("phase import", flush=True); signal.signal({int(sig)}, signal.SIG_DFL); '
-                     f'os.kill(os.getpid(), {int(sig)})')
-    v = run_probe(target(tmp_path), "1.22.0", command=cmd, timeout_s=30)
+def _dies_in(phase: str, sig: signal.Signals) -> tuple[str, ...]:
+    """A child that reports the phases up to `phase`, then dies of `sig` (SIGKILL as the OOM killer sends it)."""
+    phases = ("import", "load", "run")[:("import", "load", "run").index(phase) + 1]
+    reset = "" if sig == signal.SIGKILL else f"signal.signal({int(sig)}, signal.SIG_DFL); "
+    return fake_child(f'for p in {phases!r}: print("phase " + p)\n'
+                      f'sys.stdout.flush(); {reset}os.kill(os.getpid(), {int(sig)})')
+
+
+@pytest.mark.parametrize("sig", [signal.SIGILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGKILL])
+def test_a_child_killed_by_any_signal_while_importing_marks_the_runtime_unusable(tmp_path: Path,
+                                                                                 sig: signal.Signals) -> None:
+    v = run_probe(target(tmp_path), "1.22.0", command=_dies_in("import", sig), timeout_s=30)
     assert (v.usable, v.blame, v.phase, v.version) == (False, "runtime", "import", "1.22.0")
     assert v.why == f"killed by {sig.name} while importing onnxruntime"
 
@@ -61,11 +68,41 @@ def test_the_phase_reached_is_reported(tmp_path: Path) -> None:
     assert v.runtime == "LiteRT"
 
 
-def test_a_hanging_child_is_killed_at_the_timeout_and_marks_the_runtime_unusable(tmp_path: Path) -> None:
-    cmd = fake_child('print("phase import"); print("phase load", flush=True); time.sleep(600)')
+@pytest.mark.parametrize("phase", ["load", "run"])
+@pytest.mark.parametrize("sig", [signal.SIGILL, signal.SIGSEGV, signal.SIGBUS])
+def test_a_cpu_fault_after_the_import_still_blames_the_runtime(tmp_path: Path, phase: str,
+                                                               sig: signal.Signals) -> None:
+    v = run_probe(target(tmp_path), "1.22.0", command=_dies_in(phase, sig), timeout_s=30)
+    assert (v.usable, v.blame, v.phase) == (False, "runtime", phase)
+    assert v.why.startswith(f"killed by {sig.name} while ")
+
+
+@pytest.mark.parametrize("phase", ["load", "run"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGABRT, signal.SIGTERM])
+def test_another_signal_after_the_import_blames_the_artifact(tmp_path: Path, phase: str,
+                                                             sig: signal.Signals) -> None:
+    v = run_probe(target(tmp_path), "1.22.0", command=_dies_in(phase, sig), timeout_s=30)
+    assert (v.usable, v.blame, v.phase) == (False, "artifact", phase)
+    doing = "loading model.onnx" if phase == "load" else "running the golden rows"
+    assert v.why == f"killed by {sig.name} while {doing}"
+
+
+def test_a_child_hanging_in_its_import_is_killed_at_the_timeout_and_marks_the_runtime_unusable(
+        tmp_path: Path) -> None:
+    cmd = fake_child('print("phase import", flush=True); time.sleep(600)')
     v = run_probe(target(tmp_path), "1.22.0", command=cmd, timeout_s=1.0)
-    assert (v.usable, v.blame, v.phase) == (False, "runtime", "load")
-    assert v.why == "hung: no answer within 1 s while loading model.onnx"
+    assert (v.usable, v.blame, v.phase) == (False, "runtime", "import")
+    assert v.why == "hung: no answer within 1 s while importing onnxruntime"
+
+
+@pytest.mark.parametrize("phase", ["load", "run"])
+def test_a_child_hanging_after_the_import_blames_the_artifact(tmp_path: Path, phase: str) -> None:
+    phases = ("import", "load") if phase == "load" else ("import", "load", "run")
+    cmd = fake_child(f'for p in {phases!r}: print("phase " + p)\nsys.stdout.flush(); time.sleep(600)')
+    v = run_probe(target(tmp_path), "1.22.0", command=cmd, timeout_s=1.0)
+    assert (v.usable, v.blame, v.phase) == (False, "artifact", phase)
+    doing = "loading model.onnx" if phase == "load" else "running the golden rows"
+    assert v.why == f"hung: no answer within 1 s while {doing}"
 
 
 def test_an_import_error_marks_the_runtime_unusable(tmp_path: Path) -> None:
@@ -85,13 +122,20 @@ def test_an_artifact_that_raises_is_the_artifacts_fault(tmp_path: Path, phase: s
     assert v.why.endswith("failed: RuntimeUnavailable: bad model")
 
 
-def test_a_child_that_exits_without_an_answer_marks_the_runtime_unusable(tmp_path: Path) -> None:
+def test_a_child_that_exits_without_an_answer_while_importing_marks_the_runtime_unusable(tmp_path: Path) -> None:
     cmd = fake_child('print("phase import", flush=True); print("Fatal: no CPU feature", file=sys.stderr); '
                      'os._exit(134)')
     v = run_probe(target(tmp_path), "1.22.0", command=cmd, timeout_s=30)
     assert (v.usable, v.blame) == (False, "runtime")
     assert v.why == ("exited with status 134 without an answer while importing onnxruntime: "
                      "Fatal: no CPU feature")
+
+
+def test_a_child_that_exits_without_an_answer_while_loading_blames_the_artifact(tmp_path: Path) -> None:
+    cmd = fake_child('print("phase import"); print("phase load", flush=True); os._exit(3)')
+    v = run_probe(target(tmp_path), "1.22.0", command=cmd, timeout_s=30)
+    assert (v.usable, v.blame, v.phase) == (False, "artifact", "load")
+    assert v.why == "exited with status 3 without an answer while loading model.onnx"
 
 
 def test_an_answer_marks_the_runtime_usable(tmp_path: Path) -> None:
@@ -138,6 +182,38 @@ def test_an_artifacts_fault_is_not_persisted(tmp_path: Path) -> None:
     assert not probe.check(target(tmp_path), "1.22.0").usable
     assert not (tmp_path / PROBE_FILE).exists()
     assert probe.due("onnx", "1.22.0")  # the next bundle probes the runtime again
+
+
+def test_sigkill_while_loading_is_not_persisted(tmp_path: Path) -> None:
+    """One oversized bundle gets the child OOM-killed while loading: that says nothing about the runtime, so the
+    next bundle's artifact probes it again (and passes)."""
+    probe = RuntimeProbe(tmp_path, timeout_s=30, command=_dies_in("load", signal.SIGKILL))
+    v = probe.check(target(tmp_path), "1.22.0")
+    assert (v.usable, v.blame, v.why) == (False, "artifact", "killed by SIGKILL while loading model.onnx")
+    assert not (tmp_path / PROBE_FILE).exists() and unusable_runtimes(tmp_path) == []
+    assert probe.due("onnx", "1.22.0")
+    healthy = RuntimeProbe(tmp_path, timeout_s=30, command=fake_child(ANSWER_OK))
+    assert healthy.check(target(tmp_path), "1.22.0").usable
+    assert read_verdicts(tmp_path)["onnx"].usable
+
+
+def test_a_timeout_while_running_is_not_persisted(tmp_path: Path) -> None:
+    cmd = fake_child('print("phase import"); print("phase load"); print("phase run", flush=True); time.sleep(600)')
+    probe = RuntimeProbe(tmp_path, timeout_s=1.0, command=cmd)
+    v = probe.check(target(tmp_path), "1.22.0")
+    assert (v.usable, v.blame, v.phase) == (False, "artifact", "run")
+    assert not (tmp_path / PROBE_FILE).exists()
+    assert probe.due("onnx", "1.22.0")
+
+
+def test_sigill_while_running_is_persisted(tmp_path: Path) -> None:
+    probe = RuntimeProbe(tmp_path, timeout_s=30, command=_dies_in("run", signal.SIGILL))
+    v = probe.check(target(tmp_path), "1.22.0")
+    assert (v.usable, v.blame, v.phase) == (False, "runtime", "run")
+    assert read_verdicts(tmp_path) == {"onnx": v}
+    assert [u.why for u in unusable_runtimes(tmp_path)] == ["killed by SIGILL while running the golden rows"]
+    # known at that version: a later bundle does not probe it again, even with a child that would pass
+    assert RuntimeProbe(tmp_path, timeout_s=30, command=fake_child(ANSWER_OK)).check(target(tmp_path), "1.22.0") == v
 
 
 def test_verdicts_of_several_formats_live_side_by_side(tmp_path: Path) -> None:

@@ -2,8 +2,9 @@
 
 Before this process imports a runtime for the first time (a format at a runtime version), the device's
 `RuntimeProbe` (agent/runtime/probe.py) imports it and runs the artifact on the golden rows once in a child
-process: a runtime that crashes, hangs or cannot import there is marked unusable (persisted), and its artifacts
-are skipped; a bundle left with none is rejected with reason `no_usable_runtime`.
+process: a runtime that fails to import there, or dies of a CPU fault (SIGILL, SIGSEGV, SIGBUS) at any point, is
+marked unusable (persisted) and its artifacts are skipped; a bundle left with none is rejected with reason
+`no_usable_runtime`. Any other death or a timeout after the import blames that artifact only, for this STAGE.
 
 Staging only ever creates new sessions and returns them; it touches nothing the currently serving model uses and
 keeps no global state besides the (read-only) cache of which runtimes import on this device. So a bundle that

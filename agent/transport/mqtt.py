@@ -145,6 +145,7 @@ class BrokerAddress:
     tls: bool
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    subscribe_qos: int = 1  # `?subscribe_qos=0` in the URL: see parse_broker_url
 
 
 def unique_client_id(base: str) -> str:
@@ -172,15 +173,22 @@ def split_broker_urls(urls: str | Sequence[str]) -> list[str]:
     return items
 
 
+SUBSCRIBE_QOS_QUERIES = ("subscribe_qos=0", "subscribe_qos=1")  # the one query a broker URL may carry
+
+
 def parse_broker_url(url: str) -> BrokerAddress:
-    """`mqtt://[user:pass@]host[:port]` (1883) or `mqtts://...` (8883)."""
+    """`mqtt://[user:pass@]host[:port]` (1883) or `mqtts://...` (8883), optionally `?subscribe_qos=0`: subscribe
+    at QoS 0 instead of 1 on that broker. For NATS 2.9 clusters (docs/scaling.md): a QoS 1 subscription costs a
+    JetStream consumer that 2.9.10 may place on a dead node, a QoS 0 one costs none. Our connections start clean,
+    so QoS 1 buys no redelivery; what QoS 0 gives up is the broker pacing deliveries by our acknowledgements
+    (`receive_window`, which NATS 2.9, MQTT 3.1.1 only, does not offer anyway)."""
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts"):
         raise ValueError(f"broker URL must start with mqtt:// or mqtts://: {url!r}")
     if not parts.hostname:
         raise ValueError(f"broker URL has no host: {url!r}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"broker URL must be just mqtt[s]://host:port: {url!r}")
+    if parts.path not in ("", "/") or parts.query not in ("", *SUBSCRIBE_QOS_QUERIES) or parts.fragment:
+        raise ValueError(f"broker URL must be just mqtt[s]://host:port[?subscribe_qos=0]: {url!r}")
     tls = parts.scheme == "mqtts"
     try:
         port = parts.port or (8883 if tls else 1883)
@@ -188,7 +196,7 @@ def parse_broker_url(url: str) -> BrokerAddress:
         raise ValueError(f"bad port in broker URL {url!r}") from e
     user = unquote(parts.username) if parts.username is not None else None
     password = unquote(parts.password) if parts.password is not None else None
-    return BrokerAddress(parts.hostname, port, tls, user, password)
+    return BrokerAddress(parts.hostname, port, tls, user, password, 0 if parts.query == "subscribe_qos=0" else 1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -460,7 +468,9 @@ class MqttClient:
     next one in the list, and on to the next after every failed attempt (round robin, paho's backoff unchanged), so
     the client fails over and, when its broker fails in turn, comes back to the first. `url` always names the
     broker in use. Each new connection is a clean start: subscriptions are restored, the birth message republished
-    and the will set again. All must speak the same MQTT version (the one `connect()` found).
+    and the will set again. A connection to the next broker of the list uses a fresh client id
+    (`unique_client_id` of the one given; `client_id` names the one in use), the barrier topic stays. All must
+    speak the same MQTT version (the one `connect()` found).
     """
 
     def __init__(
@@ -500,8 +510,11 @@ class MqttClient:
         self.urls = split_broker_urls(url)
         self.addresses = [parse_broker_url(u) for u in self.urls]
         self._current = 0  # index of the broker in use (or tried next)
-        self.client_id = client_id
+        self._id_base = client_id
+        self.client_id = client_id  # the id of the connection in use: a fresh one after each failover (_rotate)
         self.topics = prefix if isinstance(prefix, Topics) else Topics(prefix)
+        # derived from the first id and kept for this client's life, so the subscription restored after a
+        # failover and the reads in flight keep waiting on the same topic
         self.barrier_topic = self.topics.barrier(client_id)
         self.keepalive = keepalive
         self.max_packet_size = max_packet_size
@@ -588,8 +601,8 @@ class MqttClient:
             return  # one broker; or in connect(), which walks the list itself
         # paho's reconnect() connects to _host/_port. Its public host/port setters refuse unless the client was
         # disconnected on purpose, not after a lost connection, so set what they would set (paho 2.x).
-        if not (hasattr(client, "_host") and hasattr(client, "_port")):
-            log.warning("this paho has no _host/_port: staying with %s", self.url)
+        if not (hasattr(client, "_host") and hasattr(client, "_port") and hasattr(client, "_client_id")):
+            log.warning("this paho has no _host/_port/_client_id: staying with %s", self.url)
             return
         with self._lock:
             if client is not self._paho:
@@ -599,7 +612,12 @@ class MqttClient:
             a = self.address
             client._host, client._port = a.host, a.port
             client.username_pw_set(a.username, a.password)
-        log.info("%s %s; next attempt: %s", why, previous, self.url)
+            # A fresh client id on the next broker: we start clean anyway, and a cluster that still holds the old
+            # session may refuse its id while the node that had it is down (NATS 2.9 first deletes the old
+            # session's JetStream consumers, which lived there). The barrier topic stays (see __init__).
+            self.client_id = unique_client_id(self._id_base)
+            client._client_id = self.client_id.encode()
+        log.info("%s %s; next attempt: %s as %s", why, previous, self.url, self.client_id)
 
     def _new_paho(self, version: str) -> paho.Client:
         proto = MQTTProtocolVersion.MQTTv5 if version == "5" else MQTTProtocolVersion.MQTTv311
@@ -873,9 +891,10 @@ class MqttClient:
         return client
 
     def _sub_spec(self, filters: list[str]) -> list[tuple[str, Any]]:
+        qos = self.address.subscribe_qos
         if self.protocol == "3.1.1":
-            return [(f, 1) for f in filters]
-        return [(f, SubscribeOptions(qos=1)) for f in filters]
+            return [(f, qos) for f in filters]
+        return [(f, SubscribeOptions(qos=qos)) for f in filters]
 
     def _wait_ack(self, mid: int, what: str, timeout: float, generation: int) -> list[int]:
         deadline = time.monotonic() + timeout

@@ -461,3 +461,24 @@ def test_receive_window_acks_stream_messages_on_arrival_and_works_under_mqtt_311
                 publisher.publish(topics.prefix + f"live/{i}", b"x", retain=False)
             assert next_payload(sub, b"x").topic == topics.prefix + "live/0"
             assert device.get_retained(names, timeout=10) == {t: t.encode() for t in names}
+
+
+# ---- subscribing at QoS 0 (`?subscribe_qos=0`, for NATS 2.9 clusters: docs/scaling.md)
+
+
+def test_subscribe_qos_0_reads_retained_state_and_streams(
+    mosquitto: Mosquitto, topics: Topics, connect: Callable[..., MqttClient]
+) -> None:
+    writer = connect(mosquitto.url, topics, "w")
+    names = [topics.device("d1", f"part-{i}") for i in range(3)]
+    for i, t in enumerate(names):
+        writer.publish(t, b"v%d" % i)
+    reader = connect(mosquitto.url + "?subscribe_qos=0", topics, "r", receive_window=1)
+    with reader.start_retained(names) as read:
+        got = list(read)
+    assert {m.topic: m.payload for m in got} == {t: b"v%d" % i for i, t in enumerate(names)}
+    assert all(m.acker is None for m in got)  # delivered at QoS 0: nothing to acknowledge, window or not
+    assert reader.get_retained([topics.device("d1", "absent")]) == {}  # the barrier works at QoS 0 too
+    with reader.subscribe_stream([topics.notify]) as sub:
+        writer.publish(topics.notify, b"poke", retain=False)
+        assert next_payload(sub, b"poke").acker is None

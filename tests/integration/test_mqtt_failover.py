@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import TransportError
-from agent.transport.mqtt import MqttClient, Will, split_broker_urls
+from agent.transport.mqtt import MqttClient, Will, parse_broker_url, split_broker_urls
 from agent.transport.topics import Topics
 from agent.trust.chunks import chunk_hashes
 from agent.trust.mqtt_fetcher import MqttFetcher
@@ -74,6 +74,12 @@ def test_broker_lists_are_checked() -> None:
             split_broker_urls(bad)
     with pytest.raises(ValueError):
         MqttClient("mqtt://a:1,mqtt://a:1", "c")
+    assert parse_broker_url("mqtt://a:1").subscribe_qos == 1
+    assert parse_broker_url("mqtt://a:1?subscribe_qos=0").subscribe_qos == 0
+    assert parse_broker_url("mqtt://a:1/?subscribe_qos=1").subscribe_qos == 1
+    for bad in ("mqtt://a:1?subscribe_qos=2", "mqtt://a:1?qos=0", "mqtt://a:1?subscribe_qos=0&x=1"):
+        with pytest.raises(ValueError):
+            parse_broker_url(bad)
 
 
 def test_connect_takes_the_first_broker_that_answers(
@@ -101,9 +107,15 @@ def test_fails_over_and_comes_back_with_subscriptions_birth_and_will(
     _wait(lambda: watch_a.get_retained([state]) == {state: b"online"}, 10, "the birth message on A")
 
     caplog.set_level(logging.INFO, logger="agent.transport.mqtt")
+    first_id, barrier = device.client_id, device.barrier_topic
     a.kill()
     _on(device, b.url)
     assert any(b.url in r.getMessage() and "next attempt" in r.getMessage() for r in caplog.records)
+    # a fresh client id on B (clean start: the old session is of no use), the barrier topic unchanged, and retained
+    # reads, which wait for that barrier, work there
+    assert device.client_id != first_id and device.client_id.startswith(first_id + "-")
+    assert device.barrier_topic == barrier
+    _wait(lambda: device.get_retained([state]) == {state: b"online"}, 10, "the device's own read on B")
     watch_b = _client(clients, b.url, topics, "wb").connect(timeout=5)
     _wait(lambda: watch_b.get_retained([state]) == {state: b"online"}, 10, "the birth message on B")
     # the subscription was restored on B: a poke published there reaches the device

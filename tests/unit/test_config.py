@@ -48,6 +48,8 @@ def test_environment_overrides_file() -> None:
         (dict(MINIMAL, mqtt={"urls": ["mqtt://a", "mqtts://b"]}), {}, "all mqtt:// or all mqtts://"),
         (dict(MINIMAL, mqtt={"urls": ["mqtt://a", "ftp://b"]}), {}, "'ftp://b': expected mqtt://"),
         (dict(MINIMAL, mqtt={"urls": ["mqtt://a", "mqtt://a"]}), {}, "listed twice"),
+        (dict(MINIMAL, mqtt={"url": "mqtt://a?subscribe_qos=2"}), {}, "optionally \\?subscribe_qos=0"),
+        (dict(MINIMAL, mqtt={"url": "mqtt://a?x=1"}), {}, "expected mqtt://"),
         (dict(MINIMAL, mqtt={"urls": ["mqtt://a", 7]}), {}, "list of strings"),
         (MINIMAL, {"EDGESHIP_MQTT_RETAINED_GRACE_S": "61"}, "retained_grace_s: 61.0 is outside"),
     ],
@@ -65,6 +67,8 @@ def test_several_brokers() -> None:
     assert cfg.mqtt.url == "mqtt://a:1883,mqtt://b:1884"
     assert parse_config(MINIMAL, env={"EDGESHIP_MQTT_URL": "mqtt://a,mqtt://b"}).mqtt.url == "mqtt://a,mqtt://b"
     assert parse_config(MINIMAL, env={}).mqtt.retained_grace_s == 0.5
+    nats = ["mqtt://a:1883?subscribe_qos=0", "mqtt://b:1883?subscribe_qos=0"]  # a NATS 2.9 cluster (scaling.md)
+    assert parse_config(dict(MINIMAL, mqtt={"urls": nats}), env={}).mqtt.url == ",".join(nats)
 
 
 def test_a_config_written_back_reads_back_equal() -> None:

@@ -316,7 +316,7 @@ class Manifest:
             return _parse_manifest(d)
         except BundleRejected:
             raise
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             detail = f"missing field {e}" if isinstance(e, KeyError) else str(e)
             raise BundleRejected(f"invalid manifest: {detail}", reason="manifest") from e
 
@@ -328,8 +328,12 @@ def _require(cond: bool, message: str) -> None:
 
 def _number(v: Any, what: str) -> float:
     _require(isinstance(v, (int, float)) and not isinstance(v, bool), f"{what} must be a number")
-    _require(math.isfinite(v), f"{what} must be finite, got {v!r}")  # JSON's 1e400 reads as inf
-    return float(v)
+    try:
+        f = float(v)  # JSON's 1e400 reads as inf; an integer such as 10**400 does not fit a float at all
+    except OverflowError:
+        f = math.inf
+    _require(math.isfinite(f), f"{what} must be finite, got {_short(v)}")
+    return f
 
 
 def _integer(v: Any, what: str, low: int, high: int) -> int:

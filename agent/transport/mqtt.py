@@ -547,6 +547,7 @@ class MqttClient:
         self._barriers_due: set[int] = set()  # ids of retained reads whose barrier token is not published yet
         self.bytes_received = 0  # every payload byte that reached on_message
         self._connecting = False
+        self._not_serving = False  # the last connect attempt reached a broker that did not answer the CONNECT
 
     @property
     def url(self) -> str:
@@ -561,19 +562,35 @@ class MqttClient:
 
     def connect(self, timeout: float = 10.0) -> MqttClient:
         """Connect to the first broker of the list that answers (each with `timeout`); TransportError naming every
-        failure when none does."""
+        failure when none does.
+
+        Several brokers: when one of them took the TCP connection but dropped or never answered the CONNECT (a
+        cluster node still electing leaders after a peer died: NATS 2.9 closes the CONNECT until its session
+        stream has a leader again, docs/scaling.md), the list is walked again after this client's reconnect delay,
+        within `timeout` x the number of brokers in all (what one walk may take when none answers). Brokers that
+        refuse the TCP connection or answer with a refusing CONNACK end it after one walk."""
         failures: list[str] = []
+        deadline = time.monotonic() + timeout * len(self.urls)
         self._connecting = True  # this loop walks the list: no rotation from paho's callbacks meanwhile
         try:
-            for index in range(len(self.urls)):
-                self._current = index
-                try:
-                    return self._connect_broker(timeout)
-                except TransportError as e:
-                    if len(self.urls) == 1:
-                        raise
-                    failures.append(str(e))
-                    log.warning("%s; trying the next broker", e)
+            while True:
+                failures, not_serving = [], False
+                for index in range(len(self.urls)):
+                    self._current = index
+                    self._not_serving = False
+                    try:
+                        return self._connect_broker(max(0.1, min(timeout, deadline - time.monotonic())))
+                    except TransportError as e:
+                        if len(self.urls) == 1:
+                            raise
+                        failures.append(str(e))
+                        not_serving = not_serving or self._not_serving
+                        log.warning("%s; trying the next broker", e)
+                if not not_serving or time.monotonic() + self.reconnect_min_delay >= deadline:
+                    break
+                log.warning("a broker took the connection but not the CONNECT: trying the list again in %.1fs",
+                            self.reconnect_min_delay)
+                time.sleep(self.reconnect_min_delay)
         finally:
             self._connecting = False
         self._current = 0
@@ -680,11 +697,13 @@ class MqttClient:
             return False
         self._shutdown_paho(client)
         if connack is None and not lost:
+            self._not_serving = True
             raise TransportError(f"no CONNACK from {a.host}:{a.port} within {timeout:g}s")
         # A 3.1.1-only broker answers CONNACK code 1, or just drops a CONNECT it does not understand.
         if version == "5" and (lost or connack in _UNSUPPORTED_PROTOCOL):
             return True
         if lost:
+            self._not_serving = True
             raise TransportError(f"broker {a.host}:{a.port} closed the connection before CONNACK")
         raise TransportError(f"broker {a.host}:{a.port} refused the connection: {text}")
 

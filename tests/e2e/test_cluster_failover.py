@@ -8,10 +8,11 @@ connects to C): either way no stored chunk comes again.
 The agent reaches A and C through byte-relays that parse the MQTT packets the broker sends down, so the test
 counts which chunk topics each node delivered to the device.
 
-On NATS 2.9.10 (Debian bookworm, the version here) the surviving nodes refused or never answered new MQTT
-subscriptions for minutes after the SIGKILL in every trial on this machine (docs/scaling.md); when the agent's log
-shows exactly that, the test ends as an expected failure (xfail) after COMMIT_TIMEOUT. Everything before the kill,
-and any other way of not finishing, fails the test; a NATS that heals makes it pass in full.
+Every client (agent, packager, tester) subscribes at QoS 0 (`?subscribe_qos=0` on the broker URLs): on NATS
+2.9.10 (Debian bookworm, the version here) a QoS 1 subscription costs a JetStream consumer, placed on a random peer
+of the MQTT stream, dead ones included (fixed in nats-server 2.9.12, commit e15eb22), so after A's SIGKILL about a
+third of the subscriptions on B and C were refused or never answered for as long as A stayed down
+(docs/scaling.md). A QoS 0 subscription costs no consumer.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import math
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +43,8 @@ from tests.e2e.test_daemon import Device, _rebundle
 pytestmark = pytest.mark.slow
 
 PADDING = 12 << 20  # ~100 chunks: a download long enough to kill a node in the middle of it
-COMMIT_TIMEOUT = 120.0  # how long the device may take to get v2 from node C after node A died
+COMMIT_TIMEOUT = 240.0  # bound on getting v2 from node C after node A died (measured: docs/scaling.md)
+SUBSCRIBE_QOS = "?subscribe_qos=0"  # on every broker URL (module doc)
 
 
 class DownTap:
@@ -157,11 +160,12 @@ def test_node_killed_mid_download_device_fails_over(nats_cluster: NatsCluster, t
     v1, v2 = digits_bundles
     tap_a, tap_c = taps
     node_a = nats_cluster.nodes[0]
-    dev = Device(tmp_path, _Node(nats_cluster.nodes[1].url))  # packager and tester on node B
+    # every client subscribes at QoS 0 (SUBSCRIBE_QOS): see the module doc
+    dev = Device(tmp_path, _Node(nats_cluster.nodes[1].url + SUBSCRIBE_QOS))  # packager and tester on node B
     text = dev.config.read_text()
-    url_line = f'url = "{nats_cluster.nodes[1].url}"'
+    url_line = f'url = "{nats_cluster.nodes[1].url}{SUBSCRIBE_QOS}"'
     assert url_line in text
-    dev.config.write_text(text.replace(url_line, f'urls = ["{tap_a.url}", "{tap_c.url}"]')
+    dev.config.write_text(text.replace(url_line, f'urls = ["{tap_a.url}{SUBSCRIBE_QOS}", "{tap_c.url}{SUBSCRIBE_QOS}"]')
                           + "[telemetry]\ninterval_s = 0.5\n")
     telemetry = dev.mqtt.subscribe_stream([dev.topics.device(dev.id, "telemetry")])
     try:
@@ -175,17 +179,15 @@ def test_node_killed_mid_download_device_fails_over(nats_cluster: NatsCluster, t
         dev.publish(v2)
         dev.wait(lambda: chunk_written(dev.state_dir, sha, total // 4), "a quarter of v2's chunks")
         node_a.kill()
+        killed_at = time.monotonic()
         stored_at_kill = set(stored_chunks(dev.state_dir, sha))
         delivered_by_a = tap_a.chunks(sha)
         assert total // 4 <= len(stored_at_kill) < total, "the download finished before node A went down"
         before = _drain(telemetry)
 
-        try:
-            dev.wait_state(lambda ds: ds.state is State.IDLE and ds.current is not None and ds.current.version == 2,
-                           "v2 committed after the failover to node C", timeout=COMMIT_TIMEOUT)
-        except pytest.fail.Exception:
-            _xfail_if_nats_did_not_heal(dev)
-            raise
+        dev.wait_state(lambda ds: ds.state is State.IDLE and ds.current is not None and ds.current.version == 2,
+                       "v2 committed after the failover to node C", timeout=COMMIT_TIMEOUT)
+        print(f"v2 committed {time.monotonic() - killed_at:.1f}s after node A's SIGKILL")  # reported, not asserted
         assert sha256_file(dev.state_dir / "bundles" / "digits-2.bundle") == sha
         delivered_by_c = tap_c.chunks(sha)
         assert tap_c.connections >= 1
@@ -205,28 +207,18 @@ def test_node_killed_mid_download_device_fails_over(nats_cluster: NatsCluster, t
             return len(after) >= 2
 
         dev.wait(two_more, "telemetry after the failover")
+        # delivery is at least once (docs/telemetry.md): a message whose PUBACK died with node A comes again, through
+        # C, after newer ones may have arrived; consumers de-duplicate by seq. None may be missing.
         seqs = [m["seq"] for m in before + after]
-        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
+        got = sorted(set(seqs))
+        assert got == list(range(got[0], got[-1] + 1)), seqs
+        assert max(m["seq"] for m in after) > max((m["seq"] for m in before), default=0), seqs
+        print(f"telemetry seqs {got[0]}..{got[-1]}, {len(seqs) - len(got)} delivered twice")
         log = dev.log.read_text(errors="replace")
         assert f"127.0.0.1:{tap_c.port}" in log, dev.log_tail()  # the agent says which broker it is on
     finally:
         telemetry.close()
         dev.close()
-
-
-# What the agent logs when node C refuses or never answers its subscriptions (docs/scaling.md, NATS 2.9.10).
-NATS_NOT_SERVING = ("broker refused subscription to", "no SUBACK from", "barrier echo did not arrive")
-
-
-def _xfail_if_nats_did_not_heal(dev: Device) -> None:
-    """The device got nowhere on node C because NATS 2.9.10's surviving nodes kept refusing (or not answering)
-    new MQTT subscriptions after node A died (their JetStream consumers wait on the dead peer): measured on this
-    machine for minutes, docs/scaling.md. Every other way of not committing v2 stays a failure."""
-    log = dev.log.read_text(errors="replace")
-    after_kill = log[log.rfind("lost connection"):] if "lost connection" in log else log
-    if any(marker in after_kill for marker in NATS_NOT_SERVING):
-        pytest.xfail("NATS 2.9.10 did not serve MQTT subscriptions on the surviving nodes within "
-                     f"{COMMIT_TIMEOUT:g}s of node A's SIGKILL (docs/scaling.md)")
 
 
 def _drain(sub: Subscription) -> list[dict[str, Any]]:

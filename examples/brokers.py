@@ -389,9 +389,10 @@ class NatsNode:
             f'jetstream {{ store_dir: "{self.workdir / "js"}" }}',
             f"mqtt {{ listen: 127.0.0.1:{self.port}"
             # clustered: the MQTT streams (retained messages, sessions) on every node; the JetStream consumer
-            # behind each QoS 1 subscription in memory on one node (R1), so subscribing needs no quorum: with R3
-            # consumers, subscriptions timed out for 20 s and more after a node was killed (consumer create
-            # requests waiting on the dead peer)
+            # behind each QoS 1 subscription in memory on one node (R1): publishing 8 MB through one node took 40 s
+            # with R3 consumers, 5 s with these. Neither survives a dead node on 2.9.10, which places consumers on
+            # offline peers too (fixed in 2.9.12): clients that must fail over subscribe at QoS 0, which costs no
+            # consumer (`?subscribe_qos=0`, docs/scaling.md)
             + (f", stream_replicas: {self.stream_replicas}, consumer_replicas: 1, consumer_memory_storage: true"
                if self.stream_replicas > 1 else "") + " }",
         ]

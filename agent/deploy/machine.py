@@ -100,7 +100,7 @@ class Event(StrEnum):
     OK = "ok"  # the state's work succeeded
     PASSED = "passed"  # the probation window passed
     FAILED = "failed"  # the state's work failed: the candidate is rejected (reason recorded)
-    ABORTED = "aborted"  # a transport failure before the candidate is on disk: rolled back, not rejected
+    ABORTED = "aborted"  # a transport failure before the candidate is verified: rolled back, not rejected
     RESTARTED = "restarted"  # the agent restarted in this state (counted unless it stopped cleanly; on_restart)
     CRASH_LOOP = "crash_loop"  # the agent restarted max_restarts times during this deployment
 
@@ -126,6 +126,7 @@ TRANSITIONS: Mapping[tuple[State, Event], State] = MappingProxyType({
 
     (_S.VERIFY, _E.OK): _S.STAGE,
     (_S.VERIFY, _E.FAILED): _S.ROLLBACK,
+    (_S.VERIFY, _E.ABORTED): _S.ROLLBACK,  # verifying refreshes the metadata: a broker lost meanwhile is no verdict
     (_S.VERIFY, _E.RESTARTED): _S.VERIFY,
     (_S.VERIFY, _E.CRASH_LOOP): _S.ROLLBACK,
 
@@ -555,8 +556,8 @@ def bundles_to_delete(old: DeployState, new: DeployState) -> tuple[BundleRef, ..
 
 
 def failure_event(state: State, exc: BaseException) -> tuple[Event, str]:
-    """The event and reason for an error raised by `state`'s work. Transport errors while checking or
-    downloading abort without blaming the candidate (retried at the next check); everything else fails it."""
+    """The event and reason for an error raised by `state`'s work. Transport errors while checking, downloading or
+    verifying abort without blaming the candidate (retried at the next check); everything else fails it."""
     if isinstance(exc, TransportError):
         if (state, Event.ABORTED) in TRANSITIONS:
             return Event.ABORTED, exc.reason

@@ -137,7 +137,7 @@ def test_table_shape() -> None:
         assert ((s, Event.RESTARTED) in TRANSITIONS) == in_flight
         assert ((s, Event.CRASH_LOOP) in TRANSITIONS) == in_flight
     assert TRANSITIONS[(State.ROLLBACK, Event.OK)] is State.IDLE
-    assert {s for (s, e) in TRANSITIONS if e is Event.ABORTED} == {State.CHECK, State.DOWNLOAD}
+    assert {s for (s, e) in TRANSITIONS if e is Event.ABORTED} == {State.CHECK, State.DOWNLOAD, State.VERIFY}
     with pytest.raises(TypeError):
         TRANSITIONS[(State.IDLE, Event.OK)] = State.CHECK  # type: ignore[index]
 
@@ -484,7 +484,7 @@ def test_long_reasons_are_clipped() -> None:
 @pytest.mark.parametrize(("state", "exc", "expected"), [
     (State.DOWNLOAD, TransportError("timeout", reason="timeout"), (Event.ABORTED, "timeout")),
     (State.CHECK, TransportError("down"), (Event.ABORTED, "transport")),
-    (State.VERIFY, TransportError("?"), (Event.FAILED, "transport")),
+    (State.VERIFY, TransportError("?"), (Event.ABORTED, "transport")),
     (State.DOWNLOAD, BundleRejected("bad", reason="hash_mismatch"), (Event.FAILED, "hash_mismatch")),
     (State.STAGE, RuntimeUnavailable("no ort"), (Event.FAILED, "runtime_unavailable")),
     (State.STAGE, MemoryError(), (Event.FAILED, "MemoryError")),

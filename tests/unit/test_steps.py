@@ -271,7 +271,7 @@ STEP_TABLE: list[tuple[str, State, Callable[[Rig], None], State, Event, str, int
     ("verify rejected", State.VERIFY, _set(fail={"verify": BundleRejected("arch", reason="target")}),
      State.ROLLBACK, Event.FAILED, "target", 1),
     ("verify transport", State.VERIFY, _set(fail={"verify": TransportError("x")}),
-     State.ROLLBACK, Event.FAILED, "transport", 1),  # VERIFY has no `aborted`: the bundle is on disk
+     State.ROLLBACK, Event.ABORTED, "transport", 1),  # verifying refreshes the metadata: not the bundle's fault
     ("stage ok", State.STAGE, _set(), State.ACTIVATE, Event.OK, "", 1),
     ("stage parity", State.STAGE, _set(broken=(2, BundleRejected("parity", reason="parity"))),
      State.ROLLBACK, Event.FAILED, "parity", 1),

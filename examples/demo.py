@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the fleet, its traffic and the dashboard running after the story until Ctrl-C")
     args = parser.parse_args(argv)
     out: Path = args.out
-    for stale in ("bundles", "repo", "broker", "v2", "v3", *DEVICES):
+    for stale in ("bundles", "repo", "repo-root-keys", "broker", "v2", "v3", *DEVICES):
         shutil.rmtree(out / stale, ignore_errors=True)  # a rerun starts from a clean fleet
     out.mkdir(parents=True, exist_ok=True)
     demo = Demo(out, args.live)

@@ -197,19 +197,21 @@ def _read_fixed_header(sock: socket.socket) -> tuple[bytes, int]:
     raise ConnectionError("malformed remaining length")
 
 
-class V311Gate:
-    """A loopback TCP relay in front of an MQTT broker that behaves like a 3.1.1-only broker: an MQTT 5 CONNECT
-    (protocol level 5) gets CONNACK return code 1 ("unacceptable protocol version") and the connection is closed;
-    any other CONNECT is relayed with everything after it, byte for byte, in both directions."""
+class TcpRelay:
+    """A loopback TCP relay in front of a broker: every connection is passed on byte for byte in both directions.
+    `cut()` drops the live connections (the broker behind went away) while new ones are still accepted; the first
+    `drop` connections are closed at once (a node that takes the connection but not yet the CONNECT); `accepted`
+    counts connections. Subclasses may look at the first packet (`_first`)."""
 
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
+    def __init__(self, upstream_port: int, drop: int = 0) -> None:
+        self.upstream_port, self.drop = upstream_port, drop
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
-        self.refused_v5 = 0
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.accepted = 0
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True, name="v311-gate").start()
+        threading.Thread(target=self._accept, daemon=True, name=type(self).__name__).start()
 
     def _accept(self) -> None:
         while True:
@@ -217,24 +219,28 @@ class V311Gate:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            with self._lock:
+                self.accepted += 1
+                dropped = self.accepted <= self.drop
+            if dropped:
+                client.close()
+                continue
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _first(self, client: socket.socket) -> bytes | None:
+        """What to send upstream before relaying (None: the connection was answered here and closed)."""
+        return b""
 
     def _serve(self, client: socket.socket) -> None:
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            head, length = _read_fixed_header(client)
-            body = _read_exact(client, length)
-            level = body[6] if head[0] >> 4 == 1 and len(body) > 6 else None
-            if level == 5:
-                with self._lock:
-                    self.refused_v5 += 1
-                client.sendall(b"\x20\x02\x00\x01")
-                client.close()
+            first = self._first(client)
+            if first is None:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
             upstream.settimeout(None)
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            upstream.sendall(head + body)
+            upstream.sendall(first)
         except OSError:
             client.close()
             return
@@ -253,7 +259,7 @@ class V311Gate:
                 s.shutdown(socket.SHUT_RDWR)
 
     def cut(self) -> None:
-        """Drop every relayed connection (the broker behind went away); new ones are still accepted."""
+        """Drop every relayed connection; new ones are still accepted."""
         with self._lock:
             socks, self._socks = self._socks, []
         for s in socks:
@@ -264,6 +270,28 @@ class V311Gate:
     def close(self) -> None:
         self.listener.close()
         self.cut()
+
+
+class V311Gate(TcpRelay):
+    """A relay in front of an MQTT broker that behaves like a 3.1.1-only broker: an MQTT 5 CONNECT (protocol level 5)
+    gets CONNACK return code 1 ("unacceptable protocol version") and the connection is closed; any other CONNECT is
+    relayed with everything after it."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.refused_v5 = 0
+        super().__init__(upstream_port)
+
+    def _first(self, client: socket.socket) -> bytes | None:
+        head, length = _read_fixed_header(client)
+        body = _read_exact(client, length)
+        level = body[6] if head[0] >> 4 == 1 and len(body) > 6 else None
+        if level == 5:
+            with self._lock:
+                self.refused_v5 += 1
+            client.sendall(b"\x20\x02\x00\x01")
+            client.close()
+            return None
+        return head + body
 
 
 # ---------------------------------------------------------------------------------------------- RabbitMQ

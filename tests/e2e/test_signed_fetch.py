@@ -25,7 +25,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -43,7 +42,7 @@ from tuf.api.metadata import Metadata, Root, Timestamp
 from agent.bundle import Artifact, Manifest, TensorSpec, sha256_file, write_bundle
 from agent.transport.mqtt import MqttClient
 from agent.transport.topics import Topics
-from examples.brokers import Broker
+from examples.brokers import Broker, TcpRelay
 from examples.local_broker import Mosquitto, free_port
 from packager import publish as pub
 from packager import tuf_repo
@@ -602,55 +601,6 @@ def assert_fetched(fleet: Fleet, out: Outcome, bundle: Path) -> None:
     assert sorted((fleet.state / "chunks").iterdir()) == []
 
 
-class CuttableProxy:
-    """A TCP relay in front of the broker whose live connections can be cut (new ones are still accepted)."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.accepted = 0
-        self._socks: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
-            upstream.settimeout(None)
-            with self._lock:
-                self.accepted += 1
-                self._socks += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        with self._lock:
-            socks, self._socks = self._socks, []
-        for s in socks:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-    def close(self) -> None:
-        self.listener.close()
-        self.cut()
-
-
 def test_broker_restart_mid_download(mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path) -> None:
     broker = mosquitto_factory(persistent=True)  # retained chunks survive the restart
     fleet, bundle = big_fleet(tmp_path, broker)
@@ -677,7 +627,7 @@ def test_broker_restart_mid_download(mosquitto_factory: Callable[..., Mosquitto]
 def test_cut_connection_mid_download(broker: Broker, tmp_path: Path) -> None:
     fleet, bundle = big_fleet(tmp_path, broker)
     sha, total = sha256_file(bundle), chunk_count(bundle)
-    proxy = CuttableProxy(broker.port)
+    proxy = TcpRelay(broker.port)
     fleet.write_config(mqtt_url=f"mqtt://127.0.0.1:{proxy.port}")
     proc = fleet.start_fetch()
     try:

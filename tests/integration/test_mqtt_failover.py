@@ -5,12 +5,9 @@ failover goes on from the chunks already stored. Two real mosquitto processes, e
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,6 +20,7 @@ from agent.transport.mqtt import MqttClient, Will, parse_broker_url, split_broke
 from agent.transport.topics import Topics
 from agent.trust.chunks import chunk_hashes
 from agent.trust.mqtt_fetcher import MqttFetcher
+from examples.brokers import TcpRelay
 from examples.local_broker import free_port
 from packager.mqtt_publish import TargetSpec, publish_tree
 from tests.conftest import Mosquitto
@@ -178,51 +176,17 @@ def test_download_cut_by_failover_goes_on_without_refetching(
     assert fetcher.bytes_received == LENGTH
 
 
-class _Dropper:
-    """A TCP relay to `upstream` that closes its first `drop` connections at once, like a cluster node that takes the
-    connection but not yet the CONNECT (NATS 2.9 while its session stream elects a leader)."""
-
-    def __init__(self, upstream_port: int, drop: int) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"mqtt://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.upstream_port, self.drop, self.accepted = upstream_port, drop, 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            if self.accepted <= self.drop:
-                client.close()
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.close()
-
-
 def test_connect_walks_the_list_again_while_a_broker_drops_the_connect(
     pair: tuple[Mosquitto, Mosquitto], topics: Topics, clients: list[MqttClient],
 ) -> None:
     a, _ = pair
     dead = f"mqtt://127.0.0.1:{free_port()}"
     # the first walk: both CONNECTs to the dropper (MQTT 5, then 3.1.1) are dropped, the other broker is down
-    dropper = _Dropper(int(a.url.rsplit(":", 1)[1]), drop=2)
+    dropper = TcpRelay(int(a.url.rsplit(":", 1)[1]), drop=2)
     client = _client(clients, [dropper.url, dead], topics, "c").connect(timeout=5)
     assert client.url == dropper.url and dropper.accepted == 3
     # a node that never takes a CONNECT: given up within the bound, every failure named
-    never = _Dropper(int(a.url.rsplit(":", 1)[1]), drop=10**9)
+    never = TcpRelay(int(a.url.rsplit(":", 1)[1]), drop=10**9)
     with pytest.raises(TransportError, match=r"no broker of 2 answered: .*closed the connection before CONNACK"):
         _client(clients, [never.url, dead], topics, "d").connect(timeout=2)
     assert never.accepted > 2  # more than one walk

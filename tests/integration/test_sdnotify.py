@@ -153,7 +153,6 @@ def test_ready_watchdog_status_and_a_stuck_inference_stops_the_pings(mosquitto: 
         dev.notify.wait(lambda f: f.get("WATCHDOG") == "1", "the first WATCHDOG=1")
 
         # a deployment: check, fetch worker, STAGE, probation, commit. Healthy waits all ping.
-        deploy_from = time.monotonic()
         dev.publish(bundle)
         dev.events.wait(is_event(frm="commit", to="idle", version=1), "v1 committed")
         dev.notify.wait(lambda f: f.get("STATUS") == f"idle; serving loopy v1 (onnx); edge-agent {__version__}",
@@ -163,11 +162,10 @@ def test_ready_watchdog_status_and_a_stuck_inference_stops_the_pings(mosquitto: 
             assert any(s.startswith(f"{state}; ") and "candidate loopy v1" in s for s in statuses), (state, statuses)
         deployed_at = time.monotonic()
         pings = dev.notify.pings(since=ready_at)
-        during = [t for t in pings if deploy_from <= t <= deployed_at]
-        assert len(during) >= 2, (len(during), deployed_at - deploy_from)
         # systemd kills a unit whose pings are further apart than WatchdogSec (counted from READY=1, when the start
-        # ends): that never happened while healthy
-        assert largest_gap([ready_at, *pings]) < WATCHDOG_S, largest_gap([ready_at, *pings])
+        # ends): that never happened while healthy, through the whole deployment (however quick it was)
+        spans = [ready_at, *(t for t in pings if t <= deployed_at), deployed_at]
+        assert largest_gap(spans) < WATCHDOG_S, largest_gap(spans)
 
         # it serves: golden-like rows answer at once
         status, _ = post(dev.port, np.full((1, 4), 2.0, np.float32), timeout=30)

@@ -25,11 +25,18 @@ from packager.cli import main as packager_main
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# `python -m packager.cli` with SIGINT raising KeyboardInterrupt, as at a terminal. A suite started in the background
+# by a shell without job control (`make test &`, CI) runs with SIGINT ignored, every child inherits that, and Python
+# then installs no KeyboardInterrupt handler: our Ctrl-C did nothing and `watch`/`events --follow` ran on for ever.
+_RUN_CLI = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "runpy.run_module('packager.cli', run_name='__main__', alter_sys=True)")
+
+
 class Cli:
     """`packager -v fleet ...` in a child process; `subscribed()` waits until it listens (its debug log says so)."""
 
     def __init__(self, args: Sequence[str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "packager.cli", "-v", "fleet", *args], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-c", _RUN_CLI, "-v", "fleet", *args], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.err: list[str] = []
         self.out: queue.SimpleQueue[str | None] = queue.SimpleQueue()
@@ -57,7 +64,12 @@ class Cli:
         assert self.proc.poll() is None, self.err
 
     def finish(self, timeout: float = 60) -> tuple[int, str]:
-        rc = self.proc.wait(timeout)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # not left running after the test
+            self.proc.wait(10)
+            raise
         self._err_reader.join(10)  # all of stderr read before anyone looks at it
         lines = []
         while (line := self.out.get(timeout=10)) is not None:
@@ -175,6 +187,19 @@ def test_events_are_printed_once_each(mosquitto: Mosquitto, fleet: str, device: 
     assert rc == 0, cli.err
     assert rest == ""  # no duplicate followed the third event
     assert any("skipped 2 malformed message(s)" in line for line in cli.err)
+
+
+def test_ctrl_c_ends_follow_also_when_the_suite_runs_with_sigint_ignored(mosquitto: Mosquitto, fleet: str) -> None:
+    """What a background `make test &` hands every process it starts; the child inherits it (see _RUN_CLI)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        cli = Cli(["events", "--broker", mosquitto.url, "--fleet", fleet, "--follow"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    cli.subscribed()
+    cli.proc.send_signal(signal.SIGINT)
+    rc, out = cli.finish()
+    assert (rc, out) == (0, ""), cli.err
 
 
 def test_events_for_one_device_in_text(mosquitto: Mosquitto, fleet: str, device: MqttClient) -> None:

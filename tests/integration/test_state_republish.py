@@ -12,17 +12,17 @@ from pathlib import Path
 from agent.telemetry.link import MqttLink
 from agent.telemetry.publisher import Publisher
 from agent.telemetry.queue import DiskQueue
-from agent.transport.mqtt import Message, MqttClient
+from agent.transport.mqtt import Message, MqttClient, Subscription
 from examples.brokers import Broker
 
 REPUBLISH_S = 0.3
 
 
-def _states(sub: object, seconds: float) -> list[Message]:
+def _states(sub: Subscription, seconds: float) -> list[Message]:
     got: list[Message] = []
     end = time.monotonic() + seconds
     while (left := end - time.monotonic()) > 0:
-        msg = sub.get(timeout=left)  # type: ignore[attr-defined]
+        msg = sub.get(timeout=left)
         if msg is not None:
             got.append(msg)
     return got

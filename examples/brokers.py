@@ -201,10 +201,14 @@ class TcpRelay:
     """A loopback TCP relay in front of a broker: every connection is passed on byte for byte in both directions.
     `cut()` drops the live connections (the broker behind went away) while new ones are still accepted; the first
     `drop` connections are closed at once (a node that takes the connection but not yet the CONNECT); `accepted`
-    counts connections. Subclasses may look at the first packet (`_first`)."""
+    counts connections. With `cut_after=N` the relay cuts by itself once N bytes went from the broker to the client
+    (`was_cut` is then set): an interruption at a known point of a transfer, whatever the machine's speed.
+    Subclasses may look at the first packet (`_first`)."""
 
-    def __init__(self, upstream_port: int, drop: int = 0) -> None:
+    def __init__(self, upstream_port: int, drop: int = 0, cut_after: int | None = None) -> None:
         self.upstream_port, self.drop = upstream_port, drop
+        self.cut_after, self.was_cut = cut_after, threading.Event()
+        self._downstream = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
         self.url = f"mqtt://127.0.0.1:{self.port}"
@@ -246,13 +250,21 @@ class TcpRelay:
             return
         with self._lock:
             self._socks += [client, upstream]
-        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+        threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
         self._pump(client, upstream)
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool = False) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(1 << 16):
+                if downstream and self.cut_after is not None and not self.was_cut.is_set():
+                    with self._lock:
+                        room = self.cut_after - self._downstream
+                        self._downstream += len(data)
+                    if room <= len(data):
+                        dst.sendall(data[: max(room, 0)])
+                        self.was_cut.set()
+                        self.cut()
+                        break
                 dst.sendall(data)
         for s in (src, dst):
             with contextlib.suppress(OSError):

@@ -226,6 +226,7 @@ OTHER_ENV = frozenset({
     "EDGESHIP_REPO", "EDGESHIP_BROKER", "EDGESHIP_FLEET",  # systemd/edgeship-refresh.service
     "EDGESHIP_TELEGRAF_PASSWORD",  # docs/dashboard.md: Telegraf's broker password, read by Telegraf
     "EDGESHIP_PROBE_FAULT",  # agent/runtime/probe.py: test hook, read only by the runtime probe's child process
+    "EDGESHIP_KEY_PASSPHRASE", "EDGESHIP_ROOT_KEY_PASSPHRASE",  # packager/keystore.py: the packager keys at rest
 })
 
 

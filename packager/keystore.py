@@ -1,0 +1,107 @@
+"""Private keys at rest: every private key the packager writes (TUF online and root keys, the fleet CA, its own
+broker identity, bundle content keys) is PKCS#8 PEM encrypted with a passphrase (cryptography's
+BestAvailableEncryption), written 0600 from creation and never overwritten.
+
+The passphrase comes from, in order: `EDGESHIP_KEY_PASSPHRASE`; the file
+`$CREDENTIALS_DIRECTORY/edgeship-key-passphrase` (systemd's `LoadCredential=`/`LoadCredentialEncrypted=`, so a
+service never has it in its environment); a prompt when stdin is a terminal. Root keys may have their own
+(`EDGESHIP_ROOT_KEY_PASSPHRASE`, else the same sources).
+Nothing of this is our own cryptography: the encryption of the PEM is cryptography's (scrypt + AES-256-CBC in
+PKCS#8 today, whatever `BestAvailableEncryption` picks tomorrow).
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from agent.fsutil import fsync_dir
+from packager.errors import RepoError
+
+log = logging.getLogger(__name__)
+
+PASSPHRASE_ENV = "EDGESHIP_KEY_PASSPHRASE"
+ROOT_PASSPHRASE_ENV = "EDGESHIP_ROOT_KEY_PASSPHRASE"
+CREDENTIAL_NAME = "edgeship-key-passphrase"
+MIN_PASSPHRASE = 8
+
+KeyKind = Literal["online", "root"]
+_cache: dict[KeyKind, bytes] = {}
+
+
+def passphrase(kind: KeyKind = "online", *, confirm: bool = False) -> bytes:
+    """The passphrase for `kind` keys (see the module doc); RepoError when there is none to be had."""
+    if kind in _cache:
+        return _cache[kind]
+    names = (ROOT_PASSPHRASE_ENV, PASSPHRASE_ENV) if kind == "root" else (PASSPHRASE_ENV,)
+    value = next((os.environ[n] for n in names if os.environ.get(n)), None)
+    if value is None:
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        cred = Path(cred_dir) / CREDENTIAL_NAME if cred_dir else None
+        if cred is not None and cred.is_file():
+            value = cred.read_text().rstrip("\n")
+    if value is None and sys.stdin.isatty():
+        value = getpass.getpass(f"passphrase for the packager's {kind} keys: ")
+        if confirm and getpass.getpass("again: ") != value:
+            raise RepoError("passphrases differ")
+    if value is None:
+        raise RepoError(f"private keys are encrypted at rest: set {PASSPHRASE_ENV} (or run in a terminal to be "
+                        "asked; docs/security.md)")
+    if len(value) < MIN_PASSPHRASE:
+        raise RepoError(f"the key passphrase is too short: at least {MIN_PASSPHRASE} characters")
+    _cache[kind] = value.encode()
+    return _cache[kind]
+
+
+def forget_passphrases() -> None:
+    """Drop cached passphrases (tests that change the environment)."""
+    _cache.clear()
+
+
+def encrypted_pem(key: PrivateKeyTypes, kind: KeyKind = "online") -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.BestAvailableEncryption(passphrase(kind)))
+
+
+def write_private_key(path: Path, key: PrivateKeyTypes, kind: KeyKind = "online") -> Path:
+    """Write `key` encrypted to a new file `path` (0600 from creation, O_EXCL: a key is never overwritten)."""
+    data = encrypted_pem(key, kind)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as e:
+        raise RepoError(f"{path}: a key is already there; keys are never overwritten") from e
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(path.parent)
+    return path
+
+
+def is_encrypted(pem: bytes) -> bool:
+    return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in pem
+
+
+def load_private_key(path: Path, kind: KeyKind = "online") -> PrivateKeyTypes:
+    """Read a key written by `write_private_key`. An unencrypted key (written before keys were encrypted) still
+    loads, with a warning naming `packager keys encrypt`; a wrong passphrase is RepoError."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RepoError(f"cannot read private key {path}: {e.strerror or e}") from e
+    encrypted = is_encrypted(data)
+    if not encrypted:
+        log.warning("%s is not encrypted at rest: run `packager keys encrypt` (docs/security.md)", path)
+    try:
+        return serialization.load_pem_private_key(data, passphrase(kind) if encrypted else None)
+    except (ValueError, TypeError) as e:
+        why = "wrong passphrase or damaged file" if encrypted else str(e)
+        raise RepoError(f"cannot load private key {path}: {why}") from e

@@ -3,6 +3,7 @@ on every broker kind edgeship supports (examples/brokers.py: Mosquitto MQTT 5 an
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +12,10 @@ import pytest
 
 from examples.brokers import KINDS, Broker, BrokerMissing, NatsCluster, launch
 from examples.local_broker import Mosquitto, MosquittoMissing
+
+# The packager's private keys are encrypted at rest (packager/keystore.py); every packager the tests start, in
+# process or as a child, finds its passphrase here.
+os.environ.setdefault("EDGESHIP_KEY_PASSPHRASE", "edgeship-tests-passphrase")
 
 
 def _start(workdir: Path, *, persistent: bool = False, extra_conf: str = "") -> Mosquitto:

@@ -48,6 +48,9 @@ class MqttSection:
 @dataclass(frozen=True)
 class TrustSection:
     root: Path
+    # this device's X25519 private key, unencrypted PKCS#8 PEM, mode 0600 (`packager device add` writes it): it
+    # unwraps the content keys of encrypted bundles (docs/security.md); empty: this device takes no encrypted bundles
+    decrypt_key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -213,7 +216,9 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None,
     cfg = AgentConfig(**built)
     if base_dir is not None:  # relative paths in the file are relative to the file: every path the agent reads
         cfg = replace(cfg, agent=replace(cfg.agent, state_dir=base_dir / cfg.agent.state_dir),
-                      trust=replace(cfg.trust, root=base_dir / cfg.trust.root),
+                      trust=replace(cfg.trust, root=base_dir / cfg.trust.root,
+                                    decrypt_key_file=str(base_dir / cfg.trust.decrypt_key_file)
+                                    if cfg.trust.decrypt_key_file else ""),
                       mqtt=replace(cfg.mqtt, ca_file=str(base_dir / cfg.mqtt.ca_file) if cfg.mqtt.ca_file else ""))
     _validate(cfg)
     return cfg
@@ -279,7 +284,8 @@ def check_paths(cfg: AgentConfig) -> None:
     a mistake here is a ConfigError naming the key and the path, not a daemon that looks healthy and does nothing.
 
     [trust] root: a readable regular file holding TUF root metadata. [agent] state_dir: created if missing, a
-    directory the agent can write. [mqtt] ca_file (if set): a readable regular file."""
+    directory the agent can write. [mqtt] ca_file (if set): a readable regular file. [trust] decrypt_key_file (if
+    set): a readable regular file that neither group nor others may read (it is the key to every model granted)."""
     _readable_file("[trust] root", cfg.trust.root)
     try:
         doc = json.loads(cfg.trust.root.read_bytes())
@@ -290,6 +296,9 @@ def check_paths(cfg: AgentConfig) -> None:
         raise ConfigError(f"[trust] root {cfg.trust.root}: not TUF root metadata (packager keys init writes it)")
     if cfg.mqtt.ca_file:
         _readable_file("[mqtt] ca_file", Path(cfg.mqtt.ca_file))
+    if cfg.trust.decrypt_key_file:
+        _readable_file("[trust] decrypt_key_file", Path(cfg.trust.decrypt_key_file))
+        check_private_mode("[trust] decrypt_key_file", Path(cfg.trust.decrypt_key_file))
     state = cfg.agent.state_dir
     try:
         state.mkdir(parents=True, exist_ok=True)
@@ -305,6 +314,16 @@ def check_paths(cfg: AgentConfig) -> None:
         os.unlink(probe)
     except OSError as e:
         raise ConfigError(f"[agent] state_dir {state}: not writable ({e.strerror})") from e
+
+
+def check_private_mode(key: str, path: Path) -> None:
+    """A private key file that group or others may read is refused (like ssh does), not quietly used."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise ConfigError(f"{key} {path}: cannot read it ({e.strerror})") from e
+    if mode & 0o077:
+        raise ConfigError(f"{key} {path}: mode {stat.S_IMODE(mode):04o} lets others read the key; chmod 600 it")
 
 
 def _readable_file(key: str, path: Path) -> None:

@@ -1,13 +1,16 @@
 """Private keys at rest: every private key the packager writes (TUF online and root keys, the fleet CA, its own
 broker identity, bundle content keys) is PKCS#8 PEM encrypted with a passphrase (cryptography's
-BestAvailableEncryption), written 0600 from creation and never overwritten.
+BestAvailableEncryption), written 0600 from creation and never overwritten (`reencrypt` replaces a legacy plaintext
+key by its encrypted copy in one rename).
 
 The passphrase comes from, in order: `EDGESHIP_KEY_PASSPHRASE`; the file
 `$CREDENTIALS_DIRECTORY/edgeship-key-passphrase` (systemd's `LoadCredential=`/`LoadCredentialEncrypted=`, so a
 service never has it in its environment); a prompt when stdin is a terminal. Root keys may have their own
 (`EDGESHIP_ROOT_KEY_PASSPHRASE`, else the same sources).
-Nothing of this is our own cryptography: the encryption of the PEM is cryptography's (scrypt + AES-256-CBC in
-PKCS#8 today, whatever `BestAvailableEncryption` picks tomorrow).
+Nothing of this is our own cryptography: the encryption of the PEM is cryptography's (PBES2 today: PBKDF2-HMAC-SHA256
+with 2048 iterations and AES-256-CBC, whatever `BestAvailableEncryption` picks tomorrow). 2048 iterations slow a
+guesser little, so the passphrase itself must be strong: MIN_PASSPHRASE characters at least, a random one for
+services (docs/security.md).
 """
 
 from __future__ import annotations
@@ -30,14 +33,15 @@ log = logging.getLogger(__name__)
 PASSPHRASE_ENV = "EDGESHIP_KEY_PASSPHRASE"
 ROOT_PASSPHRASE_ENV = "EDGESHIP_ROOT_KEY_PASSPHRASE"
 CREDENTIAL_NAME = "edgeship-key-passphrase"
-MIN_PASSPHRASE = 8
+MIN_PASSPHRASE = 12
 
 KeyKind = Literal["online", "root"]
 _cache: dict[KeyKind, bytes] = {}
 
 
 def passphrase(kind: KeyKind = "online", *, confirm: bool = False) -> bytes:
-    """The passphrase for `kind` keys (see the module doc); RepoError when there is none to be had."""
+    """The passphrase for `kind` keys (see the module doc); RepoError when there is none to be had. `confirm`:
+    the keys are about to be created, so a prompt asks twice (a typo would lock them away for good)."""
     if kind in _cache:
         return _cache[kind]
     names = (ROOT_PASSPHRASE_ENV, PASSPHRASE_ENV) if kind == "root" else (PASSPHRASE_ENV,)
@@ -46,18 +50,29 @@ def passphrase(kind: KeyKind = "online", *, confirm: bool = False) -> bytes:
         cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
         cred = Path(cred_dir) / CREDENTIAL_NAME if cred_dir else None
         if cred is not None and cred.is_file():
-            value = cred.read_text().rstrip("\n")
+            try:
+                value = cred.read_text().rstrip("\n")
+            except (OSError, UnicodeDecodeError) as e:
+                raise RepoError(f"cannot read the key passphrase credential {cred}: {e}") from e
     if value is None and sys.stdin.isatty():
-        value = getpass.getpass(f"passphrase for the packager's {kind} keys: ")
-        if confirm and getpass.getpass("again: ") != value:
-            raise RepoError("passphrases differ")
+        value = _prompt(kind, confirm)
     if value is None:
-        raise RepoError(f"private keys are encrypted at rest: set {PASSPHRASE_ENV} (or run in a terminal to be "
-                        "asked; docs/security.md)")
+        raise RepoError(f"the {kind} private keys are encrypted at rest and no passphrase was given: set "
+                        f"{' or '.join(names)} (or run in a terminal to be asked; docs/security.md)")
     if len(value) < MIN_PASSPHRASE:
         raise RepoError(f"the key passphrase is too short: at least {MIN_PASSPHRASE} characters")
     _cache[kind] = value.encode()
     return _cache[kind]
+
+
+def _prompt(kind: KeyKind, confirm: bool) -> str:
+    try:
+        value = getpass.getpass(f"passphrase for the packager's {kind} keys: ")
+        if confirm and getpass.getpass(f"the {kind} keys' passphrase again: ") != value:
+            raise RepoError("the two passphrases differ; nothing written")
+    except EOFError as e:
+        raise RepoError(f"no passphrase given for the packager's {kind} keys") from e
+    return value
 
 
 def forget_passphrases() -> None:
@@ -75,15 +90,49 @@ def write_private_key(path: Path, key: PrivateKeyTypes, kind: KeyKind = "online"
     data = encrypted_pem(key, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        _write_new(path, data)
     except FileExistsError as e:
         raise RepoError(f"{path}: a key is already there; keys are never overwritten") from e
+    fsync_dir(path.parent)
+    return path
+
+
+def reencrypt(path: Path, kind: KeyKind = "online") -> bool:
+    """Encrypt the legacy plaintext key `path` in place: the encrypted copy is written beside it (0600, fsynced)
+    and renamed over it, so the key is never missing nor half-written. False when it already was encrypted."""
+    plain = _read(path)
+    if is_encrypted(plain):
+        return False
+    try:
+        key = serialization.load_pem_private_key(plain, None)
+    except (ValueError, TypeError) as e:
+        raise RepoError(f"cannot load private key {path}: {e}") from e
+    data = encrypted_pem(key, kind)
+    tmp = path.with_name(f".{path.name}.encrypting")
+    tmp.unlink(missing_ok=True)  # ours, left by a crash before its rename: the plaintext original is still there
+    try:
+        _write_new(tmp, data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RepoError(f"cannot encrypt private key {path}: {e.strerror or e}") from e
+    fsync_dir(path.parent)
+    return True
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    fsync_dir(path.parent)
-    return path
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise RepoError(f"cannot read private key {path}: {e.strerror or e}") from e
 
 
 def is_encrypted(pem: bytes) -> bool:
@@ -93,15 +142,12 @@ def is_encrypted(pem: bytes) -> bool:
 def load_private_key(path: Path, kind: KeyKind = "online") -> PrivateKeyTypes:
     """Read a key written by `write_private_key`. An unencrypted key (written before keys were encrypted) still
     loads, with a warning naming `packager keys encrypt`; a wrong passphrase is RepoError."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise RepoError(f"cannot read private key {path}: {e.strerror or e}") from e
+    data = _read(path)
     encrypted = is_encrypted(data)
     if not encrypted:
         log.warning("%s is not encrypted at rest: run `packager keys encrypt` (docs/security.md)", path)
     try:
         return serialization.load_pem_private_key(data, passphrase(kind) if encrypted else None)
     except (ValueError, TypeError) as e:
-        why = "wrong passphrase or damaged file" if encrypted else str(e)
+        why = f"wrong passphrase for the {kind} keys, or a damaged file" if encrypted else str(e)
         raise RepoError(f"cannot load private key {path}: {why}") from e

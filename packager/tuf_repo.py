@@ -5,9 +5,11 @@ Layout of `REPO/`:
     metadata/   <N>.root.json, <N>.targets.json,
                 <N>.snapshot.json, timestamp.json
     targets/    <sha256>.<basename> copies of every target (consistent snapshots: a file never changes)
-    keys/       online Ed25519 keys for targets, snapshot and timestamp (PKCS#8 PEM, mode 0600)
+    keys/       online Ed25519 keys for targets, snapshot and timestamp (encrypted PKCS#8 PEM, mode 0600, in a
+                0700 directory: packager/keystore.py)
     repo.json   the expiry periods chosen at init, reused by every later signing
-Root keys live in a separate directory (default `REPO/../<repo-name>-root-keys/`) meant to be kept offline.
+Root keys live in a separate directory (default `REPO/../<repo-name>-root-keys/`) meant to be kept offline, encrypted
+with the root passphrase; only init and `rotate_keys` read or write them, never publishing or `refresh`.
 
 Every change is one commit: new versioned files are written first (temp file + fsync + os.replace) and
 `timestamp.json` last, so a crash leaves either the old or the new repository state visible to clients, never a
@@ -34,7 +36,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.exceptions import RepositoryError
 from tuf.api.metadata import (
@@ -52,6 +54,7 @@ from tuf.api.metadata import (
 
 from agent.fsutil import fsync_dir, write_atomic
 from agent.trust.chunks import MAX_CHUNK_SIZE, chunk_hashes  # the agent refuses larger chunks; sign none bigger
+from packager import keystore
 from packager.errors import RepoError
 
 logger = logging.getLogger(__name__)
@@ -135,6 +138,9 @@ def init_repo(repo: Path, root_key_dir: Path | None = None, root_keys: int = 3, 
     if root_key_dir.exists() and any(root_key_dir.glob("*.pem")):
         raise RepoError(f"root key directory {root_key_dir} already holds keys; refusing to mix key sets")
     now = _now(now)
+    # Both passphrases before anything is written: none to be had leaves no half-made repository behind.
+    keystore.passphrase("root", confirm=True)
+    keystore.passphrase("online", confirm=True)
     for d in (metadata_dir(repo), targets_dir(repo)):
         d.mkdir(parents=True, exist_ok=True)
     _private_dir(keys_dir(repo))
@@ -142,16 +148,14 @@ def init_repo(repo: Path, root_key_dir: Path | None = None, root_keys: int = 3, 
     write_atomic(repo / "repo.json", json.dumps({"expiry_seconds": expiry.to_json()}, indent=2).encode() + b"\n")
 
     root = Root(expires=now + expiry.root, consistent_snapshot=True)
-    root_signers = [CryptoSigner.generate_ed25519() for _ in range(root_keys)]
+    root_signers = [_new_key(root_key_dir, "root") for _ in range(root_keys)]
     for s in root_signers:
         root.add_key(s.public_key, "root")
-        _save_key(root_key_dir, "root", s)
     root.roles["root"].threshold = root_threshold
     signers: dict[str, list[Signer]] = {"root": list(root_signers)}
     for role in ONLINE_ROLES:
-        s = CryptoSigner.generate_ed25519()
+        s = _new_key(keys_dir(repo), role)
         root.add_key(s.public_key, role)
-        _save_key(keys_dir(repo), role, s)
         signers[role] = [s]
 
     root_md = Metadata(root)
@@ -252,19 +256,22 @@ def rotate_keys(repo: Path, role: str, root_key_dir: Path | None = None, *, now:
         expiry = _read_expiry(repo)
         now = _now(now)
         old_root = state.root.signed
-        old_root_signers = _signers(root_key_dir, old_root, "root")
+        root_keys = _load_keys(root_key_dir, "root")
+        old_root_signers = _signers(root_keys, root_key_dir, old_root, "root")
+        # Every key of the directory the new one joins is read first: it is then written under the passphrase
+        # they were read with, never under a mistyped one.
+        key_dir = root_key_dir if role == "root" else keys_dir(repo)
+        dir_keys = root_keys if role == "root" else _load_keys(key_dir)
         new_root = Metadata[Root].from_bytes(state.raw["root"]).signed
         new_root.version += 1
         new_root.expires = now + expiry.root
         old_keyids = list(new_root.roles[role].keyids)
-        key_dir = root_key_dir if role == "root" else keys_dir(repo)
-        new_signers = [CryptoSigner.generate_ed25519() for _ in range(max(1, len(old_keyids)))]
+        # Saved before the commit: an unreferenced key after a crash is harmless, a lost one is not.
+        new_signers = [_new_key(key_dir, role, dir_keys) for _ in range(max(1, len(old_keyids)))]
         for keyid in old_keyids:
             new_root.revoke_key(keyid, role)
         for s in new_signers:
             new_root.add_key(s.public_key, role)
-            # Saved before the commit: an unreferenced key after a crash is harmless, a lost one is not.
-            _save_key(key_dir, role, s)
 
         root_md = Metadata(new_root)
         if role == "root":
@@ -279,9 +286,10 @@ def rotate_keys(repo: Path, role: str, root_key_dir: Path | None = None, *, now:
         if role == "root":
             _commit(repo, state, set(), {}, now, expiry, new_root=True)
         else:
-            signers = _online_signers(repo, new_root, sorted(_cascade({role})), fresh={role: new_signers})
+            signers = _online_signers(repo, new_root, sorted(_cascade({role})), fresh={role: new_signers},
+                                      available=dir_keys)
             _commit(repo, state, {role}, signers, now, expiry, new_root=True)
-        _retire_keys(key_dir, old_keyids)
+        _retire_keys(key_dir, dir_keys, old_keyids)
     logger.info("rotated %s key(s) of %s; root is now v%d", role, repo, new_root.version)
 
 
@@ -388,36 +396,41 @@ def _private_dir(path: Path) -> None:
     path.chmod(0o700)
 
 
-def _save_key(directory: Path, role: str, signer: CryptoSigner) -> Path:
+_Keys = dict[str, tuple[Path, CryptoSigner]]
+
+
+def _kind(role: str) -> keystore.KeyKind:
+    return "root" if role == "root" else "online"
+
+
+def _new_key(directory: Path, role: str, into: _Keys | None = None) -> CryptoSigner:
+    """A fresh Ed25519 key for `role`, written encrypted to `directory` (keystore: 0600, O_EXCL) and added to
+    `into` when given. The signer is built from the key object: securesystemslib's `private_bytes` is plaintext."""
     _private_dir(directory)
-    path = directory / f"{role}-{signer.public_key.keyid[:16]}.pem"
-    # O_EXCL: never overwrite a key; 0600 from creation, not chmod afterwards.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(signer.private_bytes)
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(directory)
-    return path
+    key = Ed25519PrivateKey.generate()
+    signer = CryptoSigner(key)
+    path = keystore.write_private_key(directory / f"{role}-{signer.public_key.keyid[:16]}.pem", key, _kind(role))
+    if into is not None:
+        into[signer.public_key.keyid] = (path, signer)
+    return signer
 
 
-def _load_keys(directory: Path) -> dict[str, tuple[Path, CryptoSigner]]:
-    """keyid -> (file, signer) for every PEM key in `directory` (keys are matched by id, not by file name)."""
-    out: dict[str, tuple[Path, CryptoSigner]] = {}
+def _load_keys(directory: Path, kind: keystore.KeyKind = "online") -> _Keys:
+    """keyid -> (file, signer) for every PEM key in `directory` (keys are matched by id, not by file name), each
+    decrypted once per operation."""
+    out: _Keys = {}
     if not directory.is_dir():
         return out
     for path in sorted(directory.glob("*.pem")):
         try:
-            key = load_pem_private_key(path.read_bytes(), None)
-            signer = CryptoSigner(key)
-        except (OSError, ValueError, TypeError) as e:
+            signer = CryptoSigner(keystore.load_private_key(path, kind))
+        except ValueError as e:  # a key type securesystemslib cannot sign with
             raise RepoError(f"cannot load private key {path}: {e}") from e
         out[signer.public_key.keyid] = (path, signer)
     return out
 
 
-def _signers(directory: Path, root: Root, role: str) -> list[Signer]:
-    available = _load_keys(directory)
+def _signers(available: _Keys, directory: Path, root: Root, role: str) -> list[Signer]:
     wanted = root.roles[role]
     found: list[Signer] = [available[k][1] for k in wanted.keyids if k in available]
     if len(found) < wanted.threshold:
@@ -426,15 +439,19 @@ def _signers(directory: Path, root: Root, role: str) -> list[Signer]:
     return found
 
 
-def _online_signers(repo: Path, root: Root, roles: Iterable[str],
-                    fresh: Mapping[str, list[CryptoSigner]] | None = None) -> dict[str, list[Signer]]:
+def _online_signers(repo: Path, root: Root, roles: Iterable[str], fresh: Mapping[str, list[CryptoSigner]] | None = None,
+                    available: _Keys | None = None) -> dict[str, list[Signer]]:
+    """Signers for the online `roles` from REPO/keys (read once, or `available` when already read); the root
+    keys are never touched."""
     fresh = fresh or {}
-    return {r: list(fresh[r]) if r in fresh else _signers(keys_dir(repo), root, r) for r in roles}
+    roles = list(roles)
+    if available is None and any(r not in fresh for r in roles):
+        available = _load_keys(keys_dir(repo))
+    return {r: list(fresh[r]) if r in fresh else _signers(available or {}, keys_dir(repo), root, r) for r in roles}
 
 
-def _retire_keys(directory: Path, keyids: Iterable[str]) -> None:
+def _retire_keys(directory: Path, available: _Keys, keyids: Iterable[str]) -> None:
     """Move replaced keys to `retired/` (kept, e.g. to sign a recovery root, never deleted)."""
-    available = _load_keys(directory)
     retired = directory / "retired"
     for keyid in keyids:
         if keyid in available:

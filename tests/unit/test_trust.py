@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
 from tuf.api.metadata import Metadata, Root, TargetFile, Timestamp
@@ -30,7 +29,7 @@ from agent.trust.chunks import ChunkPlan
 from agent.trust.client import TrustedClient, chunk_plan, target_url
 from agent.trust.fetcher import ChunkFetcher
 from agent.trust.http_fetcher import HttpFetcher
-from packager import tuf_repo
+from packager import keystore, tuf_repo
 
 META = "mqtt:///tuf/"
 TARGETS = "mqtt:///targets/"
@@ -116,7 +115,7 @@ class World:
         return target_url(TARGETS, tuf_repo.referenced_targets(self.repo)[BUNDLE])
 
     def root_signers(self) -> list[CryptoSigner]:
-        return [CryptoSigner(load_pem_private_key(p.read_bytes(), None)) for p in self.root_key_dir.glob("*.pem")]
+        return [CryptoSigner(keystore.load_private_key(p, "root")) for p in self.root_key_dir.glob("*.pem")]
 
 
 @pytest.fixture

@@ -70,7 +70,7 @@ def test_init_layout_keys_and_signatures(tmp_path: Path, repo: Path) -> None:
     assert len(key_files) == 6
     for f in key_files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o600
-        assert f.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS#8 PEM
+        assert f.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")  # PKCS#8 PEM, passphrase
     assert stat.S_IMODE(root_keys.stat().st_mode) == 0o700
     assert stat.S_IMODE((repo / "keys").stat().st_mode) == 0o700
 

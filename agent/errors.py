@@ -58,6 +58,9 @@ RejectReason = Literal[
     "malformed",        # metadata or a deployment document that does not parse
     "invalid_metadata", # any other python-tuf refusal
     "mismatch",         # the bundle is signed as another name/version than the deployment names
+    # encrypted bundles (agent.trust.confidential, docs/security.md)
+    "not_granted",      # an encrypted bundle, and no grant for this device in its signed grants (or no decrypt key)
+    "decrypt_failed",   # this device's grant does not unwrap with its key, or the ciphertext fails its GCM tag
     # deployment (agent.deploy)
     "unsupported",      # no artifact in the bundle runs on this device (arch, RAM, runtime)
     "parity",           # staging ran the model but no artifact matched its golden outputs (or golden.npz is bad)

@@ -74,8 +74,9 @@ NO_DEPLOYMENT = "no_deployment"  # CHECK's no_update reason when nothing is sign
 NOT_IN_WAVE = "not_in_wave"  # CHECK's no_update reason: outside a rollout's wave, no previous bundle named
 # Failures that roll back without putting the candidate on the rejected list: the group's signed deployment moved
 # on (a rollout aborted or advanced meanwhile), which is the controller's decision, not this device's verdict on
-# the bundle; a later deployment of the same bundle must reach the device again.
-NOT_BLAMED = frozenset({"superseded"})
+# the bundle; a later deployment of the same bundle must reach the device again. An encrypted bundle not (yet)
+# granted to this device is no verdict on the bundle either: `packager device add` grants it later.
+NOT_BLAMED = frozenset({"superseded", "not_granted"})
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _T = TypeVar("_T", bound=StrEnum)

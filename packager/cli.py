@@ -86,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     ki.add_argument("--root-threshold", type=int, default=2)
     for role, days in (("root", 365), ("targets", 90), ("snapshot", 7), ("timestamp", 1)):
         ki.add_argument(f"--{role}-expiry-days", type=float, default=days, help=f"default {days}")
+    ke = ksub.add_parser("encrypt", help="encrypt at rest the private keys of a repository made before keys were "
+                         "encrypted (each rewritten in one rename: never missing)")
+    ke.add_argument("--repo", type=Path, required=True)
+    ke.add_argument("--root-key-dir", type=Path, help="the root keys too (default REPO/../<repo>-root-keys when it "
+                    "is there)")
     kr = ksub.add_parser("rotate", help="new keys for a role; a new root signed by old and new root keys")
     kr.add_argument("role", choices=("root", "targets", "snapshot", "timestamp"))
     kr.add_argument("--repo", type=Path, required=True)
@@ -357,6 +362,25 @@ def _connect(args: argparse.Namespace) -> Any:
     return client.connect(timeout=15.0)
 
 
+def _encrypt_keys(args: argparse.Namespace) -> int:
+    from packager import keystore, tuf_repo
+
+    if not tuf_repo.metadata_dir(args.repo).is_dir():
+        raise InputError(f"--repo {args.repo}: not a TUF repository")
+    root_dir = args.root_key_dir or tuf_repo.default_root_key_dir(args.repo)
+    if args.root_key_dir is not None and not root_dir.is_dir():
+        raise InputError(f"--root-key-dir {root_dir}: no such directory")
+    done = keystore.encrypt_plaintext_keys(args.repo, "online")
+    if root_dir.is_dir():
+        done += keystore.encrypt_plaintext_keys(root_dir, "root")
+    else:
+        print(f"no root keys at {root_dir} (offline?): rerun with --root-key-dir where they are to encrypt them")
+    for path in done:
+        print(f"encrypted {path}")
+    print(f"{len(done)} private key(s) encrypted; every other key was already encrypted")
+    return 0
+
+
 def _keys(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
@@ -364,6 +388,8 @@ def _keys(args: argparse.Namespace) -> int:
 
     if args.keys_command == "rotate":
         _check_transport_args(args)
+    if args.keys_command == "encrypt":
+        return _encrypt_keys(args)
     if args.keys_command == "init":
         expiry = tuf_repo.Expiry(**{role: timedelta(days=getattr(args, f"{role}_expiry_days"))
                                     for role in ("root", "targets", "snapshot", "timestamp")})

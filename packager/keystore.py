@@ -120,6 +120,19 @@ def reencrypt(path: Path, kind: KeyKind = "online") -> bool:
     return True
 
 
+def encrypt_plaintext_keys(directory: Path, kind: KeyKind = "online") -> list[Path]:
+    """`reencrypt` every plaintext private key (a `*.pem` or `*.key` file holding one) under `directory`, its
+    subdirectories (`retired/`) included; returns those it encrypted. The keys already encrypted there are read
+    first, so a passphrase other than theirs fails before anything is written."""
+    found = [p for pattern in ("*.pem", "*.key") for p in directory.rglob(pattern)
+             if p.is_file() and not p.is_symlink() and b"PRIVATE KEY-----" in _read(p)]
+    passphrase(kind, confirm=True)
+    for path in found:
+        if is_encrypted(_read(path)):
+            load_private_key(path, kind)
+    return [p for p in sorted(found) if reencrypt(p, kind)]
+
+
 def _write_new(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:

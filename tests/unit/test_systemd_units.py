@@ -20,6 +20,7 @@ import pytest
 
 from agent.config import DeploySection
 from examples.local_broker import Mosquitto
+from packager.keystore import CREDENTIAL_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
@@ -78,6 +79,10 @@ def test_refresh_unit_runs_as_its_own_user_without_the_root_keys() -> None:
     assert s["ReadWritePaths"] == ["/srv/edgeship/repo"]
     assert s["InaccessiblePaths"] == ["-/srv/edgeship/repo-root-keys"]
     assert s["ProtectSystem"] == ["strict"] and s["NoNewPrivileges"] == ["yes"]
+    # the online keys' passphrase comes as the credential packager/keystore.py reads, never in the environment
+    (credential,) = s["LoadCredentialEncrypted"]
+    assert credential.split(":")[0] == CREDENTIAL_NAME
+    assert not any("PASSPHRASE" in e for e in s.get("Environment", []))
 
 
 def test_jetson_drop_in_opens_the_gpu_devices_only() -> None:

@@ -142,6 +142,12 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+# BENCHMARK-ONLY DEFAULT: the packager's keys are encrypted at rest (packager/keystore.py); the throwaway
+# repositories the benchmarks make, in process or in their packager children, use this passphrase unless one is set.
+BENCH_KEY_PASSPHRASE = "edgeship-benchmark-passphrase"
+os.environ.setdefault("EDGESHIP_KEY_PASSPHRASE", BENCH_KEY_PASSPHRASE)
+
+
 def init_fleet_repo(repo: Path, root: Path) -> None:
     """A fresh TUF repository at `repo`, and the root.json a device is provisioned with copied to `root`."""
     from packager import tuf_repo

@@ -57,7 +57,11 @@ EXIT_INTERRUPTED = 130
 # torch's OpenMP threads spin at each barrier by default: on a busy 2-core machine (other jobs, CI) that made the
 # digits training about 4x slower (3 epochs: ~45 s against ~12 s with PASSIVE, at a load average of ~14). The
 # demo's training and build steps get PASSIVE unless the caller chose a policy.
-CHILD_ENV = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+# The packager's private keys are encrypted at rest (docs/security.md): the demo's own packager runs use this demo
+# passphrase unless the caller set EDGESHIP_KEY_PASSPHRASE; step 3 says so.
+DEMO_PASSPHRASE = "edgeship-demo-passphrase"
+CHILD_ENV = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+             "EDGESHIP_KEY_PASSPHRASE": os.environ.get("EDGESHIP_KEY_PASSPHRASE") or DEMO_PASSPHRASE}
 
 
 def say(text: str) -> None:
@@ -152,6 +156,9 @@ class Demo:
         self.step(3, "The fleet's keys", "A TUF repository with fresh Ed25519 keys. Devices trust only what these "
                   "keys sign, whatever the broker serves; they are provisioned with the repository's root.json.")
         repo = out / "repo"
+        if not os.environ.get("EDGESHIP_KEY_PASSPHRASE"):
+            say(f"its private keys are encrypted at rest; the demo's packager runs use the demo passphrase "
+                f"EDGESHIP_KEY_PASSPHRASE={DEMO_PASSPHRASE} (for real keys: your own, or let packager ask; README).")
         self.packager("keys", "init", "--repo", repo)
         from packager.tuf_repo import provisioning_root
 

@@ -165,7 +165,7 @@ def _convert(section: str, name: str, typ: Any, value: Any) -> Any:
             if not isinstance(value, str):
                 raise ValueError("expected a string")
             out = value
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: int(inf), float(10**400)
         raise ConfigError(f"{where}: {e}") from e
     if name in _BOUNDS:
         lo, hi = _BOUNDS[name]
@@ -184,7 +184,10 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None,
     _check_env_names(env)
     built: dict[str, Any] = {}
     for section, cls in _SECTIONS.items():
-        raw = dict(data.get(section, {}))
+        table = data.get(section, {})
+        if not isinstance(table, dict):  # `agent = 1` is TOML too
+            raise ConfigError(f"[{section}] must be a table, got {type(table).__name__}")
+        raw = dict(table)
         known = {f.name: f for f in fields(cls)}
         extra = set(raw) - set(known)
         if extra:
@@ -270,7 +273,11 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError(f"[mqtt] url {cfg.mqtt.url!r}: brokers must be all mqtt:// or all mqtts://")
     if len(set(urls)) != len(urls):
         raise ConfigError(f"[mqtt] url {cfg.mqtt.url!r}: a broker is listed twice")
-    if cfg.mirror.http and urlsplit(cfg.mirror.http).scheme not in ("http", "https"):
+    try:
+        mirror_scheme = urlsplit(cfg.mirror.http).scheme
+    except ValueError:  # "http://[::1": an unbalanced bracket in the host
+        mirror_scheme = ""
+    if cfg.mirror.http and mirror_scheme not in ("http", "https"):
         raise ConfigError(f"[mirror] http {cfg.mirror.http!r}: expected an http:// or https:// URL")
     prefix = cfg.topic_prefix
     if not prefix.endswith("/") or prefix.startswith(("/", "$")) or "//" in prefix \

@@ -1,0 +1,26 @@
+"""Inputs the fuzz harnesses (tests/fuzz/) found that raised an untyped exception or were wrongly accepted, each
+checked for its typed refusal. The crashing inputs themselves are kept in tests/fuzz/corpus/<harness>/crash-* and
+replayed by tests/unit/test_fuzz_corpus.py."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from agent.config import parse_config
+from agent.errors import ConfigError
+
+_REQUIRED = '[agent]\ndevice_id = "d"\nstate_dir = "s"\n[trust]\nroot = "r"\n'
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ("agent = 1\n", r"\[agent\] must be a table, got int"),  # was TypeError: 'int' object is not iterable
+    ('mqtt = "x"\n' + _REQUIRED, r"\[mqtt\] must be a table, got str"),
+    (_REQUIRED + '[mirror]\nhttp = "http://[::1"\n', r"\[mirror\] http .*expected an http"),  # was ValueError
+    (_REQUIRED + "[serve]\nmax_batch = inf\n", r"\[serve\] max_batch: cannot convert float infinity"),  # Overflow
+    (_REQUIRED + "[mqtt]\nconnect_timeout_s = 1" + "0" * 400 + "\n", r"\[mqtt\] connect_timeout_s: int too large"),
+])
+def test_config_fuzz_findings_are_config_errors(toml: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(tomllib.loads(toml), env={})

@@ -35,7 +35,11 @@ class MqttSection:
     url: str = "mqtt://127.0.0.1:1883"
     urls: tuple[str, ...] = ()
     topic_prefix: str = ""  # default: edgeship/<fleet>/
-    ca_file: str = ""  # for mqtts:// with a private CA
+    ca_file: str = ""  # for mqtts:// with a private CA (the fleet CA: docs/security.md)
+    # this device's client certificate and its key (unencrypted, not readable by group or others), for brokers
+    # that require one: both or neither, only with mqtts://
+    cert_file: str = ""
+    key_file: str = ""
     connect_timeout_s: float = 10.0
     # chunks the broker may have on their way to a fetch at once (MQTT 5 Receive Maximum), each acknowledged once
     # stored: a killed fetch re-fetches at most this many, but a link carries at most this many per round trip
@@ -222,9 +226,15 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None,
                       trust=replace(cfg.trust, root=base_dir / cfg.trust.root,
                                     decrypt_key_file=str(base_dir / cfg.trust.decrypt_key_file)
                                     if cfg.trust.decrypt_key_file else ""),
-                      mqtt=replace(cfg.mqtt, ca_file=str(base_dir / cfg.mqtt.ca_file) if cfg.mqtt.ca_file else ""))
+                      mqtt=replace(cfg.mqtt, ca_file=_under(base_dir, cfg.mqtt.ca_file),
+                                   cert_file=_under(base_dir, cfg.mqtt.cert_file),
+                                   key_file=_under(base_dir, cfg.mqtt.key_file)))
     _validate(cfg)
     return cfg
+
+
+def _under(base_dir: Path, path: str) -> str:
+    return str(base_dir / path) if path else ""
 
 
 # `EDGESHIP_*` variables that are not agent config overrides: read by other programs of the project, so they may
@@ -273,6 +283,10 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError(f"[mqtt] url {cfg.mqtt.url!r}: brokers must be all mqtt:// or all mqtts://")
     if len(set(urls)) != len(urls):
         raise ConfigError(f"[mqtt] url {cfg.mqtt.url!r}: a broker is listed twice")
+    if bool(cfg.mqtt.cert_file) != bool(cfg.mqtt.key_file):
+        raise ConfigError("[mqtt] cert_file and key_file: give both or neither")
+    if cfg.mqtt.cert_file and any(urlsplit(u).scheme != "mqtts" for u in urls):
+        raise ConfigError("[mqtt] cert_file: a client certificate needs mqtts:// broker URLs")
     try:
         mirror_scheme = urlsplit(cfg.mirror.http).scheme
     except ValueError:  # "http://[::1": an unbalanced bracket in the host
@@ -291,7 +305,9 @@ def check_paths(cfg: AgentConfig) -> None:
     a mistake here is a ConfigError naming the key and the path, not a daemon that looks healthy and does nothing.
 
     [trust] root: a readable regular file holding TUF root metadata. [agent] state_dir: created if missing, a
-    directory the agent can write. [mqtt] ca_file (if set): a readable regular file. [trust] decrypt_key_file (if
+    directory the agent can write. [mqtt] ca_file, cert_file (if set): readable regular files; [mqtt] key_file
+    (if set): a readable regular file, unencrypted, that neither group nor others may read. [trust] decrypt_key_file
+    (if
     set): a readable regular file that neither group nor others may read (it is the key to every model granted)."""
     _readable_file("[trust] root", cfg.trust.root)
     try:
@@ -303,6 +319,12 @@ def check_paths(cfg: AgentConfig) -> None:
         raise ConfigError(f"[trust] root {cfg.trust.root}: not TUF root metadata (packager keys init writes it)")
     if cfg.mqtt.ca_file:
         _readable_file("[mqtt] ca_file", Path(cfg.mqtt.ca_file))
+    if cfg.mqtt.cert_file:
+        _readable_file("[mqtt] cert_file", Path(cfg.mqtt.cert_file))
+        _readable_file("[mqtt] key_file", Path(cfg.mqtt.key_file))
+        check_private_mode("[mqtt] key_file", Path(cfg.mqtt.key_file))
+        if b"ENCRYPTED" in Path(cfg.mqtt.key_file).read_bytes()[:4096]:  # nobody could type its passphrase
+            raise ConfigError(f"[mqtt] key_file {cfg.mqtt.key_file}: encrypted; a device's key must not be")
     if cfg.trust.decrypt_key_file:
         _readable_file("[trust] decrypt_key_file", Path(cfg.trust.decrypt_key_file))
         check_private_mode("[trust] decrypt_key_file", Path(cfg.trust.decrypt_key_file))

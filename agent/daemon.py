@@ -200,8 +200,9 @@ class Daemon:
         topics = Topics(self.cfg.topic_prefix)
         will = Will(topics.device(dev, "state"), json.dumps({"status": "offline", "device": dev}).encode(),
                     retain=True, qos=1)
-        return MqttClient(self.cfg.mqtt.url, f"edge-agent-{dev}", prefix=topics,
-                          ca_file=self.cfg.mqtt.ca_file or None, will=will)
+        m = self.cfg.mqtt
+        return MqttClient(m.url, f"edge-agent-{dev}", prefix=topics, ca_file=m.ca_file or None,
+                          cert_file=m.cert_file or None, key_file=m.key_file or None, will=will)
 
     def _connect(self) -> None:
         client = self._new_client()

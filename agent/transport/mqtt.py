@@ -458,6 +458,10 @@ def _forget_unsent(client: paho.Client, mid: int) -> None:
             del messages[mid]
 
 
+def _no_key_password() -> bytes:
+    raise ValueError("the key file is encrypted and no key password was given")
+
+
 class MqttClient:
     """Synchronous facade: connect, read retained topics with a barrier, publish with PUBACK, stream messages.
 
@@ -483,6 +487,9 @@ class MqttClient:
         max_packet_size: int = DEFAULT_MAX_PACKET,
         max_inflight: int = 64,
         ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        key_password: bytes | None = None,
         protocol: str = "auto",
         will: Will | None = None,
         birth: Will | None = None,
@@ -498,7 +505,15 @@ class MqttClient:
         which has no such property, the broker's own inflight limit applies. None: paho acknowledges on arrival.
 
         `retained_grace`: seconds a retained read waits, after its barrier echoed, for topics not arrived yet
-        (`RetainedRead`, DEFAULT_RETAINED_GRACE_S)."""
+        (`RetainedRead`, DEFAULT_RETAINED_GRACE_S).
+
+        TLS (mqtts:// URLs): `ca_file` the CA the broker's certificate must chain to (None: the system's);
+        `cert_file`/`key_file` this client's certificate and key for brokers that require one (docs/security.md),
+        `key_password` when the key file is encrypted (the packager's own identity; a device's key is not)."""
+        if (cert_file is None) != (key_file is None):
+            raise ValueError("cert_file and key_file go together: give both or neither")
+        if cert_file is not None and not all(parse_broker_url(u).tls for u in split_broker_urls(url)):
+            raise ValueError("a client certificate needs mqtts:// broker URLs")
         if not is_client_id(client_id):
             raise ValueError(f"client id must be 1-128 chars of [A-Za-z0-9_-]: {client_id!r}")
         if protocol not in ("auto", "5", "3.1.1"):
@@ -520,6 +535,9 @@ class MqttClient:
         self.max_packet_size = max_packet_size
         self.max_inflight = max_inflight
         self.ca_file = ca_file
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self._key_password = key_password
         self._protocol_choice = protocol
         self.protocol: str | None = None  # "5" or "3.1.1" once connected
         self.will = will
@@ -644,7 +662,14 @@ class MqttClient:
             manual_ack=self.receive_window is not None, **kwargs
         )
         if self.address.tls:
-            client.tls_set(ca_certs=self.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+            # an encrypted key without key_password must fail here, never wait for OpenSSL's terminal prompt
+            password: bytes | Callable[[], bytes] = self._key_password or _no_key_password
+            try:
+                client.tls_set(ca_certs=self.ca_file, certfile=self.cert_file, keyfile=self.key_file,
+                               cert_reqs=ssl.CERT_REQUIRED, keyfile_password=password)  # type: ignore[arg-type]
+            except (OSError, ssl.SSLError, ValueError) as e:
+                raise TransportError(f"TLS setup for {self.url} (ca_file {self.ca_file}, cert_file "
+                                     f"{self.cert_file}, key_file {self.key_file}): {e}") from e
         if self.address.username is not None:
             client.username_pw_set(self.address.username, self.address.password)
         client.max_inflight_messages_set(self.max_inflight)

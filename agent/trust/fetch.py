@@ -248,6 +248,7 @@ def with_source(cfg: AgentConfig, work: Callable[[BundleSource], _T]) -> _T:
         # unique per process: a worker and `edge-agent fetch` (or a leftover worker) never take over each other
         with MqttClient(cfg.mqtt.url, unique_client_id(f"edge-agent-{cfg.agent.device_id}-fetch"),
                         prefix=Topics(cfg.topic_prefix), ca_file=cfg.mqtt.ca_file or None,
+                        cert_file=cfg.mqtt.cert_file or None, key_file=cfg.mqtt.key_file or None,
                         receive_window=cfg.mqtt.receive_window, retained_grace=cfg.mqtt.retained_grace_s) as mqtt:
             mqtt.connect(timeout=cfg.mqtt.connect_timeout_s)
             fetcher = MqttFetcher(mqtt, state / "chunks", timeout=cfg.limits.chunk_timeout_s)

@@ -12,6 +12,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from tuf.api.metadata import TargetFile
 from agent.bundle import Manifest, sha256_file, verify_bundle
 from agent.transport.mqtt import MqttClient, split_broker_urls
 from agent.transport.topics import ID_RULE, Topics, is_id
-from packager import tuf_repo
+from agent.trust.confidential import Encryption
+from packager import confidential, tuf_repo
 from packager.errors import InputError
 from packager.mqtt_publish import PublishStats, TargetSpec, delete_targets, publish_tree, write_http_tree
 
@@ -134,10 +136,17 @@ def _bundle_custom(manifest: Manifest) -> dict[str, Any]:
 
 
 def _bundle_item(bundle: Path, manifest: Manifest, existing: dict[str, TargetFile],
-                 items: list[tuple[str, Path, dict[str, Any]]]) -> tuple[str, str]:
-    """(target path, sha256) of `bundle`; queues it in `items` unless the repository already signs it."""
+                 items: list[tuple[str, Path, dict[str, Any]]], crypt: _Encrypting | None = None) -> tuple[str, str]:
+    """(target path, sha256) of `bundle`; queues it in `items` unless the repository already signs it. Encrypted
+    (`crypt.encrypt`, or signed encrypted already), the sha256 is the ciphertext's."""
     path = bundle_target_path(manifest.name, manifest.version)
     digest = sha256_file(bundle)
+    signed_enc = Encryption.from_custom(dict(existing[path].custom), path) if path in existing else None
+    if crypt is not None and (signed_enc is not None or (crypt.encrypt and path not in existing)):
+        return _encrypted_item(path, digest, bundle, manifest, existing, items, signed_enc, crypt)
+    if crypt is not None and crypt.encrypt:
+        raise InputError(f"{path} is already published unencrypted: --encrypt cannot hide it now; build a new "
+                         "version")
     if path in existing:
         if existing[path].hashes.get("sha256") != digest:
             raise InputError(f"{path} is already published with different content: bundles are immutable, "
@@ -145,6 +154,41 @@ def _bundle_item(bundle: Path, manifest: Manifest, existing: dict[str, TargetFil
     elif all(p != path for p, _, _ in items):
         items.append((path, bundle, _bundle_custom(manifest)))
     return path, digest
+
+
+@dataclass
+class _Encrypting:
+    """What `--encrypt` needs while a publish signs: the repository, the group granted, the open temporary files."""
+
+    repo: Path
+    group: str | None
+    encrypt: bool  # encrypt bundles not signed yet (an already encrypted one stays encrypted either way)
+    files: ExitStack
+    grants: list[str]  # grants targets to push
+
+
+def _encrypted_item(path: str, digest: str, bundle: Path, manifest: Manifest, existing: dict[str, TargetFile],
+                    items: list[tuple[str, Path, dict[str, Any]]], signed: Encryption | None,
+                    crypt: _Encrypting) -> tuple[str, str]:
+    """An encrypted bundle stays encrypted: a publish of the same bundle (a rerun, another group) extends its
+    grants to the group instead of encrypting again."""
+    if signed is not None:
+        if signed.plaintext.sha256 != digest:
+            raise InputError(f"{path} is already published with different content: bundles are immutable, "
+                             "build a new version")
+        if crypt.group is not None:
+            confidential.group_recipients(crypt.repo, crypt.group)
+            confidential.extend_grants(crypt.repo, existing[path], signed, groups=[crypt.group])
+        crypt.grants.append(signed.grants)  # pushed again: idempotent, and a rerun finishes a cut push
+        return path, existing[path].hashes["sha256"]
+    assert crypt.group is not None
+    if all(p != path for p, _, _ in items):
+        enc = crypt.files.enter_context(confidential.encrypt_bundle(
+            crypt.repo, bundle, path, manifest, _bundle_custom(manifest), [crypt.group]))
+        items.append((path, enc.ciphertext, enc.custom))
+        items.append((enc.grants_target, enc.grants_file, enc.grants_custom))
+        crypt.grants.append(enc.grants_target)
+    return path, sha256_file(next(f for p, f, _ in items if p == path))
 
 
 def check_shadow_compatible(serving: Manifest, shadow: Manifest) -> None:
@@ -161,15 +205,32 @@ def check_shadow_compatible(serving: Manifest, shadow: Manifest) -> None:
                          f"{serving.name} v{serving.version} takes {sorted(ours)}: it could not run on live inputs")
 
 
-def sign_bundle(repo: Path, bundle: Path, group: str | None,
-                shadow: Path | None = None) -> tuple[list[TargetFile], tuple[str, ...], str]:
+def sign_bundle(repo: Path, bundle: Path, group: str | None, shadow: Path | None = None,
+                encrypt: bool = False) -> tuple[list[TargetFile], tuple[str, ...], str]:
     """Add the bundle (and the `shadow` bundle, if any) and the group's deployment document as targets, unless the
     repository already has them. The document is rewritten whole: publishing without `shadow` ends a shadow.
     Without `group` only the bundle is signed: it is deployed to nobody until a rollout names it.
+    `encrypt`: the bundles are signed encrypted, granted to the group's active devices (packager/confidential.py).
 
-    Returns the TargetFiles to push (bundle, deployment, then the shadow bundle), the target paths newly added,
-    and the bundle's sha256.
+    Returns the TargetFiles to push (bundle, deployment, then the shadow bundle, then grants documents), the target
+    paths newly added, and the bundle's sha256 (the ciphertext's when encrypted).
     """
+    with ExitStack() as files:
+        crypt = _Encrypting(repo, group, encrypt, files, [])
+        if encrypt and group is None:
+            raise InputError("--encrypt needs --group: the bundle is granted to that group's devices")
+        if encrypt and group is not None:
+            check_level_name("--group", group)
+            confidential.group_recipients(repo, group)  # before anything is encrypted or signed
+        targets, added, digest = _sign_bundle(repo, bundle, group, shadow, crypt)
+        if crypt.grants:
+            signed = tuf_repo.referenced_targets(repo)
+            targets += [signed[p] for p in dict.fromkeys(crypt.grants)]
+        return targets, added, digest
+
+
+def _sign_bundle(repo: Path, bundle: Path, group: str | None, shadow: Path | None,
+                 crypt: _Encrypting) -> tuple[list[TargetFile], tuple[str, ...], str]:
     if group is not None:
         check_level_name("--group", group)
     elif shadow is not None:
@@ -180,7 +241,7 @@ def sign_bundle(repo: Path, bundle: Path, group: str | None,
         check_shadow_compatible(manifest, shadow_manifest)
     existing = tuf_repo.referenced_targets(repo)
     items: list[tuple[str, Path, dict[str, Any]]] = []
-    bundle_path, digest = _bundle_item(bundle, manifest, existing, items)
+    bundle_path, digest = _bundle_item(bundle, manifest, existing, items, crypt)
     if group is None:
         if items:
             tuf_repo.add_targets(repo, items, chunk_size=CHUNK_SIZE)
@@ -188,7 +249,7 @@ def sign_bundle(repo: Path, bundle: Path, group: str | None,
     dep_path = deployment_target_path(group)
     spec: ShadowSpec | None = None
     if shadow is not None and shadow_manifest is not None:
-        shadow_path, shadow_digest = _bundle_item(shadow, shadow_manifest, existing, items)
+        shadow_path, shadow_digest = _bundle_item(shadow, shadow_manifest, existing, items, crypt)
         spec = ShadowSpec(shadow_path, shadow_manifest.name, shadow_manifest.version, shadow_digest)
     with tempfile.TemporaryDirectory(prefix="edgeship-publish-") as tmp:
         doc = Path(tmp) / f"{group}.json"
@@ -223,12 +284,17 @@ def current_deployment(repo: Path, group: str) -> dict[str, Any] | None:
 def sign_deployment(repo: Path, group: str, bundle_target: str, rollout: Mapping[str, Any] | None
                     ) -> list[TargetFile]:
     """Sign `deployments/<group>.json` naming the already signed `bundle_target`, with a `rollout` entry (or
-    none). Returns [the bundle's TargetFile, the document's] to push."""
+    none). Returns [the bundle's TargetFile, the document's] to push, and the bundle's grants document when it is
+    encrypted (granted to the group's devices first)."""
     check_level_name("--group", group)
     signed = tuf_repo.referenced_targets(repo)
     tf = signed.get(bundle_target)
     if tf is None:
         raise InputError(f"{bundle_target} is not signed in {repo}: `packager publish` it first")
+    enc = Encryption.from_custom(dict(tf.custom), bundle_target)
+    if enc is not None:  # a rollout of an encrypted bundle to a group it was not published for
+        confidential.group_recipients(repo, group)
+        confidential.extend_grants(repo, tf, enc, groups=[group])
     custom_b = dict(tf.custom)
     name, version, digest = str(custom_b["name"]), int(custom_b["version"]), tf.hashes["sha256"]
     dep_path = deployment_target_path(group)
@@ -243,7 +309,7 @@ def sign_deployment(repo: Path, group: str, bundle_target: str, rollout: Mapping
                 custom["previous"] = {"name": previous.get("name"), "version": previous.get("version")}
             tuf_repo.add_targets(repo, [(dep_path, doc, custom)], chunk_size=CHUNK_SIZE)
     signed = tuf_repo.referenced_targets(repo)
-    return [signed[bundle_target], signed[dep_path]]
+    return [signed[bundle_target], signed[dep_path]] + ([signed[enc.grants]] if enc is not None else [])
 
 
 def deploy(repo: Path, group: str, bundle_target: str, rollout: Mapping[str, Any] | None,
@@ -255,11 +321,24 @@ def deploy(repo: Path, group: str, bundle_target: str, rollout: Mapping[str, Any
 
 
 def publish(repo: Path, bundle: Path, group: str | None, client: MqttClient | None, topics: Topics,
-            http_dir: Path | None, progress: Progress | None = None, shadow: Path | None = None) -> PublishResult:
-    targets, added, digest = sign_bundle(repo, bundle, group, shadow)
+            http_dir: Path | None, progress: Progress | None = None, shadow: Path | None = None,
+            encrypt: bool = False) -> PublishResult:
+    targets, added, digest = sign_bundle(repo, bundle, group, shadow, encrypt)
     stats, http_files, version = push(repo, client, topics, targets, http_dir, progress)
-    return PublishResult(targets[0].path, targets[1].path if len(targets) > 1 else None, digest, version, added,
-                         stats, http_files, targets[2].path if len(targets) > 2 else None)
+    shadow_target = next((t.path for t in targets[2:] if t.path.startswith("bundles/")), None)
+    return PublishResult(targets[0].path, targets[1].path if group is not None else None, digest, version, added,
+                         stats, http_files, shadow_target)
+
+
+def grant(repo: Path, device_id: str, client: MqttClient | None, topics: Topics,
+          http_dir: Path | None) -> tuple[list[str], int]:
+    """Grant every encrypted bundle of the device's group to the (newly added) device and push the re-signed
+    grants documents; the ciphertexts are not touched. Returns the grants target paths changed and the timestamp
+    version."""
+    changed = confidential.grant_device(repo, device_id)
+    signed = tuf_repo.referenced_targets(repo)
+    _, _, version = push(repo, client, topics, [signed[p] for p in changed], http_dir)
+    return changed, version
 
 
 def refresh(repo: Path, client: MqttClient | None, topics: Topics, http_dir: Path | None,
@@ -297,6 +376,9 @@ def unpublish(repo: Path, bundles: list[str], client: MqttClient | None, topics:
                              "without --shadow (or with another) first")
         tuf_repo.remove_target(repo, path)
         removed.append(path)
+        enc = Encryption.from_custom(dict(signed[path].custom), path)
+        if enc is not None and enc.grants in signed:
+            tuf_repo.remove_target(repo, enc.grants)  # its chunks go with the garbage below
     garbage = unreferenced_files(repo)
     if removed or garbage:
         push(repo, client, topics, [], http_dir)  # devices learn the new targets list before bytes disappear

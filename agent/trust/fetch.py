@@ -6,8 +6,17 @@ Layout under `[agent] state_dir`:
     incoming/     a verified deployment document whose bundle is not verified yet
     deployments/  deployment documents whose bundle verified
     bundles/      verified bundles, `<name>-<version>.bundle`
+    encrypted/    verified ciphertexts of encrypted bundles, until decrypted into bundles/ (then deleted)
+    grants/       verified grants documents of encrypted bundles
 A rejected update changes none of the trusted files: TUF keeps its metadata, and a target reaches `bundles/`
 or `deployments/` only by rename after verification.
+
+An encrypted bundle (agent/trust/confidential.py) is checked like any other target, and then: at CHECK its signed
+grants document is fetched through the same TUF client and must hold an entry for this device ("not_granted"
+otherwise, or when `[trust] decrypt_key_file` is not set); at VERIFY the content key is unwrapped with the device's
+key and the ciphertext decrypted into bundles/, checked against the plaintext's signed sha256 and length, and then
+verified and unpacked like a bundle that was never encrypted. Plaintext never leaves the state directory, which is
+made 0700 before the first byte is decrypted.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from agent.config import AgentConfig
 from agent.deploy.rollout import Membership, membership, target_for
 from agent.errors import BundleRejected, TransportError
 from agent.fsutil import fsync_dir
+from agent.trust import confidential
 from agent.trust.client import TrustedClient
 from agent.trust.fetcher import ChunkFetcher
 
@@ -169,6 +179,7 @@ class BundleSource:
         if custom.get("name") != target.name or custom.get("version") != target.version:
             raise BundleRejected(f"{target.bundle} is signed as {custom.get('name')} v{custom.get('version')}, the "
                                  f"deployment says {target.name} v{target.version}", reason="mismatch")
+        self._wrapped_key(bundle_tf)  # an encrypted bundle this device cannot read is refused before any download
         return SignedCandidate(target.name, target.version, bundle_tf.hashes["sha256"], bundle_tf, dep_tf, dep_file,
                                member)
 
@@ -185,14 +196,70 @@ class BundleSource:
             raise BundleRejected(f"shadow {entry.bundle} is signed as {custom.get('name')} v{custom.get('version')} "
                                  f"({tf.hashes.get('sha256', '?')[:12]}), the deployment says {entry.name} "
                                  f"v{entry.version} ({entry.sha256[:12]})", reason="mismatch")
+        self._wrapped_key(tf)
         return SignedShadow(entry.name, entry.version, tf.hashes["sha256"], tf)
 
     def download(self, cand: SignedCandidate | SignedShadow) -> Path:
+        """The verified target file: the bundle, or the ciphertext of an encrypted one (in encrypted/)."""
         _expect(self.fetcher, self.client, cand.bundle_tf)
-        return self.client.download(cand.bundle_tf, self.state / "bundles")
+        encrypted = self._encryption(cand.bundle_tf) is not None
+        return self.client.download(cand.bundle_tf, self.state / ("encrypted" if encrypted else "bundles"))
+
+    def bundle_file(self, cand: SignedCandidate | SignedShadow) -> Path:
+        """Where the verified (decrypted) bundle is once VERIFY passed."""
+        return self.state / "bundles" / cand.bundle_tf.path.rpartition("/")[2]
+
+    # --- encrypted bundles ------------------------------------------------------------------------------------
+
+    def _encryption(self, tf: TargetFile) -> confidential.Encryption | None:
+        return confidential.Encryption.from_custom(dict(tf.custom), tf.path)
+
+    def _wrapped_key(self, tf: TargetFile) -> str | None:
+        """This device's wrapped content key from the encrypted bundle's signed grants document (None: the bundle
+        is not encrypted). BundleRejected "not_granted" when the device has no key configured or no grant."""
+        enc = self._encryption(tf)
+        if enc is None:
+            return None
+        device = self.cfg.agent.device_id
+        if not self.cfg.trust.decrypt_key_file:
+            raise BundleRejected(f"{tf.path} is encrypted and this device has no [trust] decrypt_key_file: it takes "
+                                 "no encrypted bundles", reason="not_granted")
+        grants_tf = self.client.require_target(enc.grants)
+        _expect(self.fetcher, self.client, grants_tf)
+        data = self.client.download(grants_tf, self.state / "grants").read_bytes()
+        self.fetcher.discard(grants_tf.hashes["sha256"])
+        grants = confidential.Grants.parse(data, enc.grants)
+        return grants.for_device(device, tf.path, tf.hashes["sha256"])
+
+    def _decrypt(self, tf: TargetFile, ciphertext: Path) -> Path:
+        """Decrypt the verified `ciphertext` into bundles/ (deleting the ciphertext once done); the bundle's path."""
+        enc = self._encryption(tf)
+        wrapped = self._wrapped_key(tf)
+        assert enc is not None and wrapped is not None
+        key = confidential.unwrap_key(wrapped, confidential.load_device_key(Path(self.cfg.trust.decrypt_key_file)),
+                                      confidential.key_info(tf.path, tf.hashes["sha256"]))
+        _private_dir(self.state)
+        out = self.state / "bundles"
+        out.mkdir(exist_ok=True)
+        final = out / tf.path.rpartition("/")[2]
+        partial = out / f".{final.name}.decrypting"
+        confidential.decrypt_file(ciphertext, partial, key, enc.plaintext)
+        os.replace(partial, final)
+        fsync_dir(out)
+        ciphertext.unlink()
+        log.info("decrypted %s (%d bytes)", tf.path, enc.plaintext.length)
+        return final
 
     def _check_bundle(self, cand: SignedCandidate | SignedShadow, path: Path, extract_to: Path | None) -> Manifest:
-        """The bundle's own manifest and hashes checked (and unpacked), as signed; an unusable file is deleted."""
+        """The bundle's own manifest and hashes checked (and unpacked), as signed; an unusable file is deleted.
+        An encrypted bundle's `path` is its ciphertext, decrypted first."""
+        if self._encryption(cand.bundle_tf) is not None:
+            try:
+                path = self._decrypt(cand.bundle_tf, path)
+            except BundleRejected as e:
+                if e.reason != "not_granted":  # kept: a grant may come later, and the ciphertext is fine
+                    path.unlink(missing_ok=True)
+                raise
         try:
             if extract_to is not None:
                 # leftovers of an attempt killed midway: the final directory, or verify_bundle's staging one
@@ -224,12 +291,21 @@ class BundleSource:
         return manifest
 
 
+def _private_dir(path: Path) -> None:
+    """Make the state directory 0700 before plaintext of an encrypted bundle goes into it (systemd's
+    StateDirectoryMode=0700 has done so already under edge-agent.service)."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("state directory %s was mode %04o; making it 0700 before decrypting into it", path, mode)
+        os.chmod(path, 0o700)
+
+
 def fetch_all(source: BundleSource) -> FetchResult:
     """CHECK, DOWNLOAD and VERIFY in one go (the one-shot `edge-agent fetch`)."""
     cand = source.check()
     path = source.download(cand)
     source.verify(cand, path)
-    return FetchResult(cand.name, cand.version, cand.sha256, path, source.transport)
+    return FetchResult(cand.name, cand.version, cand.sha256, source.bundle_file(cand), source.transport)
 
 
 def fetch_with(cfg: AgentConfig, fetcher: ChunkFetcher, transport: str) -> FetchResult:

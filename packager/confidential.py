@@ -1,0 +1,183 @@
+"""Confidential models on the packager's side: encrypt a bundle for the devices of a group, keep its content key,
+and grant it to devices added later without re-encrypting (docs/security.md, "Confidential models").
+
+Layout of `REPO/content-keys/` (never published; the repository directory stays on the packager host):
+    escrow.pem               the repository's X25519 escrow key, encrypted at rest by packager/keystore.py
+    <name>-<version>.json    {"bundle", "ciphertext_sha256", "escrow"}: the bundle's content key wrapped (HPKE) for
+                             the escrow key, so a later grant needs the key passphrase but never the plaintext
+
+The file format, the key wrap and the grants document are agent/trust/confidential.py's: one definition, the one the
+device reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from tuf.api.metadata import TargetFile
+
+from agent.bundle import Manifest, sha256_file
+from agent.fsutil import write_atomic
+from agent.trust import confidential as fmt
+from packager import devices, keystore, tuf_repo
+from packager.errors import InputError, RepoError
+
+log = logging.getLogger(__name__)
+
+CONTENT_KEYS_DIR = "content-keys"
+ESCROW_KEY = "escrow.pem"
+
+
+def grants_target_path(name: str, version: int) -> str:
+    return f"grants/{name}-{version}.json"
+
+
+def content_keys_dir(repo: Path) -> Path:
+    return repo / CONTENT_KEYS_DIR
+
+
+def escrow_key(repo: Path) -> X25519PrivateKey:
+    """The repository's escrow key, created (encrypted at rest) on first use."""
+    path = content_keys_dir(repo) / ESCROW_KEY
+    if not path.exists():
+        content_keys_dir(repo).mkdir(mode=0o700, exist_ok=True)
+        keystore.write_private_key(path, X25519PrivateKey.generate())
+        log.info("created the content-key escrow key %s", path)
+    key = keystore.load_private_key(path)
+    if not isinstance(key, X25519PrivateKey):
+        raise RepoError(f"{path} is not an X25519 key")
+    return key
+
+
+@dataclass(frozen=True)
+class Encrypted:
+    """A bundle encrypted for publishing: the ciphertext file and what its target, and its grants target, sign."""
+
+    ciphertext: Path
+    custom: dict[str, Any]  # the bundle target's custom metadata, `encrypted` included
+    grants_target: str
+    grants_file: Path
+    grants_custom: dict[str, Any]
+
+
+def group_recipients(repo: Path, group: str) -> list[devices.DeviceRecord]:
+    """The active devices of `group`; InputError when there is none (nobody could decrypt the bundle)."""
+    recipients = devices.active_devices(repo, group)
+    if not recipients:
+        raise InputError(f"--encrypt: group {group!r} has no registered device in {devices.registry_dir(repo)}: "
+                         "nobody could decrypt the bundle (`packager device add` first)")
+    return recipients
+
+
+@contextmanager
+def encrypt_bundle(repo: Path, bundle: Path, target_path: str, manifest: Manifest, custom: dict[str, Any],
+                   groups: Sequence[str]) -> Iterator[Encrypted]:
+    """Encrypt `bundle` under a fresh content key, escrow the key, and grant it to the active devices of `groups`.
+    The files live in a temporary directory inside REPO until the context ends (tuf_repo copies what it signs)."""
+    recipients = [r for g in groups for r in group_recipients(repo, g)]
+    escrow = escrow_key(repo)
+    key = fmt.new_content_key()
+    with tempfile.TemporaryDirectory(prefix=".encrypt-", dir=repo) as tmp:
+        ciphertext = Path(tmp) / target_path.rpartition("/")[2]
+        with ciphertext.open("wb") as out:
+            plain = fmt.encrypt_file(bundle, out, key)
+        sha = sha256_file(ciphertext)
+        info = fmt.key_info(target_path, sha)
+        record = {"bundle": target_path, "ciphertext_sha256": sha,
+                  "escrow": fmt.wrap_key(key, escrow.public_key(), info)}
+        keys_file = _escrow_record_path(repo, manifest.name, manifest.version)
+        write_atomic(keys_file, json.dumps(record, indent=1).encode() + b"\n", mode=0o600)
+        grants_path = grants_target_path(manifest.name, manifest.version)
+        grants = fmt.Grants(target_path, sha, tuple(groups),
+                            {r.device_id: fmt.wrap_key(key, r.public_key, info) for r in recipients})
+        grants_file = Path(tmp) / grants_path.rpartition("/")[2]
+        grants_file.write_bytes(grants.to_bytes())
+        encryption = fmt.Encryption(fmt.SCHEME, grants_path, fmt.Plaintext(plain.sha256, plain.length))
+        yield Encrypted(ciphertext, {**custom, "encrypted": encryption.to_json()}, grants_path, grants_file,
+                        {"grants_for": target_path})
+
+
+def _escrow_record_path(repo: Path, name: str, version: int) -> Path:
+    content_keys_dir(repo).mkdir(mode=0o700, exist_ok=True)
+    return content_keys_dir(repo) / f"{name}-{version}.json"
+
+
+def _content_key(repo: Path, tf: TargetFile, name: str, version: int) -> bytes:
+    path = _escrow_record_path(repo, name, version)
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise RepoError(f"the content key of {tf.path} cannot be read from {path}: {e}") from e
+    sha = tf.hashes["sha256"]
+    if record.get("bundle") != tf.path or record.get("ciphertext_sha256") != sha:
+        raise RepoError(f"{path} holds the content key of another ciphertext than the signed {tf.path}")
+    try:
+        return fmt.unwrap_key(str(record["escrow"]), escrow_key(repo), fmt.key_info(tf.path, sha))
+    except Exception as e:
+        raise RepoError(f"the escrowed content key of {tf.path} does not open with {ESCROW_KEY}: {e}") from e
+
+
+def encrypted_targets(repo: Path) -> dict[str, tuple[TargetFile, fmt.Encryption]]:
+    """Bundle target path -> (its TargetFile, its signed encryption entry), for every encrypted bundle."""
+    out = {}
+    for path, tf in tuf_repo.referenced_targets(repo).items():
+        enc = fmt.Encryption.from_custom(dict(tf.custom), path)
+        if enc is not None:
+            out[path] = (tf, enc)
+    return out
+
+
+def current_grants(repo: Path, grants_target: str) -> fmt.Grants:
+    tf = tuf_repo.referenced_targets(repo).get(grants_target)
+    if tf is None:
+        raise RepoError(f"{grants_target} is not signed in {repo}")
+    return fmt.Grants.parse(tuf_repo.target_file_path(repo, tf).read_bytes(), grants_target)
+
+
+def extend_grants(repo: Path, bundle_tf: TargetFile, enc: fmt.Encryption, groups: Sequence[str] = (),
+                  extra: Sequence[devices.DeviceRecord] = ()) -> bool:
+    """Add `groups` to the bundle's grants and wrap its content key for every active device of its groups not
+    granted yet (and for `extra`); re-signs the grants target when anything changed. True when it did.
+    The ciphertext, its target and its hash stay as they are."""
+    grants = current_grants(repo, enc.grants)
+    all_groups = tuple(dict.fromkeys((*grants.groups, *groups)))
+    wanted = [r for g in all_groups for r in devices.active_devices(repo, g)] + list(extra)
+    missing = [r for r in wanted if r.device_id not in grants.wrapped]
+    if not missing and all_groups == grants.groups:
+        return False
+    custom: dict[str, Any] = dict(bundle_tf.custom)
+    wrapped = dict(grants.wrapped)
+    if missing:
+        key = _content_key(repo, bundle_tf, str(custom["name"]), int(custom["version"]))
+        info = fmt.key_info(bundle_tf.path, bundle_tf.hashes["sha256"])
+        wrapped.update({r.device_id: fmt.wrap_key(key, r.public_key, info) for r in missing})
+    new = fmt.Grants(grants.bundle, grants.ciphertext_sha256, all_groups, wrapped)
+    with tempfile.TemporaryDirectory(prefix=".grant-", dir=repo) as tmp:
+        doc = Path(tmp) / enc.grants.rpartition("/")[2]
+        doc.write_bytes(new.to_bytes())
+        tuf_repo.add_targets(repo, [(enc.grants, doc, {"grants_for": bundle_tf.path})],
+                             chunk_size=tuf_repo.DEFAULT_CHUNK_SIZE)
+    log.info("granted %s to %s", bundle_tf.path, ", ".join(r.device_id for r in missing) or "no new device")
+    return True
+
+
+def grant_device(repo: Path, device_id: str) -> list[str]:
+    """Wrap the content key of every encrypted bundle granted to the device's group for this device (a device
+    added after the bundle was published); re-signs those grants targets. Returns their target paths (to push)."""
+    record = devices.get(repo, device_id)
+    if record.revoked is not None:
+        raise InputError(f"device {device_id} was revoked on {record.revoked}: it is granted nothing new")
+    changed = []
+    for path, (tf, enc) in encrypted_targets(repo).items():
+        if record.group in current_grants(repo, enc.grants).groups and extend_grants(repo, tf, enc):
+            changed.append(enc.grants)
+            log.info("re-wrapped the content key of %s for %s", path, device_id)
+    return changed

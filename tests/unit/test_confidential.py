@@ -1,0 +1,169 @@
+"""Encrypted bundles, the pure parts: the file format (agent/trust/confidential.py), the key wrap and its binding,
+the grants document, the device key file, and the packager's refusals (packager/confidential.py, publish.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from agent.config import check_paths, parse_config
+from agent.errors import BundleRejected, ConfigError
+from agent.trust import confidential as fmt
+from packager.errors import InputError
+
+SHA = "ab" * 32
+BUNDLE = "bundles/digits-1.bundle"
+
+
+def _encrypted(tmp_path: Path, data: bytes, key: bytes) -> tuple[Path, fmt.Plaintext]:
+    src = tmp_path / "plain.bundle"
+    src.write_bytes(data)
+    out = tmp_path / "cipher.bundle"
+    with out.open("wb") as f:
+        plain = fmt.encrypt_file(src, f, key)
+    return out, plain
+
+
+def _reject(reason: str, call) -> BundleRejected:  # type: ignore[no-untyped-def]
+    with pytest.raises(BundleRejected) as info:
+        call()
+    assert info.value.reason == reason, info.value
+    return info.value
+
+
+def test_round_trip_streams_blocks_and_leaves_only_the_checked_plaintext(tmp_path: Path) -> None:
+    data = os.urandom(3 * fmt.BLOCK + 123)  # several blocks, the last one short
+    key = fmt.new_content_key()
+    cipher, plain = _encrypted(tmp_path, data, key)
+    raw = cipher.read_bytes()
+    assert len(raw) == fmt.HEADER_LEN + len(data) + fmt.TAG_LEN
+    assert data[1000:1064] not in raw and raw.startswith(fmt.MAGIC)
+    out = tmp_path / "out.bundle"
+    fmt.decrypt_file(cipher, out, key, plain)
+    assert out.read_bytes() == data
+    assert out.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda raw: b"not an encrypted bundle at all", "format"),
+        (lambda raw: b"EDGESHIP-EN", "format"),  # shorter than the header
+        (lambda raw: b"GARBAGE-GARB" + raw[12:], "format"),  # bad magic
+        (lambda raw: raw[:12] + b"\x02" + raw[13:], "format"),  # unknown format version
+        (lambda raw: raw[:13] + b"\x09" + raw[14:], "format"),  # unknown algorithm
+        (lambda raw: raw[: fmt.HEADER_LEN + 5], "format"),  # truncated: no room for the tag
+        (lambda raw: raw[:-1], "size_mismatch"),  # truncated by one byte
+        (lambda raw: raw[:-1] + bytes([raw[-1] ^ 1]), "decrypt_failed"),  # wrong tag
+        (lambda raw: raw[:40] + bytes([raw[40] ^ 1]) + raw[41:], "decrypt_failed"),  # a flipped ciphertext bit
+        (lambda raw: raw[:20] + bytes([raw[20] ^ 1]) + raw[21:], "decrypt_failed"),  # the nonce (authenticated)
+    ],
+)
+def test_damaged_ciphertext_is_refused_and_nothing_is_left(tmp_path: Path, damage, reason: str) -> None:  # type: ignore[no-untyped-def]
+    key = fmt.new_content_key()
+    cipher, plain = _encrypted(tmp_path, os.urandom(5000), key)
+    cipher.write_bytes(damage(cipher.read_bytes()))
+    out = tmp_path / "out.bundle"
+    _reject(reason, lambda: fmt.decrypt_file(cipher, out, key, plain))
+    assert not out.exists()
+
+
+def test_wrong_content_key_or_wrong_signed_plaintext_hash(tmp_path: Path) -> None:
+    key = fmt.new_content_key()
+    cipher, plain = _encrypted(tmp_path, os.urandom(5000), key)
+    out = tmp_path / "out.bundle"
+    _reject("decrypt_failed", lambda: fmt.decrypt_file(cipher, out, fmt.new_content_key(), plain))
+    _reject("hash_mismatch", lambda: fmt.decrypt_file(cipher, out, key, fmt.Plaintext("0" * 64, plain.length)))
+    assert not out.exists()
+
+
+def test_the_wrapped_key_opens_only_for_its_device_and_its_bundle() -> None:
+    device = X25519PrivateKey.generate()
+    key = fmt.new_content_key()
+    wrapped = fmt.wrap_key(key, device.public_key(), fmt.key_info(BUNDLE, SHA))
+    assert fmt.unwrap_key(wrapped, device, fmt.key_info(BUNDLE, SHA)) == key
+    _reject("decrypt_failed", lambda: fmt.unwrap_key(wrapped, X25519PrivateKey.generate(), fmt.key_info(BUNDLE, SHA)))
+    # moved to another bundle, or to another ciphertext of the same path: the HPKE info no longer matches
+    _reject("decrypt_failed", lambda: fmt.unwrap_key(wrapped, device, fmt.key_info("bundles/digits-2.bundle", SHA)))
+    _reject("decrypt_failed", lambda: fmt.unwrap_key(wrapped, device, fmt.key_info(BUNDLE, "cd" * 32)))
+    _reject("decrypt_failed", lambda: fmt.unwrap_key("not base64!", device, fmt.key_info(BUNDLE, SHA)))
+
+
+def test_grants_document_parsing() -> None:
+    grants = fmt.Grants(BUNDLE, SHA, ("lab",), {"pi-1": "AAAA"})
+    parsed = fmt.Grants.parse(grants.to_bytes(), "grants/digits-1.json")
+    assert parsed == grants
+    assert parsed.for_device("pi-1", BUNDLE, SHA) == "AAAA"
+    _reject("not_granted", lambda: parsed.for_device("pi-2", BUNDLE, SHA))
+    _reject("mismatch", lambda: parsed.for_device("pi-1", "bundles/digits-2.bundle", SHA))
+    not_strings = json.dumps({**json.loads(grants.to_bytes()), "grants": {"a": 1}}).encode()
+    for bad in (b"[]", b"{", b'{"schema": 1}', not_strings):
+        _reject("malformed", lambda bad=bad: fmt.Grants.parse(bad, "g"))
+    _reject("too_large", lambda: fmt.Grants.parse(b" " * (fmt.MAX_GRANTS_BYTES + 1), "g"))
+
+
+def test_encryption_entry_of_the_signed_custom_metadata() -> None:
+    entry = fmt.Encryption(fmt.SCHEME, "grants/digits-1.json", fmt.Plaintext(SHA, 10))
+    assert fmt.Encryption.from_custom({"encrypted": entry.to_json()}, BUNDLE) == entry
+    assert fmt.Encryption.from_custom({"name": "digits"}, BUNDLE) is None
+    _reject("unsupported", lambda: fmt.Encryption.from_custom({"encrypted": {**entry.to_json(), "scheme": "x"}}, "b"))
+    _reject("malformed", lambda: fmt.Encryption.from_custom({"encrypted": {"scheme": fmt.SCHEME}}, "b"))
+    _reject("malformed", lambda: fmt.Encryption.from_custom({"encrypted": "yes"}, "b"))
+
+
+def _key_file(path: Path, mode: int = 0o600) -> Path:
+    path.write_bytes(X25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    path.chmod(mode)
+    return path
+
+
+def test_device_key_file(tmp_path: Path) -> None:
+    assert isinstance(fmt.load_device_key(_key_file(tmp_path / "k.pem")), X25519PrivateKey)
+    with pytest.raises(ConfigError, match=r"mode 0644 lets others read the key"):
+        fmt.load_device_key(_key_file(tmp_path / "open.pem", 0o644))
+    with pytest.raises(ConfigError, match=r"cannot read it \(No such file"):
+        fmt.load_device_key(tmp_path / "missing.pem")
+    (tmp_path / "junk.pem").write_bytes(b"junk")
+    (tmp_path / "junk.pem").chmod(0o600)
+    with pytest.raises(ConfigError, match="not an unencrypted PEM private key"):
+        fmt.load_device_key(tmp_path / "junk.pem")
+
+
+def test_config_decrypt_key_file_is_relative_to_the_file_and_checked_at_start(tmp_path: Path) -> None:
+    (tmp_path / "root.json").write_text('{"signed": {"_type": "root", "version": 1}, "signatures": []}')
+    data = {"agent": {"device_id": "pi-1", "state_dir": "state"},
+            "trust": {"root": "root.json", "decrypt_key_file": "device.key"}}
+    cfg = parse_config(data, env={}, base_dir=tmp_path)
+    assert cfg.trust.decrypt_key_file == str(tmp_path / "device.key")
+    assert parse_config({**data, "trust": {"root": "root.json"}}, env={}).trust.decrypt_key_file == ""
+    with pytest.raises(ConfigError, match=r"\[trust\] decrypt_key_file .*device.key: no such file"):
+        check_paths(cfg)
+    _key_file(tmp_path / "device.key", 0o640)
+    with pytest.raises(ConfigError, match=r"\[trust\] decrypt_key_file .*: mode 0640 lets others read the key"):
+        check_paths(cfg)
+    (tmp_path / "device.key").chmod(0o600)
+    check_paths(cfg)
+
+
+def test_encrypt_without_a_device_in_the_group_is_refused_before_anything_is_signed(tmp_path: Path) -> None:
+    from packager import publish as pub
+    from packager import tuf_repo
+    from tests.e2e.test_signed_fetch import make_bundle
+
+    repo = tmp_path / "repo"
+    tuf_repo.init_repo(repo)
+    bundle = make_bundle(tmp_path / "build", "digits", 1)
+    with pytest.raises(InputError, match=r"group 'lab' has no registered device") as info:
+        pub.sign_bundle(repo, bundle, "lab", encrypt=True)
+    assert "\n" not in str(info.value)
+    with pytest.raises(InputError, match="--encrypt needs --group"):
+        pub.sign_bundle(repo, bundle, None, encrypt=True)
+    assert tuf_repo.referenced_targets(repo) == {}
+    assert not (repo / "content-keys").exists()
+

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := out/demo
 
-.PHONY: venv test lint unit demo demo-live bench bench-transfer bench-agent bench-telemetry dist arm64-check clean
+.PHONY: venv test lint unit demo demo-live bench bench-transfer bench-agent bench-telemetry fuzz bench-fuzz dist arm64-check clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,22 @@ bench-agent: venv
 
 bench-telemetry: venv
 	$(BIN)/python benchmarks/telemetry_bench.py --out benchmarks/results/telemetry.json
+
+# atheris harnesses (tests/fuzz/, docs/security.md "Fuzzing"), FUZZ_SECONDS each. New inputs that reach new code are
+# added to tests/fuzz/corpus/<harness>/ (make test replays that directory); a crash, hang or broken invariant stops
+# the run and is written there as crash-*/timeout-*, so make test fails until it is fixed.
+FUZZ_SECONDS ?= 60
+FUZZ_HARNESSES ?= bundle manifest oip_http oip_mqtt chunks config tuf
+fuzz: venv
+	@for h in $(FUZZ_HARNESSES); do \
+		echo "fuzz $$h: $(FUZZ_SECONDS) s"; \
+		$(BIN)/python -m tests.fuzz.runner $$h tests/fuzz/corpus/$$h -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+			-rss_limit_mb=2048 -artifact_prefix=tests/fuzz/corpus/$$h/ -print_final_stats=1 || exit 1; \
+	done
+
+# 1,000,000 executions per harness (docs/benchmarks.md, Fuzzing)
+bench-fuzz: venv
+	$(BIN)/python benchmarks/fuzz_bench.py --out benchmarks/results/fuzz.json
 
 # the wheel and sdist a device installs (pip install dist/edgeship-*.whl into /opt/edgeship: docs/install-device.md)
 dist: venv

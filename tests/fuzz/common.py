@@ -1,0 +1,29 @@
+"""What the harnesses share: a scratch directory (tmpfs where there is one: the bundle and TUF harnesses write files
+on every input) and the defect exception a harness raises when an input was accepted that must not have been."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+
+class Accepted(AssertionError):
+    """The code under test accepted an input that breaks one of the harness's invariants: a real defect."""
+
+
+def check(cond: bool, message: str) -> None:
+    if not cond:
+        raise Accepted(message)
+
+
+def scratch(prefix: str) -> Path:
+    """A private directory for one harness process, on /dev/shm when it exists (faster than disk, no fsync cost)."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix=f"edgeship-fuzz-{prefix}-", dir=base))
+
+
+# The agent logs every refusal (a warning per bad request or rejected metadata file): at thousands of inputs a
+# second that is most of the run's time and all of its output.
+logging.disable(logging.CRITICAL)

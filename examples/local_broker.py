@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -32,6 +33,24 @@ def find_mosquitto() -> str:
     )
 
 
+@dataclass(frozen=True)
+class MosquittoTls:
+    """A TLS listener that takes only clients with a certificate from `cafile` (docs/security.md): the broker's
+    own certificate and key, optionally a CRL and an ACL file; the certificate's CN becomes the user name."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    crlfile: Path | None = None
+    acl_file: Path | None = None
+
+    def conf(self) -> list[str]:
+        return [f"cafile {self.cafile}", f"certfile {self.certfile}", f"keyfile {self.keyfile}",
+                *([f"crlfile {self.crlfile}"] if self.crlfile else []),
+                "require_certificate true", "use_identity_as_username true",
+                *([f"acl_file {self.acl_file}"] if self.acl_file else [])]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -41,8 +60,12 @@ def free_port() -> int:
 class Mosquitto:
     """One mosquitto process with its config, log and (optionally) persistence in `workdir`."""
 
-    def __init__(self, workdir: Path, *, persistent: bool = False, extra_conf: str = "") -> None:
+    def __init__(self, workdir: Path, *, persistent: bool = False, extra_conf: str = "",
+                 tls: MosquittoTls | None = None) -> None:
+        """`tls`: the listener speaks only TLS with client certificates (mqtts://localhost:<port>), anonymous
+        clients refused."""
         self.binary = find_mosquitto()
+        self.tls = tls
         self.workdir = workdir
         self.persistent = persistent
         self.extra_conf = extra_conf
@@ -53,12 +76,13 @@ class Mosquitto:
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"mqtts://localhost:{self.port}" if self.tls else f"mqtt://127.0.0.1:{self.port}"
 
     def _write_conf(self) -> None:
         lines = [
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            *(self.tls.conf() if self.tls else []),
+            f"allow_anonymous {'false' if self.tls else 'true'}",
             # run as whoever runs the tests: as root mosquitto would switch to user `mosquitto` and lose the tmp dir
             f"user {getpass.getuser()}",
             f"persistence {'true' if self.persistent else 'false'}",
@@ -113,6 +137,11 @@ class Mosquitto:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its config file and (2.0) its ACL and password files."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGHUP)
 
     def restart(self) -> None:
         """Stop and start on the same port (retained messages survive only with persistent=True)."""

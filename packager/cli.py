@@ -121,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     _fleet_args(sub)
     _rollout_args(sub)
     _dashboard_args(sub)
+    _device_args(sub)
     return p
 
 
@@ -176,6 +177,7 @@ def _rollout_args(sub: Any) -> None:
     rs.add_argument("--broker", required=True, help="mqtt[s]://HOST:PORT; several comma-separated: failover")
     rs.add_argument("--fleet", default="default", help="topic prefix edgeship/<fleet>/ (default: default)")
     rs.add_argument("--ca-file", help="CA certificate for mqtts://")
+    _identity_args(rs)
     for cmd, text in (("status", "print a rollout's state"), ("pause", "ask the controller to pause"),
                       ("resume", "ask the controller to resume a paused rollout (the wave soaks again)"),
                       ("abort", "ask the controller to abort: the group returns to the previous version")):
@@ -198,6 +200,7 @@ def _fleet_args(sub: Any) -> None:
         f.add_argument("--broker", required=True, help="mqtt[s]://HOST:PORT; several comma-separated: failover")
         f.add_argument("--fleet", default="default", help="topic prefix edgeship/<fleet>/ (default: default)")
         f.add_argument("--ca-file", help="CA certificate for mqtts://")
+        _identity_args(f)
     for f in (fs, fw):
         f.add_argument("--group", help="only devices whose state names this group")
         f.add_argument("--error-rate-alarm", type=float, default=0.05,
@@ -213,11 +216,58 @@ def _fleet_args(sub: Any) -> None:
                     help=f"without --follow, listen this many seconds (default {EVENTS_WAIT_S:g})")
 
 
+def _identity_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cert-file", help="this client's certificate, for brokers that require one (`packager ca issue`)")
+    p.add_argument("--key-file", help="its private key (encrypted: EDGESHIP_KEY_PASSPHRASE)")
+
+
+def _device_args(sub: Any) -> None:
+    from packager.provision import DEFAULT_DEVICE_DIR, DEFAULT_STATE_DIR
+
+    ca = sub.add_parser("ca", help="the fleet CA: broker certificates, identities, the ACL (docs/security.md)")
+    csub = ca.add_subparsers(dest="ca_command", required=True)
+    csub.add_parser("init", help="create the fleet CA in REPO/ca (device add creates it when missing)")
+    ci = csub.add_parser("issue", help="a client certificate for the packager, the dashboard or an inference app")
+    ci.add_argument("--role", required=True, choices=("packager", "dashboard", "app"))
+    ci.add_argument("--name", help="the app's name (--role app)")
+    ci.add_argument("--out", type=Path, required=True, help="directory for <identity>.pem, .key and ca.pem")
+    cb = csub.add_parser("broker-cert", help="Mosquitto's server certificate and key, the CA and the CRL")
+    cb.add_argument("--host", required=True, help="the name (or IP address) clients use to reach the broker")
+    cb.add_argument("--out", type=Path, required=True)
+    csub.add_parser("acl", help="print the Mosquitto acl_file for the fleet")
+    cr = csub.add_parser("revoke", help="revoke a certificate that is not a device's (device revoke for those)")
+    cr.add_argument("serial", help="the certificate's serial, hex (packager ca list)")
+    csub.add_parser("list", help="every certificate the CA issued")
+    for c in csub.choices.values():
+        c.add_argument("--repo", type=Path, required=True)
+        c.add_argument("--fleet", default="default", help="fleet the identities and ACL are for (default: default)")
+
+    dv = sub.add_parser("device", help="provision, revoke and list devices (client certificates, keys, config)")
+    dsub = dv.add_subparsers(dest="device_command", required=True)
+    da = dsub.add_parser("add", help="credentials, agent.toml and root.json for a new device, into --out")
+    da.add_argument("device_id")
+    da.add_argument("--group", required=True)
+    da.add_argument("--out", type=Path, required=True, help="a new directory; copy its files to the device")
+    da.add_argument("--broker", help="mqtts://HOST:PORT the device connects to (default: EDGESHIP_BROKER)")
+    da.add_argument("--fleet", default="default")
+    da.add_argument("--device-dir", default=str(DEFAULT_DEVICE_DIR),
+                    help=f"where --out's files will be on the device (default {DEFAULT_DEVICE_DIR})")
+    da.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR),
+                    help=f"[agent] state_dir on the device (default {DEFAULT_STATE_DIR})")
+    dr = dsub.add_parser("revoke", help="revoke the device's certificate (CRL) and mark it revoked")
+    dr.add_argument("device_id")
+    dl = dsub.add_parser("list", help="the registered devices")
+    dl.add_argument("--json", action="store_true")
+    for c in dsub.choices.values():
+        c.add_argument("--repo", type=Path, required=True)
+
+
 def _transport_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--broker", required=required, help="mqtt[s]://HOST:PORT; several comma-separated: failover")
     p.add_argument("--fleet", default="default", help="topic prefix edgeship/<fleet>/ (default: default)")
     p.add_argument("--http-dir", type=Path, help="also write the static tree for an HTTP mirror here")
     p.add_argument("--ca-file", help="CA certificate for mqtts://")
+    _identity_args(p)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -357,8 +407,9 @@ def _connect(args: argparse.Namespace) -> Any:
         if getattr(args, "http_dir", None) is None and args.command in ("publish",):
             raise InputError("publish needs --broker and/or --http-dir")
         return None
+    cert_file, key_file, password = _identity(args)
     client = MqttClient(args.broker, unique_client_id("packager"), prefix=topics_for(args.fleet),
-                        ca_file=args.ca_file)
+                        ca_file=args.ca_file, cert_file=cert_file, key_file=key_file, key_password=password)
     return client.connect(timeout=15.0)
 
 
@@ -379,6 +430,26 @@ def _encrypt_keys(args: argparse.Namespace) -> int:
         print(f"encrypted {path}")
     print(f"{len(done)} private key(s) encrypted; every other key was already encrypted")
     return 0
+
+
+def _identity(args: argparse.Namespace) -> tuple[str | None, str | None, bytes | None]:
+    """--cert-file/--key-file, checked, and the key's passphrase when it is encrypted (packager/keystore.py)."""
+    from agent.transport.mqtt import split_broker_urls
+    from packager import keystore
+
+    cert, key = args.cert_file, args.key_file
+    if cert is None and key is None:
+        return None, None, None
+    if cert is None or key is None:
+        raise InputError("--cert-file and --key-file go together")
+    if not all(u.startswith("mqtts://") for u in split_broker_urls(args.broker)):
+        raise InputError("--cert-file needs mqtts:// broker URLs")
+    try:
+        pem = Path(key).read_bytes()
+        Path(cert).read_bytes()
+    except OSError as e:
+        raise InputError(f"{e.filename}: cannot read it ({e.strerror})") from e
+    return cert, key, keystore.passphrase() if keystore.is_encrypted(pem) else None
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -578,6 +649,85 @@ def _rollout_start(args: argparse.Namespace) -> int:
         client.close()
 
 
+def _ca(args: argparse.Namespace) -> int:
+    from packager import fleet_ca, provision
+
+    cmd = args.ca_command
+    provision.check_id("--fleet", args.fleet)
+    if cmd == "init":
+        fleet_ca.init_ca(args.repo)
+        print(f"created the fleet CA {fleet_ca.ca_cert_path(args.repo)} (key encrypted, CRL "
+              f"{fleet_ca.crl_path(args.repo)})")
+    elif cmd == "issue":
+        identity, cert, key = provision.issue_identity(args.repo, args.role, args.fleet, args.out, args.name)
+        print(f"issued {identity}: {cert}, {key} (encrypted); use them as --cert-file/--key-file with --ca-file "
+              f"{args.out / 'ca.pem'}")
+        if args.role == "app":
+            print("run `packager ca acl` again and reload the broker: the ACL names each app")
+    elif cmd == "broker-cert":
+        paths = provision.broker_files(args.repo, args.host, args.out)
+        print(f"wrote {', '.join(str(p) for p in paths)}; mosquitto.conf:")
+        print(provision.mosquitto_listener(8883, str(args.out.resolve()), "/etc/mosquitto/edgeship.acl"), end="")
+    elif cmd == "acl":
+        print(provision.acl_text(args.repo, args.fleet), end="")
+    elif cmd == "revoke":
+        try:
+            serial = int(args.serial, 16)
+        except ValueError as e:
+            raise InputError(f"serial {args.serial!r}: expected hex digits") from e
+        rec = fleet_ca.revoke(args.repo, serial)
+        print(f"revoked {rec.identity} ({serial:x}); {_crl_advice(args.repo)}")
+    else:
+        for r in fleet_ca.issued(args.repo):
+            print(f"{r.serial:x}  {r.role:<9} {r.identity}  issued {r.issued}" + (f"  REVOKED {r.revoked}"
+                                                                                  if r.revoked else ""))
+    return 0
+
+
+def _crl_advice(repo: Path) -> str:
+    from packager import fleet_ca
+
+    return (f"copy {fleet_ca.crl_path(repo)} over the broker's crlfile, then restart Mosquitto: a SIGHUP makes 2.0 "
+            "refuse new connections with the certificate but keeps the one already open (docs/security.md)")
+
+
+def _device(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import PurePosixPath
+
+    from packager import devices, provision
+
+    if args.device_command == "add":
+        broker = args.broker or os.environ.get("EDGESHIP_BROKER")
+        if not broker:
+            raise InputError("device add needs --broker mqtts://HOST:PORT (or EDGESHIP_BROKER)")
+        p = provision.add_device(args.repo, args.device_id, args.group, args.out, broker, args.fleet,
+                                 device_dir=PurePosixPath(args.device_dir), state_dir=PurePosixPath(args.state_dir))
+        if p.created_ca:
+            print(f"created the fleet CA in {args.repo / 'ca'}")
+        files = ", ".join(provision.FILES)
+        print(f"device {args.device_id} (group {args.group}, certificate {p.record.cert_serial:x}): {files} in "
+              f"{p.out}; copy them to {args.device_dir} on the device (docs/security.md)")
+        print("Mosquitto: no password file entry (use_identity_as_username: the certificate's CN is the user); "
+              "the ACL's pattern lines already cover the device:")
+        print("\n".join(line for line in provision.acl_text(args.repo, args.fleet).splitlines()
+                        if line.startswith("pattern ")))
+        return 0
+    if args.device_command == "revoke":
+        rec = provision.revoke_device(args.repo, args.device_id)
+        print(f"revoked device {rec.device_id} (certificate {rec.cert_serial:x}); {_crl_advice(args.repo)}")
+        return 0
+    rows = devices.all_devices(args.repo)
+    if args.json:
+        print(json.dumps({"devices": [{"device_id": r.device_id, "group": r.group, "cert_serial": f"{r.cert_serial:x}",
+                                       "added": r.added, "revoked": r.revoked} for r in rows]}))
+    else:
+        for r in rows:
+            print(f"{r.device_id}  group {r.group}  certificate {r.cert_serial:x}  added {r.added}"
+                  + (f"  REVOKED {r.revoked}" if r.revoked else ""))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -586,7 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = {"build": _build, "distill": _distill, "inspect": _inspect, "keys": _keys, "publish": _publish,
                     "refresh": _publish,
                     "unpublish": _publish, "fleet": _fleet, "rollout": _rollout,
-                    "dashboard": _dashboard}
+                    "dashboard": _dashboard, "ca": _ca, "device": _device}
         return commands[args.command](args)
     except BundleRejected as e:
         print(f"packager: bundle rejected ({e.reason}): {e}", file=sys.stderr)

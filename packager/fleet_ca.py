@@ -1,0 +1,263 @@
+"""The fleet CA: the X.509 authority the broker trusts for client certificates (docs/security.md, "Device identity
+and broker access"). Everything X.509 is cryptography's; this module only decides names, lifetimes and files.
+
+It lives in the repository, `REPO/ca/`:
+
+    ca.pem               the CA certificate (self-signed, EC P-256): the broker's `cafile`, every client's ca_file
+    ca.key               its private key, encrypted at rest (packager/keystore.py)
+    crl.pem              the certificate revocation list, signed by the CA: the broker's `crlfile`
+    issued/<serial>.json one record per certificate issued: serial (hex), identity, role, dates, revoked
+
+An identity is a certificate's subject common name, which Mosquitto's `use_identity_as_username` makes the MQTT
+user name the ACL (packager/acl.py) grants topics to. A device's identity is its id; the packager's, the
+dashboard's and an inference app's contain dots (`edgeship.packager.<fleet>`), which a device id never does
+(agent/ids.py), so no device can be issued a name that holds their rights.
+
+Lifetimes: the CA 20 years, client and broker certificates 10 years (a device is not re-provisioned in the field;
+revocation, not expiry, is how one is cut off), the CRL's next update the CA's end. OpenSSL refuses every client
+once the CRL's next update has passed, so a CRL that outlives the certificates it speaks about avoids that cliff.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.fsutil import write_atomic
+from agent.ids import ID_RULE, is_id
+from packager import keystore
+from packager.errors import InputError, RepoError
+
+CA_DIR = "ca"
+CA_VALIDITY = timedelta(days=20 * 365)
+CERT_VALIDITY = timedelta(days=10 * 365)
+Role = Literal["device", "packager", "dashboard", "app", "broker"]
+ROLES_ISSUED_BY_NAME = ("packager", "dashboard", "app")  # `packager ca issue --role ...`
+
+
+@dataclass(frozen=True)
+class Issued:
+    """One certificate the CA signed."""
+
+    serial: int
+    identity: str
+    role: str
+    issued: str
+    not_after: str
+    revoked: str | None = None
+
+    def to_json(self) -> bytes:
+        d: dict[str, Any] = asdict(self)
+        d["serial"] = f"{self.serial:x}"
+        return json.dumps(d, indent=1, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes, where: Path) -> Issued:
+        try:
+            d: Any = json.loads(data)
+            return cls(serial=int(d["serial"], 16), identity=str(d["identity"]), role=str(d["role"]),
+                       issued=str(d["issued"]), not_after=str(d["not_after"]),
+                       revoked=None if d.get("revoked") is None else str(d["revoked"]))
+        except (ValueError, TypeError, KeyError) as e:
+            raise RepoError(f"corrupt certificate record {where}: {e}") from e
+
+
+def ca_dir(repo: Path) -> Path:
+    return repo / CA_DIR
+
+
+def ca_cert_path(repo: Path) -> Path:
+    return ca_dir(repo) / "ca.pem"
+
+
+def ca_key_path(repo: Path) -> Path:
+    return ca_dir(repo) / "ca.key"
+
+
+def crl_path(repo: Path) -> Path:
+    return ca_dir(repo) / "crl.pem"
+
+
+def _issued_path(repo: Path, serial: int) -> Path:
+    return ca_dir(repo) / "issued" / f"{serial:x}.json"
+
+
+def identity_name(role: str, fleet: str, name: str | None = None) -> str:
+    """The certificate identity of a role that is not a device: `edgeship.<role>.<fleet>` (and `.<name>` for an
+    inference app). Dots keep it apart from every device id."""
+    for label, value in (("--fleet", fleet), ("--name", name)):
+        if value is not None and not is_id(value):
+            raise InputError(f"{label} {value!r}: use {ID_RULE}")
+    if role == "app":
+        if name is None:
+            raise InputError("an app identity needs --name")
+        return f"edgeship.app.{fleet}.{name}"
+    if role not in ("packager", "dashboard"):
+        raise InputError(f"no identity role {role!r}: use one of {', '.join(ROLES_ISSUED_BY_NAME)}")
+    return f"edgeship.{role}.{fleet}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _serial() -> int:
+    return secrets.randbits(159) | 1 << 64  # positive, at most 20 octets (RFC 5280), never tiny
+
+
+def _pem(cert: x509.Certificate | x509.CertificateRevocationList) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def exists(repo: Path) -> bool:
+    return ca_cert_path(repo).is_file()
+
+
+def init_ca(repo: Path, name: str = "edgeship fleet CA") -> x509.Certificate:
+    """Create the CA in `repo` (RepoError if one is there already): key (encrypted), certificate, empty CRL."""
+    if not (repo / "metadata").is_dir():
+        raise InputError(f"--repo {repo}: not a TUF repository (`packager keys init` creates one)")
+    if exists(repo) or ca_key_path(repo).exists():
+        raise RepoError(f"{ca_dir(repo)}: the fleet CA exists already")
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = _now()
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(_serial()).not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + CA_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    keystore.write_private_key(ca_key_path(repo), key)  # first: a crash leaves no certificate without its key
+    write_atomic(ca_cert_path(repo), _pem(cert))
+    _write_crl(repo, cert, key)
+    return cert
+
+
+def ensure_ca(repo: Path) -> bool:
+    """Create the CA unless it exists; True when it was created now."""
+    if exists(repo):
+        return False
+    init_ca(repo)
+    return True
+
+
+def load_ca(repo: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    try:
+        cert = x509.load_pem_x509_certificate(ca_cert_path(repo).read_bytes())
+    except FileNotFoundError as e:
+        raise RepoError(f"no fleet CA in {ca_dir(repo)}: `packager ca init --repo {repo}` creates it") from e
+    except ValueError as e:
+        raise RepoError(f"{ca_cert_path(repo)}: not a PEM certificate ({e})") from e
+    key = keystore.load_private_key(ca_key_path(repo))
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise RepoError(f"{ca_key_path(repo)}: not an EC key")
+    return cert, key
+
+
+def _leaf(repo: Path, subject_cn: str, eku: x509.ObjectIdentifier,
+          san: x509.SubjectAlternativeName | None = None) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    ca_cert, ca_key = load_ca(repo)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
+               .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(_serial())
+               .not_valid_before(now - timedelta(minutes=5))
+               .not_valid_after(min(now + CERT_VALIDITY, ca_cert.not_valid_after_utc))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                            data_encipherment=False, key_agreement=True, key_cert_sign=False,
+                                            crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+               .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
+    if san is not None:
+        builder = builder.add_extension(san, critical=False)
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+def _record(repo: Path, cert: x509.Certificate, identity: str, role: str) -> None:
+    rec = Issued(cert.serial_number, identity, role, _now().isoformat(), cert.not_valid_after_utc.isoformat())
+    path = _issued_path(repo, rec.serial)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, rec.to_json())
+
+
+def issue_client(repo: Path, identity: str, role: Role) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A client certificate (EKU clientAuth) with CN = `identity`, recorded in REPO/ca/issued/. The caller writes
+    the key where it belongs (a device's unencrypted into its directory, the packager's through keystore)."""
+    key, cert = _leaf(repo, identity, ExtendedKeyUsageOID.CLIENT_AUTH)
+    _record(repo, cert, identity, role)
+    return key, cert
+
+
+def issue_server(repo: Path, host: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A server certificate (EKU serverAuth) for the broker at `host` (a DNS name or an IP address; `localhost`
+    also gets 127.0.0.1 and ::1, so tests and one-machine setups can use either)."""
+    names: list[x509.GeneralName] = []
+    try:
+        names.append(x509.IPAddress(ipaddress.ip_address(host)))
+    except ValueError:
+        if not host or any(c in host for c in "/ *") or len(host) > 253:
+            raise InputError(f"--host {host!r}: not a host name or IP address") from None
+        names.append(x509.DNSName(host))
+    if host == "localhost":
+        names += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
+    key, cert = _leaf(repo, host, ExtendedKeyUsageOID.SERVER_AUTH, x509.SubjectAlternativeName(names))
+    _record(repo, cert, host, "broker")
+    return key, cert
+
+
+def issued(repo: Path) -> list[Issued]:
+    d = ca_dir(repo) / "issued"
+    return [Issued.from_json(p.read_bytes(), p) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+
+
+def _write_crl(repo: Path, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -> None:
+    now = _now()
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject).last_update(now)
+               .next_update(ca_cert.not_valid_after_utc)
+               .add_extension(x509.CRLNumber(int(now.timestamp())), critical=False))
+    for rec in issued(repo):
+        if rec.revoked is not None:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(rec.serial)
+                .revocation_date(datetime.fromisoformat(rec.revoked)).build())
+    write_atomic(crl_path(repo), _pem(builder.sign(ca_key, hashes.SHA256())))
+
+
+def revoke(repo: Path, serial: int) -> Issued:
+    """Mark certificate `serial` revoked and re-sign the CRL (crl.pem) with every revoked serial."""
+    path = _issued_path(repo, serial)
+    try:
+        rec = Issued.from_json(path.read_bytes(), path)
+    except FileNotFoundError as e:
+        raise InputError(f"the fleet CA issued no certificate with serial {serial:x}") from e
+    ca_cert, ca_key = load_ca(repo)
+    if rec.revoked is None:
+        rec = replace(rec, revoked=_now().isoformat())
+        write_atomic(path, rec.to_json())
+    _write_crl(repo, ca_cert, ca_key)  # also after a crash between the record and the CRL: re-signing mends it
+    return rec
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return _pem(cert)
+
+
+def plain_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """Unencrypted PKCS#8: for a device or a broker, which start unattended and have no passphrase to ask for."""
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())

@@ -1,0 +1,243 @@
+"""`packager device add/revoke/list` and the files `packager ca issue/broker-cert` write (docs/packager.md,
+docs/security.md "Device identity and broker access").
+
+`add_device` writes everything a device needs into a new directory, or nothing: the files go into a temporary
+directory beside it, renamed into place at the end, and the device is registered (packager/devices.py) only once
+they are there (a failed registration removes them again):
+
+    agent.toml    [agent] id/fleet/group, [mqtt] url + ca/cert/key files, [trust] root + decrypt_key_file, with
+                  the paths the files will have on the device (`device_dir`, default /etc/edge-agent)
+    root.json     the repository's root metadata (the device's TUF trust anchor)
+    ca.pem        the fleet CA (pinned: the agent trusts no other CA for the broker)
+    client.pem    the device's certificate, CN = its id, signed by the fleet CA
+    client.key    its private key, 0600, unencrypted (a device starts unattended: nobody types a passphrase)
+    decrypt.key   its X25519 private key for confidential models (PKCS#8 PEM), 0600, unencrypted;
+                  only the public half stays in the registry
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import cast
+
+from cryptography.hazmat.primitives import serialization
+
+from agent.fsutil import fsync_dir
+from agent.ids import ID_RULE, is_id
+from agent.transport.mqtt import parse_broker_url
+from agent.transport.topics import Topics
+from packager import devices, fleet_ca, keystore, tuf_repo
+from packager.acl import mosquitto_acl
+from packager.errors import InputError, RepoError
+
+DEFAULT_DEVICE_DIR = PurePosixPath("/etc/edge-agent")  # edge-agent install's --config-dir
+DEFAULT_STATE_DIR = PurePosixPath("/var/lib/edge-agent")
+FILES = ("agent.toml", "root.json", "ca.pem", "client.pem", "client.key", "decrypt.key")
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    record: devices.DeviceRecord
+    out: Path
+    created_ca: bool
+
+
+def check_id(label: str, value: str) -> str:
+    if not is_id(value):
+        raise InputError(f"{label} {value!r}: use {ID_RULE}")
+    return value
+
+
+def _toml_str(value: str) -> str:
+    if any(c in value for c in '"\\\n') or not value.isprintable():
+        raise InputError(f"{value!r}: a path or URL for agent.toml must not hold quotes, backslashes or control "
+                         "characters")
+    return f'"{value}"'
+
+
+def agent_toml(device_id: str, group: str, fleet: str, broker: str, device_dir: PurePosixPath,
+               state_dir: PurePosixPath) -> str:
+    """The device's config (docs/agent-config.md); every file it names is one `add_device` writes."""
+    def at(name: str) -> str:
+        return _toml_str(str(device_dir / name))
+
+    return "\n".join([
+        "# written by `packager device add`: the files named here come with it (docs/security.md)",
+        "[agent]",
+        f'device_id = "{device_id}"',
+        f'fleet = "{fleet}"',
+        f'group = "{group}"',
+        f"state_dir = {_toml_str(str(state_dir))}",
+        "",
+        "[mqtt]",
+        f"url = {_toml_str(broker)}",
+        f"ca_file = {at('ca.pem')}",
+        f"cert_file = {at('client.pem')}",
+        f"key_file = {at('client.key')}",
+        "",
+        "[trust]",
+        f"root = {at('root.json')}",
+        f"decrypt_key_file = {at('decrypt.key')}",
+        "",
+    ])
+
+
+def check_broker(broker: str) -> str:
+    """Every URL mqtts:// (a client certificate travels only over TLS)."""
+    urls = [u.strip() for u in broker.split(",")]
+    try:
+        addresses = [parse_broker_url(u) for u in urls]
+    except ValueError as e:
+        raise InputError(f"--broker: {e}") from e
+    if not all(a.tls for a in addresses):
+        raise InputError(f"--broker {broker}: a device with a client certificate needs mqtts:// URLs")
+    return ",".join(urls)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    with path.open("xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _new_out_dir(out: Path) -> Path:
+    """A temporary directory beside `out` (same file system: the final rename is atomic); `out` must not exist."""
+    if out.exists():
+        raise InputError(f"--out {out}: exists already; give a new directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot create it ({e.strerror or e})") from e
+
+
+def add_device(repo: Path, device_id: str, group: str, out: Path, broker: str, fleet: str = "default", *,
+               device_dir: PurePosixPath = DEFAULT_DEVICE_DIR,
+               state_dir: PurePosixPath = DEFAULT_STATE_DIR) -> Provisioned:
+    check_id("device id", device_id)
+    check_id("--group", group)
+    check_id("--fleet", fleet)
+    broker = check_broker(broker)
+    if not device_dir.is_absolute() or not state_dir.is_absolute():
+        raise InputError("--device-dir and --state-dir are paths on the device: give absolute paths")
+    root = tuf_repo.provisioning_root(repo)
+    if not root.is_file():
+        raise InputError(f"--repo {repo}: no {root} (`packager keys init` creates the repository)")
+    if (devices.registry_dir(repo) / f"{device_id}.json").exists():  # checked again, atomically, by register()
+        raise InputError(f"device {device_id} is already registered; ids are never reused")
+    config = agent_toml(device_id, group, fleet, broker, device_dir, state_dir)
+    created = fleet_ca.ensure_ca(repo)
+    tmp = _new_out_dir(out)
+    try:
+        key, cert = fleet_ca.issue_client(repo, device_id, "device")
+        decrypt = devices.new_decryption_key()
+        decrypt_pem = decrypt.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption())
+        _write_private(tmp / "client.key", fleet_ca.plain_key_pem(key))
+        _write_private(tmp / "decrypt.key", decrypt_pem)
+        _write_public(tmp / "client.pem", fleet_ca.cert_pem(cert))
+        _write_public(tmp / "ca.pem", fleet_ca.ca_cert_path(repo).read_bytes())
+        _write_public(tmp / "root.json", root.read_bytes())
+        _write_public(tmp / "agent.toml", config.encode())
+        tmp.chmod(0o700)
+        os.rename(tmp, out)  # fails if `out` appeared meanwhile: never mixes with someone else's files
+        fsync_dir(out.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RepoError(f"--out {out}: {e.strerror or e} (nothing written)") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    record = devices.DeviceRecord(device_id=device_id, group=group, cert_serial=cert.serial_number,
+                                  x25519_public=devices.public_b64(decrypt.public_key()), added=devices.now_iso())
+    try:
+        devices.register(repo, record)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return Provisioned(record, out, created)
+
+
+def revoke_device(repo: Path, device_id: str) -> devices.DeviceRecord:
+    """Revoke the device's certificate (the CRL is re-signed), then mark it revoked in the registry."""
+    record = devices.get(repo, device_id)
+    if record.revoked is not None:
+        raise InputError(f"device {device_id} was already revoked on {record.revoked}")
+    fleet_ca.revoke(repo, record.cert_serial)
+    return devices.mark_revoked(repo, device_id)
+
+
+def issue_identity(repo: Path, role: str, fleet: str, out: Path, name: str | None = None) -> tuple[str, Path, Path]:
+    """The packager's, the dashboard's or an inference app's certificate and key (encrypted through keystore:
+    they live on workstations, not unattended devices) into `out`, with ca.pem; (identity, cert path, key path)."""
+    identity = fleet_ca.identity_name(role, fleet, name)
+    fleet_ca.ensure_ca(repo)
+    cert_path, key_path = out / f"{identity}.pem", out / f"{identity}.key"
+    for p in (cert_path, key_path):
+        if p.exists():
+            raise InputError(f"{p}: exists already; certificates and keys are never overwritten")
+    keystore.passphrase()  # before anything is signed: no certificate whose key cannot be written
+    key, cert = fleet_ca.issue_client(repo, identity, cast(fleet_ca.Role, role))
+    keystore.write_private_key(key_path, key)
+    _write_public(cert_path, fleet_ca.cert_pem(cert))
+    ca_copy = out / "ca.pem"
+    if not ca_copy.exists():
+        _write_public(ca_copy, fleet_ca.ca_cert_path(repo).read_bytes())
+    return identity, cert_path, key_path
+
+
+def broker_files(repo: Path, host: str, out: Path) -> list[Path]:
+    """Mosquitto's server certificate for `host`, its key (0600, unencrypted: Mosquitto starts unattended), the CA
+    and the current CRL, into `out` (which must not hold them yet)."""
+    fleet_ca.ensure_ca(repo)
+    paths = [out / n for n in ("broker.pem", "broker.key", "ca.pem", "crl.pem")]
+    for p in paths:
+        if p.exists():
+            raise InputError(f"{p}: exists already; give a new --out directory")
+    out.mkdir(parents=True, exist_ok=True)
+    key, cert = fleet_ca.issue_server(repo, host)
+    _write_private(paths[1], fleet_ca.plain_key_pem(key))
+    _write_public(paths[0], fleet_ca.cert_pem(cert))
+    _write_public(paths[2], fleet_ca.ca_cert_path(repo).read_bytes())
+    _write_public(paths[3], fleet_ca.crl_path(repo).read_bytes())
+    return paths
+
+
+def app_names(repo: Path, fleet: str) -> list[str]:
+    """Inference apps of `fleet` with a certificate not revoked (their `user` blocks in the ACL)."""
+    head = fleet_ca.identity_name("app", fleet, "x")[:-1]
+    return sorted({r.identity[len(head):] for r in fleet_ca.issued(repo)
+                   if r.role == "app" and r.revoked is None and r.identity.startswith(head)})
+
+
+def acl_text(repo: Path, fleet: str) -> str:
+    check_id("--fleet", fleet)
+    return mosquitto_acl(Topics(f"edgeship/{fleet}/"), fleet, app_names(repo, fleet))
+
+
+def mosquitto_listener(port: int, files_dir: str, acl_file: str) -> str:
+    """The mosquitto.conf lines for a listener that takes only clients with a fleet certificate."""
+    return "\n".join([
+        f"listener {port}",
+        f"cafile {files_dir}/ca.pem",
+        f"certfile {files_dir}/broker.pem",
+        f"keyfile {files_dir}/broker.key",
+        f"crlfile {files_dir}/crl.pem",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "allow_anonymous false",
+        f"acl_file {acl_file}",
+    ]) + "\n"

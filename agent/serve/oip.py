@@ -237,7 +237,8 @@ def _tensor(i: int, raw: Any, max_batch: int | None = None, model_name: str = ""
             raise BadRequest(f"{where}: values outside the {datatype} range [{info.min}, {info.max}]")
     with np.errstate(over="ignore", invalid="ignore"):
         arr = arr.astype(dtype, copy=False)
-    if dtype.kind == "f" and kind == "f" and arr.size and not bool(np.isfinite(arr).all()):
+    # integers overflow too: 70000 as FP16 is inf (JSON itself has no NaN or Infinity)
+    if dtype.kind == "f" and arr.size and not bool(np.isfinite(arr).all()):
         raise BadRequest(f"{where}: values overflow {datatype}")
 
     needed = math.prod(shape)

@@ -4,12 +4,14 @@ replayed by tests/unit/test_fuzz_corpus.py."""
 
 from __future__ import annotations
 
+import json
 import tomllib
 
 import pytest
 
 from agent.config import parse_config
-from agent.errors import ConfigError
+from agent.errors import BadRequest, ConfigError
+from agent.serve.oip import parse_infer_request
 
 _REQUIRED = '[agent]\ndevice_id = "d"\nstate_dir = "s"\n[trust]\nroot = "r"\n'
 
@@ -24,3 +26,16 @@ _REQUIRED = '[agent]\ndevice_id = "d"\nstate_dir = "s"\n[trust]\nroot = "r"\n'
 def test_config_fuzz_findings_are_config_errors(toml: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(tomllib.loads(toml), env={})
+
+
+@pytest.mark.parametrize("data", [[70000], [1, -65520]])
+def test_integers_that_overflow_fp16_are_refused(data: list[int]) -> None:
+    # were accepted as inf: only float data was checked for overflow
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP16", "shape": [len(data)], "data": data}]})
+    with pytest.raises(BadRequest, match="values overflow FP16"):
+        parse_infer_request(body.encode())
+
+
+def test_integers_that_fit_fp16_are_taken() -> None:
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP16", "shape": [2], "data": [65504, -3]}]})
+    assert parse_infer_request(body.encode()).inputs["x"].tolist() == [65504.0, -3.0]

@@ -122,6 +122,13 @@ def oip_mqtt_seeds() -> dict[str, bytes]:
     seeds = {f"infer-{k}": b"\x00" + v for k, v in oip_http_seeds().items() if k != "long-data"}
     seeds["feedback-index"] = b"\x01" + json.dumps({"id": "req-1", "label": 2, "model_name": "digits"}).encode()
     seeds["feedback-list"] = b"\x01" + json.dumps({"id": "req-1", "label": [0.1, 0.2, 0.3, 0.4]}).encode()
+    # bit 1: a response topic follows (one length byte, then the topic)
+    for key, topic in (("own-subtopic", "edgeship/lab/devices/cam-7/infer/response/app1"), ("outside", "app/answers"),
+                       ("other-device", "edgeship/lab/devices/cam-8/infer/response"), ("tuf", "edgeship/lab/tuf/x"),
+                       ("wildcard", "app/+/x")):
+        raw = topic.encode()
+        seeds[f"topic-{key}"] = b"\x02" + bytes([len(raw)]) + raw + seeds["infer-raw-image"][1:]
+    seeds["topic-feedback"] = b"\x03" + bytes([11]) + b"app/answers" + seeds["feedback-index"][1:]
     return seeds
 
 

@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--shadow", type=Path, metavar="SHADOW_BUNDLE",
                      help="also sign this bundle for the group to run in shadow on a sample of live inputs (never "
                           "answering from it); each publish writes the whole deployment: omit it to end a shadow")
+    pub.add_argument("--encrypt", action="store_true",
+                     help="encrypt the bundle so that only the group's registered devices can read it (a fresh "
+                          "content key wrapped for each device's key; docs/security.md, confidential models)")
     _transport_args(pub, required=False)
 
     ref = sub.add_parser("refresh", help="re-sign timestamp (and snapshot when due) and publish it")
@@ -258,8 +261,12 @@ def _device_args(sub: Any) -> None:
     dr.add_argument("device_id")
     dl = dsub.add_parser("list", help="the registered devices")
     dl.add_argument("--json", action="store_true")
+    dg = dsub.add_parser("grant", help="grant the device every encrypted bundle of its group (re-wrapping the "
+                                       "content keys, never re-encrypting) and push the grants")
+    dg.add_argument("device_id")
     for c in dsub.choices.values():
         c.add_argument("--repo", type=Path, required=True)
+    _transport_args(dg, required=False)
 
 
 def _transport_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -508,13 +515,13 @@ def _publish(args: argparse.Namespace) -> int:
     try:
         if args.command == "publish":
             r = pub.publish(args.repo, args.bundle, args.group, client, topics, args.http_dir, _ProgressBar(),
-                            shadow=args.shadow)
+                            shadow=args.shadow, encrypt=args.encrypt)
             where = ", ".join(w for w, on in (("broker", client), ("mirror", args.http_dir)) if on)
             sent = f"{r.stats.chunks_published} chunks sent, {r.stats.chunks_skipped} already there" if r.stats \
                 else "no broker"
             whom = f"for group {args.group}" if args.group is not None else "for no group (a rollout deploys it)"
-            print(f"published {r.bundle_target} {whom} ({r.sha256[:12]}) to {where}: {sent}; "
-                  f"timestamp v{r.timestamp_version}")
+            print(f"published {r.bundle_target}{' encrypted' if args.encrypt else ''} {whom} ({r.sha256[:12]}) to "
+                  f"{where}: {sent}; timestamp v{r.timestamp_version}")
             if r.shadow_target is not None:
                 print(f"group {args.group} runs {r.shadow_target} in shadow")
         elif args.command == "refresh":
@@ -691,6 +698,23 @@ def _crl_advice(repo: Path) -> str:
             "refuse new connections with the certificate but keeps the one already open (docs/security.md)")
 
 
+def _grant(args: argparse.Namespace) -> int:
+    from packager import publish as pub
+
+    _check_transport_args(args)
+    if not args.broker and args.http_dir is None:
+        raise InputError("device grant needs --broker and/or --http-dir: the grants are pushed at once")
+    client = _connect(args)
+    try:
+        changed, version = pub.grant(args.repo, args.device_id, client, pub.topics_for(args.fleet), args.http_dir)
+    finally:
+        if client is not None:
+            client.close()
+    what = ", ".join(changed) if changed else "nothing new (already granted, or no encrypted bundle for its group)"
+    print(f"granted device {args.device_id}: {what}; pushed with timestamp v{version}")
+    return 0
+
+
 def _device(args: argparse.Namespace) -> int:
     import os
     from pathlib import PurePosixPath
@@ -705,6 +729,10 @@ def _device(args: argparse.Namespace) -> int:
                                  device_dir=PurePosixPath(args.device_dir), state_dir=PurePosixPath(args.state_dir))
         if p.created_ca:
             print(f"created the fleet CA in {args.repo / 'ca'}")
+        if p.granted:
+            print(f"granted {len(p.granted)} encrypted bundle(s) of group {args.group} to the device ("
+                  f"{', '.join(p.granted)}); `packager device grant {args.device_id} --broker ...`, or the next "
+                  "publish or refresh, pushes the grants")
         files = ", ".join(provision.FILES)
         print(f"device {args.device_id} (group {args.group}, certificate {p.record.cert_serial:x}): {files} in "
               f"{p.out}; copy them to {args.device_dir} on the device (docs/security.md)")
@@ -713,6 +741,8 @@ def _device(args: argparse.Namespace) -> int:
         print("\n".join(line for line in provision.acl_text(args.repo, args.fleet).splitlines()
                         if line.startswith("pattern ")))
         return 0
+    if args.device_command == "grant":
+        return _grant(args)
     if args.device_command == "revoke":
         rec = provision.revoke_device(args.repo, args.device_id)
         print(f"revoked device {rec.device_id} (certificate {rec.cert_serial:x}); {_crl_advice(args.repo)}")

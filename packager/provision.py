@@ -30,7 +30,7 @@ from agent.fsutil import fsync_dir
 from agent.ids import ID_RULE, is_id
 from agent.transport.mqtt import parse_broker_url
 from agent.transport.topics import Topics
-from packager import devices, fleet_ca, keystore, tuf_repo
+from packager import confidential, devices, fleet_ca, keystore, tuf_repo
 from packager.acl import mosquitto_acl
 from packager.errors import InputError, RepoError
 
@@ -44,6 +44,7 @@ class Provisioned:
     record: devices.DeviceRecord
     out: Path
     created_ca: bool
+    granted: tuple[str, ...] = ()  # grants documents of encrypted bundles re-signed for the device (confidential.py)
 
 
 def check_id(label: str, value: str) -> str:
@@ -168,7 +169,8 @@ def add_device(repo: Path, device_id: str, group: str, out: Path, broker: str, f
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    return Provisioned(record, out, created)
+    # the group's encrypted bundles, re-wrapped for the new device (signed, not pushed: the next push carries them)
+    return Provisioned(record, out, created, tuple(confidential.grant_device(repo, device_id)))
 
 
 def revoke_device(repo: Path, device_id: str) -> devices.DeviceRecord:

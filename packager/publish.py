@@ -55,6 +55,9 @@ def topics_for(fleet: str) -> Topics:
     return Topics(f"edgeship/{check_level_name('--fleet', fleet)}/")
 
 
+GRANTS_DIR = "grants/"
+
+
 def bundle_target_path(name: str, version: int) -> str:
     return f"bundles/{name}-{version}.bundle"
 
@@ -117,9 +120,15 @@ def _specs(repo: Path, targets: list[TargetFile]) -> list[TargetSpec]:
 
 def push(repo: Path, client: MqttClient | None, topics: Topics, targets: list[TargetFile],
          http_dir: Path | None, progress: Progress | None = None) -> tuple[PublishStats | None, int, int]:
-    """Push the current metadata and `targets` to the broker (if any) and the mirror tree (if any)."""
+    """Push the current metadata and `targets` to the broker (if any) and the mirror tree (if any). Every signed
+    grants document of an encrypted bundle goes too (idempotent: chunks already there are skipped), so metadata
+    never reaches devices ahead of a grant it signs, whichever command re-signed it (`packager device add` signs
+    grants for a new device without pushing; the next publish, refresh or `device grant` delivers them)."""
     metadata = tuf_repo.current_metadata(repo)
-    specs = _specs(repo, targets)
+    paths = {tf.path for tf in targets}
+    grants = [tf for path, tf in tuf_repo.referenced_targets(repo).items()
+              if path.startswith(GRANTS_DIR) and path not in paths]
+    specs = _specs(repo, [*targets, *grants])
     version = _timestamp_version(metadata)
     stats = publish_tree(client, topics, metadata, specs, progress, notify_version=version) if client else None
     http_files = write_http_tree(http_dir, metadata, specs) if http_dir is not None else 0

@@ -325,7 +325,8 @@ class Prober:
 
 
 def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("EDGESHIP_")}  # only the config file counts
+    # only the config file counts; the packager children keep the key passphrase tests/conftest.py sets
+    return {k: v for k, v in os.environ.items() if not k.startswith("EDGESHIP_") or k == "EDGESHIP_KEY_PASSPHRASE"}
 
 
 class Device:

@@ -42,7 +42,8 @@ def _config(tmp_path: Path, root: Path | str, *, url: str = "", http_port: int |
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESHIP_")}
+    # no EDGESHIP_ override but the packager's key passphrase (tests/conftest.py), which no agent reads
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESHIP_") or k == "EDGESHIP_KEY_PASSPHRASE"}
     env.update(extra)
     return env
 

@@ -511,6 +511,10 @@ def _publish(args: argparse.Namespace) -> int:
         raise InputError(f"bundle {args.bundle}: no such file")
     if args.command == "publish" and args.shadow is not None and not args.shadow.is_file():
         raise InputError(f"--shadow {args.shadow}: no such file")
+    if args.command in ("publish", "refresh"):
+        from packager import keystore
+
+        keystore.passphrase()  # asked for (or found missing) before connecting, not after the upload started
     client = _connect(args)
     try:
         if args.command == "publish":
@@ -642,6 +646,9 @@ def _rollout_start(args: argparse.Namespace) -> int:
         raise InputError("--min-devices and --min-requests must be 0 or more")
     if not (args.repo / "metadata").is_dir():
         raise InputError(f"--repo {args.repo}: not a TUF repository (`packager keys init` creates one)")
+    from packager import keystore
+
+    keystore.passphrase()  # the waves sign deployments: asked for now, not halfway through the rollout
     state = prepare(args.repo, args.name, version=args.bundle_version, group=args.group, fleet=args.fleet,
                     waves=waves, soak_s=soak, gate=args.gate, min_devices=args.min_devices,
                     min_requests=args.min_requests)

@@ -90,6 +90,10 @@ def test_wrong_passphrase_is_one_line_and_exit_2(repo: Path) -> None:
 def test_no_passphrase_and_no_terminal_is_one_line_and_exit_2(tmp_path: Path, repo: Path) -> None:
     line = one_line_error(packager("refresh", "--repo", str(repo), env=env_without_passphrase()))
     assert "EDGESHIP_KEY_PASSPHRASE" in line
+    # asked for before connecting: the missing passphrase is the error, not the broker nobody listens as
+    line = one_line_error(packager("refresh", "--repo", str(repo), "--broker", "mqtt://127.0.0.1:1",
+                                   env=env_without_passphrase()))
+    assert "EDGESHIP_KEY_PASSPHRASE" in line
     # init asks before it writes: no half-made repository
     line = one_line_error(packager("keys", "init", "--repo", str(tmp_path / "other"), env=env_without_passphrase()))
     assert "EDGESHIP_ROOT_KEY_PASSPHRASE or EDGESHIP_KEY_PASSPHRASE" in line

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := out/demo
 
-.PHONY: venv test lint unit demo demo-live bench bench-transfer bench-agent bench-telemetry fuzz bench-fuzz dist arm64-check clean
+.PHONY: venv test lint unit demo demo-live bench bench-transfer bench-agent bench-telemetry fuzz fuzz-minimize bench-fuzz dist arm64-check clean
 
 venv: $(STAMP)
 
@@ -60,6 +60,10 @@ fuzz: venv
 		$(BIN)/python -m tests.fuzz.runner $$h tests/fuzz/corpus/$$h -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
 			-rss_limit_mb=2048 -artifact_prefix=tests/fuzz/corpus/$$h/ -print_final_stats=1 || exit 1; \
 	done
+
+# the corpus shrunk to the inputs that keep its coverage (libFuzzer -merge=1), seeds and crash-* kept: what is committed
+fuzz-minimize: venv
+	$(BIN)/python -m tests.fuzz.minimize $(FUZZ_HARNESSES)
 
 # 1,000,000 executions per harness (docs/benchmarks.md, Fuzzing)
 bench-fuzz: venv

@@ -30,7 +30,9 @@ def fuzz(name: str, argv: list[str]) -> None:
         harness = importlib.import_module(module_name)
     if already:  # imported before instrumentation (e.g. by `python -m tests.fuzz.fuzz_x`): instrument them now
         atheris.instrument_all()
-    atheris.Setup([argv[0], *argv[1:]], harness.test_one_input)
+    # libFuzzer's -merge, -fork and -jobs run argv[0] again through the shell: make it the command that runs this
+    command = f"{sys.executable} -m tests.fuzz.runner {name}"
+    atheris.Setup([command, *argv[1:]], harness.test_one_input)
     atheris.Fuzz()
 
 

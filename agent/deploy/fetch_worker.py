@@ -29,8 +29,8 @@ It prints exactly one JSON line on stdout:
               document has no rollout entry; name/version/sha256 are then of the bundle it names for this device
               (the new one, or the rollout's `previous`)
     check     {"not_in_wave": true, "rollout": {...}}   (outside a rollout's wave, and no previous bundle named)
-    download  {"name", "version", "sha256", "path"}
-    verify    {"name", "version", "sha256", "path"}
+    download  {"name", "version", "sha256", "path"}   (path: an encrypted bundle's ciphertext, in encrypted/)
+    verify    {"name", "version", "sha256", "path"}   (path: the verified bundle, decrypted when it was encrypted)
     shadow    {"name", "version", "sha256", "path", "release"}   (the shadow's; release: where it was unpacked)
     failure   {"error": message, "reason": reason, "kind": "rejected" | "transport" | "error", "type": class name}
 """
@@ -142,6 +142,7 @@ def run_step(step: str, source: BundleSource, sha256: str | None, extract_to: Pa
     path = source.download(cand)
     if step == "verify":
         source.verify(cand, path, extract_to=extract_to)
+        path = source.bundle_file(cand)  # an encrypted bundle's download was its ciphertext, decrypted by now
     return {"name": cand.name, "version": cand.version, "sha256": cand.sha256, "path": str(path)}
 
 
@@ -168,8 +169,8 @@ def _shadow_step(source: BundleSource, cand: SignedCandidate, sha256: str | None
     if sha256 is not None and shadow.sha256 != sha256:
         raise BundleRejected(f"the deployment's shadow changed to {shadow.name} v{shadow.version} meanwhile",
                              reason="superseded")
-    path = source.download(shadow)
-    source.verify_shadow(shadow, path, extract_to=extract_to)
+    source.verify_shadow(shadow, source.download(shadow), extract_to=extract_to)
+    path = source.bundle_file(shadow)
     return {"name": shadow.name, "version": shadow.version, "sha256": shadow.sha256, "path": str(path),
             "release": str(extract_to) if extract_to is not None else None}
 

@@ -167,3 +167,68 @@ def test_encrypt_without_a_device_in_the_group_is_refused_before_anything_is_sig
     assert tuf_repo.referenced_targets(repo) == {}
     assert not (repo / "content-keys").exists()
 
+
+
+def _register(repo: Path, device_id: str, group: str) -> X25519PrivateKey:
+    from packager import devices
+
+    key = X25519PrivateKey.generate()
+    devices.register(repo, devices.DeviceRecord(device_id, group, 1, devices.public_b64(key.public_key()),
+                                                devices.now_iso()))
+    return key
+
+
+def _grants(repo: Path, path: str) -> fmt.Grants:
+    from packager import tuf_repo
+
+    return fmt.Grants.parse(tuf_repo.target_file_path(repo, tuf_repo.referenced_targets(repo)[path]).read_bytes(), path)
+
+
+def test_an_encrypted_bundle_stays_encrypted_and_its_grants_follow_its_groups(tmp_path: Path) -> None:
+    """Published again for another group (without --encrypt), rolled out to a third, a device added later, a
+    revoked device, unpublished: one ciphertext throughout, grants extended each time, dropped with the bundle."""
+    from packager import confidential, devices, tuf_repo
+    from packager import publish as pub
+    from tests.e2e.test_signed_fetch import make_bundle
+
+    repo = tmp_path / "repo"
+    tuf_repo.init_repo(repo)
+    keys = {d: _register(repo, d, g) for d, g in (("a1", "a"), ("b1", "b"), ("c1", "c"))}
+    bundle = make_bundle(tmp_path / "build", "digits", 1)
+    targets, _, sha = pub.sign_bundle(repo, bundle, "a", encrypt=True)
+    assert [t.path for t in targets] == ["bundles/digits-1.bundle", "deployments/a.json", "grants/digits-1.json"]
+    assert set(_grants(repo, "grants/digits-1.json").wrapped) == {"a1"}
+    assert (repo / "content-keys" / "escrow.pem").read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+
+    _, _, sha_again = pub.sign_bundle(repo, bundle, "b")  # the same bundle for group b: still the same ciphertext
+    assert sha_again == sha
+    pub.sign_deployment(repo, "c", "bundles/digits-1.bundle", None)  # a rollout to group c
+    grants = _grants(repo, "grants/digits-1.json")
+    assert set(grants.wrapped) == {"a1", "b1", "c1"} and set(grants.groups) == {"a", "b", "c"}
+    info = fmt.key_info("bundles/digits-1.bundle", sha)
+    content_keys = {fmt.unwrap_key(grants.wrapped[d], keys[d], info) for d in keys}
+    assert len(content_keys) == 1  # one content key, wrapped three times
+
+    keys["b2"] = _register(repo, "b2", "b")
+    assert confidential.grant_device(repo, "b2") == ["grants/digits-1.json"]
+    assert confidential.grant_device(repo, "b2") == []  # idempotent
+    assert fmt.unwrap_key(_grants(repo, "grants/digits-1.json").wrapped["b2"], keys["b2"], info) in content_keys
+    assert tuf_repo.referenced_targets(repo)["bundles/digits-1.bundle"].hashes["sha256"] == sha
+
+    devices.mark_revoked(repo, "a1")
+    with pytest.raises(InputError, match="revoked"):
+        confidential.grant_device(repo, "a1")
+    with pytest.raises(InputError, match="group 'a' has no registered device"):  # a1 was its only device
+        pub.sign_bundle(repo, make_bundle(tmp_path / "build", "digits", 2), "a", encrypt=True)
+    _, _, sha2 = pub.sign_bundle(repo, make_bundle(tmp_path / "build", "digits", 2), "b", encrypt=True)
+    assert set(_grants(repo, "grants/digits-2.json").wrapped) == {"b1", "b2"}
+    plain = make_bundle(tmp_path / "plain", "other", 1)
+    pub.sign_bundle(repo, plain, "c")
+    with pytest.raises(InputError, match="already published unencrypted"):
+        pub.sign_bundle(repo, plain, "c", encrypt=True)
+
+    pub.sign_bundle(repo, plain, "a")  # digits-1 deployed nowhere now: unpublishing it drops its grants too
+    pub.unpublish(repo, ["digits-1"], None, pub.topics_for("default"), None)
+    left = set(tuf_repo.referenced_targets(repo))
+    assert not {"bundles/digits-1.bundle", "grants/digits-1.json"} & left and "grants/digits-2.json" in left
+    assert sha2 != sha

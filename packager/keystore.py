@@ -37,12 +37,16 @@ MIN_PASSPHRASE = 12
 
 KeyKind = Literal["online", "root"]
 _cache: dict[KeyKind, bytes] = {}
+# Typed once at a prompt and no key has decrypted with it yet: the first key written with it asks again.
+_unconfirmed: set[KeyKind] = set()
 
 
 def passphrase(kind: KeyKind = "online", *, confirm: bool = False) -> bytes:
     """The passphrase for `kind` keys (see the module doc); RepoError when there is none to be had. `confirm`:
     the keys are about to be created, so a prompt asks twice (a typo would lock them away for good)."""
     if kind in _cache:
+        if confirm and kind in _unconfirmed:
+            _confirm(kind)
         return _cache[kind]
     names = (ROOT_PASSPHRASE_ENV, PASSPHRASE_ENV) if kind == "root" else (PASSPHRASE_ENV,)
     value = next((os.environ[n] for n in names if os.environ.get(n)), None)
@@ -54,14 +58,18 @@ def passphrase(kind: KeyKind = "online", *, confirm: bool = False) -> bytes:
                 value = cred.read_text().rstrip("\n")
             except (OSError, UnicodeDecodeError) as e:
                 raise RepoError(f"cannot read the key passphrase credential {cred}: {e}") from e
-    if value is None and sys.stdin.isatty():
+    prompted = value is None and sys.stdin.isatty()
+    if prompted:
         value = _prompt(kind, confirm)
     if value is None:
         raise RepoError(f"the {kind} private keys are encrypted at rest and no passphrase was given: set "
-                        f"{' or '.join(names)} (or run in a terminal to be asked; docs/security.md)")
+                        f"{' or '.join(names)}, or the systemd credential {CREDENTIAL_NAME} (or run in a terminal "
+                        "to be asked; docs/security.md)")
     if len(value) < MIN_PASSPHRASE:
         raise RepoError(f"the key passphrase is too short: at least {MIN_PASSPHRASE} characters")
     _cache[kind] = value.encode()
+    if prompted and not confirm:
+        _unconfirmed.add(kind)
     return _cache[kind]
 
 
@@ -75,14 +83,28 @@ def _prompt(kind: KeyKind, confirm: bool) -> str:
     return value
 
 
+def _confirm(kind: KeyKind) -> None:
+    try:
+        again = getpass.getpass(f"the {kind} keys' passphrase again: ").encode()
+    except EOFError as e:
+        raise RepoError(f"no passphrase given for the packager's {kind} keys") from e
+    if again != _cache[kind]:
+        del _cache[kind]
+        _unconfirmed.discard(kind)
+        raise RepoError("the two passphrases differ; nothing written")
+    _unconfirmed.discard(kind)
+
+
 def forget_passphrases() -> None:
     """Drop cached passphrases (tests that change the environment)."""
     _cache.clear()
+    _unconfirmed.clear()
 
 
 def encrypted_pem(key: PrivateKeyTypes, kind: KeyKind = "online") -> bytes:
+    """`key` as encrypted PKCS#8 PEM; a passphrase typed only once and not yet proven by a key is asked again."""
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.BestAvailableEncryption(passphrase(kind)))
+                             serialization.BestAvailableEncryption(passphrase(kind, confirm=True)))
 
 
 def write_private_key(path: Path, key: PrivateKeyTypes, kind: KeyKind = "online") -> Path:
@@ -160,7 +182,10 @@ def load_private_key(path: Path, kind: KeyKind = "online") -> PrivateKeyTypes:
     if not encrypted:
         log.warning("%s is not encrypted at rest: run `packager keys encrypt` (docs/security.md)", path)
     try:
-        return serialization.load_pem_private_key(data, passphrase(kind) if encrypted else None)
+        key = serialization.load_pem_private_key(data, passphrase(kind) if encrypted else None)
     except (ValueError, TypeError) as e:
         why = f"wrong passphrase for the {kind} keys, or a damaged file" if encrypted else str(e)
         raise RepoError(f"cannot load private key {path}: {why}") from e
+    if encrypted:
+        _unconfirmed.discard(kind)  # a key decrypted with it: no typo
+    return key

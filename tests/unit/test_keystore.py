@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from examples.local_broker import Mosquitto
 from packager import keystore, tuf_repo
@@ -113,6 +114,24 @@ def test_a_prompt_asks_twice_before_keys_are_made(monkeypatch: pytest.MonkeyPatc
     assert not (tmp_path / "repo").exists()
     answers = iter(["a-long-passphrase-1"])
     assert keystore.passphrase("online") == b"a-long-passphrase-1"  # reading keys: asked once
+
+
+def test_a_passphrase_typed_once_is_asked_again_before_a_key_is_written_with_it(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """E.g. `device add` creating the fleet CA: no key has proven the passphrase typed once."""
+    monkeypatch.delenv(keystore.PASSPHRASE_ENV)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    answers = iter(["a-long-passphrase-1", "a-long-passphrase-2", "a-long-passphrase-1", "a-long-passphrase-1"])
+    monkeypatch.setattr(keystore.getpass, "getpass", lambda prompt: next(answers))
+    assert keystore.passphrase() == b"a-long-passphrase-1"
+    with pytest.raises(RepoError, match="the two passphrases differ"):
+        keystore.write_private_key(tmp_path / "ca.key", Ed25519PrivateKey.generate())
+    assert not (tmp_path / "ca.key").exists()
+    keystore.write_private_key(tmp_path / "ca.key", Ed25519PrivateKey.generate())  # typed twice alike: written
+    keystore.load_private_key(tmp_path / "ca.key")
+    keystore.write_private_key(tmp_path / "other.key", Ed25519PrivateKey.generate())  # proven by a key: not asked
+    with pytest.raises(StopIteration):
+        next(answers)
 
 
 def _make_legacy(keys: list[Path]) -> list[Path]:

@@ -232,3 +232,22 @@ def test_an_encrypted_bundle_stays_encrypted_and_its_grants_follow_its_groups(tm
     left = set(tuf_repo.referenced_targets(repo))
     assert not {"bundles/digits-1.bundle", "grants/digits-1.json"} & left and "grants/digits-2.json" in left
     assert sha2 != sha
+
+
+def test_device_add_grants_the_groups_encrypted_bundles_to_the_key_it_writes(tmp_path: Path) -> None:
+    """`packager device add` (packager/provision.py) registers the device and re-wraps for it; the decrypt.key it
+    writes is what the agent loads as [trust] decrypt_key_file, and it opens the new grant."""
+    from packager import provision, tuf_repo
+    from packager import publish as pub
+    from tests.e2e.test_signed_fetch import make_bundle
+
+    repo = tmp_path / "repo"
+    tuf_repo.init_repo(repo)
+    _register(repo, "pi-1", "lab")
+    _, _, sha = pub.sign_bundle(repo, make_bundle(tmp_path / "build", "digits", 1), "lab", encrypt=True)
+    added = provision.add_device(repo, "pi-2", "lab", tmp_path / "pi-2", "mqtts://broker.example:8883")
+    assert added.granted == ("grants/digits-1.json",)
+    key = fmt.load_device_key(tmp_path / "pi-2" / "decrypt.key")
+    wrapped = _grants(repo, "grants/digits-1.json").for_device("pi-2", "bundles/digits-1.bundle", sha)
+    assert len(fmt.unwrap_key(wrapped, key, fmt.key_info("bundles/digits-1.bundle", sha))) == fmt.KEY_LEN
+    assert provision.add_device(repo, "pi-3", "other", tmp_path / "pi-3", "mqtts://broker.example:8883").granted == ()

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from tuf.api.metadata import TargetFile
 
 from agent.bundle import Manifest, sha256_file
+from agent.errors import BundleRejected
 from agent.fsutil import write_atomic
 from agent.trust import confidential as fmt
 from packager import devices, keystore, tuf_repo
@@ -117,11 +118,11 @@ def _content_key(repo: Path, tf: TargetFile, name: str, version: int) -> bytes:
     except (OSError, ValueError) as e:
         raise RepoError(f"the content key of {tf.path} cannot be read from {path}: {e}") from e
     sha = tf.hashes["sha256"]
-    if record.get("bundle") != tf.path or record.get("ciphertext_sha256") != sha:
+    if not isinstance(record, dict) or record.get("bundle") != tf.path or record.get("ciphertext_sha256") != sha:
         raise RepoError(f"{path} holds the content key of another ciphertext than the signed {tf.path}")
     try:
         return fmt.unwrap_key(str(record["escrow"]), escrow_key(repo), fmt.key_info(tf.path, sha))
-    except Exception as e:
+    except (BundleRejected, KeyError) as e:
         raise RepoError(f"the escrowed content key of {tf.path} does not open with {ESCROW_KEY}: {e}") from e
 
 

@@ -140,6 +140,7 @@ def _make_legacy(keys: list[Path]) -> list[Path]:
         key = serialization.load_pem_private_key(path.read_bytes(), PASSPHRASE.encode())
         path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
+        path.chmod(0o644)  # the migration's files are 0600 from their creation, whatever the old ones were
     return keys
 
 
@@ -150,6 +151,9 @@ def test_keys_encrypt_converts_a_legacy_repository(repo: Path, caplog: pytest.Lo
     assert len(keys) == 7 and any(p.parent.name == "retired" for p in keys)
     tuf_repo.refresh(repo)  # a legacy repository still signs, and says what to do
     assert "packager keys encrypt" in caplog.text
+    # a crash of an earlier run after writing an encrypted copy, before its rename: the plaintext key is intact
+    stale = keys[0].with_name(f".{keys[0].name}.encrypting")
+    stale.write_bytes(b"half")
 
     r = packager("keys", "encrypt", "--repo", str(repo))
     assert r.returncode == 0, r.stderr
@@ -158,7 +162,7 @@ def test_keys_encrypt_converts_a_legacy_repository(repo: Path, caplog: pytest.Lo
     for path in keys:
         assert path.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert not [p for p in repo.rglob(".*.encrypting")]
+    assert not [p for d in (repo, root_dir) for p in d.rglob(".*.encrypting")]
     # signing still works, online and root
     assert packager("refresh", "--repo", str(repo), "--force-snapshot").returncode == 0
     tuf_repo.rotate_keys(repo, "root")

@@ -251,3 +251,21 @@ def test_device_add_grants_the_groups_encrypted_bundles_to_the_key_it_writes(tmp
     wrapped = _grants(repo, "grants/digits-1.json").for_device("pi-2", "bundles/digits-1.bundle", sha)
     assert len(fmt.unwrap_key(wrapped, key, fmt.key_info("bundles/digits-1.bundle", sha))) == fmt.KEY_LEN
     assert provision.add_device(repo, "pi-3", "other", tmp_path / "pi-3", "mqtts://broker.example:8883").granted == ()
+
+
+def test_encrypt_with_a_shadow_encrypts_both_bundles(tmp_path: Path) -> None:
+    from agent.trust.confidential import Encryption
+    from packager import publish as pub
+    from packager import tuf_repo
+    from tests.e2e.test_signed_fetch import make_bundle
+
+    repo = tmp_path / "repo"
+    tuf_repo.init_repo(repo)
+    _register(repo, "pi-1", "lab")
+    v1, v2 = make_bundle(tmp_path / "build", "digits", 1), make_bundle(tmp_path / "build", "digits", 2)
+    targets, _, _ = pub.sign_bundle(repo, v1, "lab", shadow=v2, encrypt=True)
+    assert [t.path for t in targets] == ["bundles/digits-1.bundle", "deployments/lab.json", "bundles/digits-2.bundle",
+                                         "grants/digits-1.json", "grants/digits-2.json"]
+    for tf in (targets[0], targets[2]):
+        enc = Encryption.from_custom(dict(tf.custom), tf.path)
+        assert enc is not None and set(_grants(repo, enc.grants).wrapped) == {"pi-1"}

@@ -473,8 +473,8 @@ class MqttClient:
     the client fails over and, when its broker fails in turn, comes back to the first. `url` always names the
     broker in use. Each new connection is a clean start: subscriptions are restored, the birth message republished
     and the will set again. A connection to the next broker of the list uses a fresh client id
-    (`unique_client_id` of the one given; `client_id` names the one in use), the barrier topic stays. All must
-    speak the same MQTT version (the one `connect()` found).
+    (`unique_client_id` of the one given; `client_id` names the one in use) and the barrier topic that goes with
+    it. All must speak the same MQTT version (the one `connect()` found).
     """
 
     def __init__(
@@ -528,8 +528,8 @@ class MqttClient:
         self._id_base = client_id
         self.client_id = client_id  # the id of the connection in use: a fresh one after each failover (_rotate)
         self.topics = prefix if isinstance(prefix, Topics) else Topics(prefix)
-        # derived from the first id and kept for this client's life, so the subscription restored after a
-        # failover and the reads in flight keep waiting on the same topic
+        # `_barrier/<client id in use>`: a broker's ACL may grant each client its own barrier only (Mosquitto's
+        # `%c`, docs/security.md), so it follows the client id through a failover (_rotate)
         self.barrier_topic = self.topics.barrier(client_id)
         self.keepalive = keepalive
         self.max_packet_size = max_packet_size
@@ -649,9 +649,14 @@ class MqttClient:
             client.username_pw_set(a.username, a.password)
             # A fresh client id on the next broker: we start clean anyway, and a cluster that still holds the old
             # session may refuse its id while the node that had it is down (NATS 2.9 first deletes the old
-            # session's JetStream consumers, which lived there). The barrier topic stays (see __init__).
+            # session's JetStream consumers, which lived there).
             self.client_id = unique_client_id(self._id_base)
             client._client_id = self.client_id.encode()
+            # The barrier goes with the id (see __init__). Reads in flight end with the lost connection (None on
+            # their queue), so none waits on the old one; the subscription restored on CONNACK is the new one.
+            old, self.barrier_topic = self.barrier_topic, self.topics.barrier(self.client_id)
+            if old in self._sub_refs:
+                self._sub_refs[self.barrier_topic] = self._sub_refs.pop(old)
         log.info("%s %s; next attempt: %s as %s", why, previous, self.url, self.client_id)
 
     def _new_paho(self, version: str) -> paho.Client:

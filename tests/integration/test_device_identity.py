@@ -212,6 +212,35 @@ def test_a_revoked_device_is_refused_once_the_broker_reloads_the_crl(pki: Pki) -
         other.connect(timeout=5)
 
 
+def test_the_barrier_follows_the_client_id_across_a_failover(pki: Pki, tmp_path: Path) -> None:
+    """Two Mosquittos with the same rules; after the first dies the client reconnects to the second under a fresh
+    client id, and its retained reads (which end on its barrier `_barrier/<client id>`, granted as `%c`) still
+    complete: the barrier topic follows the client id."""
+    assert pki.broker.tls is not None
+    first, second = Mosquitto(tmp_path / "a", tls=pki.broker.tls), Mosquitto(tmp_path / "b", tls=pki.broker.tls)
+    for b in (first, second):
+        b.workdir.mkdir()
+        b.start()
+    d = pki.device_dir("dev-a")
+    absent = T.device("dev-a", "nothing-retained-here")  # a read that only the barrier can end
+    try:
+        with MqttClient([first.url, second.url], "edge-agent-dev-a", prefix=T, ca_file=str(d / "ca.pem"),
+                        cert_file=str(d / "client.pem"), key_file=str(d / "client.key")) as client:
+            client.connect(timeout=5)
+            assert client.get_retained([absent], timeout=5) == {}
+            first.kill()
+            deadline = time.monotonic() + 20
+            while not (client.url == second.url and client.is_connected):
+                assert time.monotonic() < deadline, "no failover to the second broker"
+                time.sleep(0.1)
+            assert client.client_id != "edge-agent-dev-a"
+            assert client.barrier_topic == T.barrier(client.client_id)
+            assert client.get_retained([absent], timeout=5) == {}
+    finally:
+        first.stop()
+        second.stop()
+
+
 def _agent_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESHIP_")}
     return {**env, **overrides}

@@ -112,10 +112,10 @@ def test_fails_over_and_comes_back_with_subscriptions_birth_and_will(
     a.kill()
     _on(device, b.url)
     assert any(b.url in r.getMessage() and "next attempt" in r.getMessage() for r in caplog.records)
-    # a fresh client id on B (clean start: the old session is of no use), the barrier topic unchanged, and retained
-    # reads, which wait for that barrier, work there
+    # a fresh client id on B (clean start: the old session is of no use), the barrier topic with it (an ACL may grant
+    # each client only its own, docs/security.md), and retained reads, which wait for that barrier, work there
     assert device.client_id != first_id and device.client_id.startswith(first_id + "-")
-    assert device.barrier_topic == barrier
+    assert barrier == topics.barrier(first_id) and device.barrier_topic == topics.barrier(device.client_id)
     _wait(lambda: device.get_retained([state]) == {state: b"online"}, 10, "the device's own read on B")
     watch_b = _client(clients, b.url, topics, "wb").connect(timeout=5)
     _wait(lambda: watch_b.get_retained([state]) == {state: b"online"}, 10, "the birth message on B")

@@ -271,25 +271,57 @@ def test_publish_encrypt_refuses_a_group_without_devices(fleet: Fleet) -> None:
 # --- the daemon -------------------------------------------------------------------------------------------------
 
 
-def test_the_daemon_deploys_an_encrypted_bundle(own_device: Callable[..., Daemon], bundles: Bundles) -> None:
-    dev = own_device()
+def _daemon_key(dev: Daemon) -> X25519PrivateKey:
+    """A decrypt key for the daemon's device, named in its config ([trust] decrypt_key_file)."""
     key = X25519PrivateKey.generate()
-    devices.register(dev.repo, devices.DeviceRecord(dev.id, GROUP, 1, devices.public_b64(key.public_key()),
-                                                    devices.now_iso()))
     key_file = dev.tmp / "decrypt.key"
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption()))
-    text = dev.config.read_text()
-    dev.config.write_text(text.replace("[serve]\n", f'decrypt_key_file = "{key_file}"\n[serve]\n', 1))
+    dev.config.write_text(dev.config.read_text().replace("[serve]\n", f'decrypt_key_file = "{key_file}"\n[serve]\n', 1))
+    return key
+
+
+def _packager(dev: Daemon, *args: str) -> None:
+    r = subprocess.run([str(BIN / "packager"), *args, "--repo", str(dev.repo), "--broker", dev.broker.url, "--fleet",
+                        dev.fleet], cwd=dev.tmp, env=_env(), capture_output=True, text=True, timeout=CMD_TIMEOUT,
+                       check=False)
+    assert r.returncode == 0, f"packager {args[0]} failed ({r.returncode}):\n{r.stderr}"
+
+
+def test_the_daemon_deploys_an_encrypted_bundle(own_device: Callable[..., Daemon], bundles: Bundles) -> None:
+    dev = own_device()
+    key = _daemon_key(dev)
+    devices.register(dev.repo, devices.DeviceRecord(dev.id, GROUP, 1, devices.public_b64(key.public_key()),
+                                                    devices.now_iso()))
     mark = dev.events.mark()
     dev.start()
-    r = subprocess.run([str(BIN / "packager"), "publish", str(bundles.v1), "--repo", str(dev.repo), "--broker",
-                        dev.broker.url, "--fleet", dev.fleet, "--group", GROUP, "--encrypt"],
-                       cwd=dev.tmp, env=_env(), capture_output=True, text=True, timeout=CMD_TIMEOUT, check=False)
-    assert r.returncode == 0, r.stderr
+    _packager(dev, "publish", str(bundles.v1), "--group", GROUP, "--encrypt")
     dev.events.wait(is_event(frm="commit", to="idle", version=1), "encrypted v1 committed", mark)
     status, doc = dev.infer(bundles.x[:2])
     assert status == 200 and doc["model_version"] == "1", doc
+    assert (dev.state_dir / "bundles" / "digits-1.bundle").read_bytes() == bundles.v1.read_bytes()
+
+
+def test_the_daemon_waits_for_its_grant_then_deploys(own_device: Callable[..., Daemon], bundles: Bundles) -> None:
+    """A daemon meets an encrypted deployment it holds no grant for: every check says not_granted, nothing is
+    downloaded, nothing is rejected for good, the agent keeps running; once granted it deploys at the next check."""
+    dev = own_device()
+    key = _daemon_key(dev)
+    other = X25519PrivateKey.generate()  # the group's only registered device when the bundle is published
+    devices.register(dev.repo, devices.DeviceRecord("pi-other", GROUP, 1, devices.public_b64(other.public_key()),
+                                                    devices.now_iso()))
+    _packager(dev, "publish", str(bundles.v1), "--group", GROUP, "--encrypt")
+    mark = dev.events.mark()
+    dev.start()
+    dev.events.wait(is_event(frm="check", to="idle", reason="check_failed: not_granted"), "two not_granted checks",
+                    mark, count=2)
+    assert dev.running and dev.state().current is None and dict(dev.state().rejected) == {}
+    assert not (dev.state_dir / "encrypted").exists() or list((dev.state_dir / "encrypted").iterdir()) == []
+
+    devices.register(dev.repo, devices.DeviceRecord(dev.id, GROUP, 2, devices.public_b64(key.public_key()),
+                                                    devices.now_iso()))
+    _packager(dev, "device", "grant", dev.id)
+    dev.events.wait(is_event(frm="commit", to="idle", version=1), "v1 committed once granted", mark)
     assert (dev.state_dir / "bundles" / "digits-1.bundle").read_bytes() == bundles.v1.read_bytes()

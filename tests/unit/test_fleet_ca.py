@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.config import check_paths, parse_config
+from agent.errors import ConfigError
 from agent.ids import is_id
 from packager import devices, fleet_ca, keystore, provision, tuf_repo
 from packager.cli import main
@@ -190,3 +191,29 @@ def test_cli_errors_are_one_line_and_exit_2(repo: Path, tmp_path: Path, capsys: 
     code = main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--repo", str(repo)])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_the_agent_refuses_a_client_key_others_may_read_or_that_is_encrypted(repo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "dev-k"
+    provision.add_device(repo, "dev-k", "lab", out, BROKER, device_dir=PurePosixPath(out),
+                         state_dir=PurePosixPath(tmp_path / "state"))
+    doc = tomllib.loads((out / "agent.toml").read_text())
+    key = out / "client.key"
+    key.chmod(0o640)
+    with pytest.raises(ConfigError, match=r"\[mqtt\] key_file .*0640"):
+        check_paths(parse_config(doc, {}))
+    key.chmod(0o600)
+    key.write_bytes(keystore.encrypted_pem(serialization.load_pem_private_key(key.read_bytes(), None)))
+    with pytest.raises(ConfigError, match=r"\[mqtt\] key_file .*encrypted"):
+        check_paths(parse_config(doc, {}))
+
+
+@pytest.mark.parametrize(("mqtt", "message"), [
+    ({"url": BROKER, "cert_file": "c.pem"}, "both or neither"),
+    ({"url": BROKER, "key_file": "k.pem"}, "both or neither"),
+    ({"url": "mqtt://broker:1883", "cert_file": "c.pem", "key_file": "k.pem"}, "needs mqtts://"),
+])
+def test_client_certificate_settings_that_cannot_work_are_config_errors(mqtt: dict[str, str], message: str) -> None:
+    doc = {"agent": {"device_id": "d", "state_dir": "/tmp/x"}, "trust": {"root": "/tmp/root.json"}, "mqtt": mqtt}
+    with pytest.raises(ConfigError, match=message):
+        parse_config(doc, {})

@@ -189,6 +189,14 @@ def test_clients_without_a_fleet_certificate_are_refused(pki: Pki) -> None:
         genuine.connect(timeout=5)
 
 
+def test_an_encrypted_key_without_its_password_fails_at_once_never_prompts(pki: Pki) -> None:
+    ids = pki.ids
+    client = MqttClient(pki.broker.url, "no-password", prefix=T, ca_file=str(ids / "ca.pem"),
+                        cert_file=str(ids / f"{PACKAGER}.pem"), key_file=str(ids / f"{PACKAGER}.key"))
+    with pytest.raises(TransportError, match="encrypted and no key password"), client:
+        client.connect(timeout=5)
+
+
 def test_a_revoked_device_is_refused_once_the_broker_reloads_the_crl(pki: Pki) -> None:
     """Mosquitto 2.0.11 reads the crlfile again on SIGHUP: new connections with the revoked certificate fail, the
     one already open stays (docs/security.md: restart the broker to cut it)."""

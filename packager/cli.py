@@ -237,13 +237,14 @@ def _device_args(sub: Any) -> None:
     cb = csub.add_parser("broker-cert", help="Mosquitto's server certificate and key, the CA and the CRL")
     cb.add_argument("--host", required=True, help="the name (or IP address) clients use to reach the broker")
     cb.add_argument("--out", type=Path, required=True)
-    csub.add_parser("acl", help="print the Mosquitto acl_file for the fleet")
+    ca_acl = csub.add_parser("acl", help="print the Mosquitto acl_file for the fleet")
     cr = csub.add_parser("revoke", help="revoke a certificate that is not a device's (device revoke for those)")
     cr.add_argument("serial", help="the certificate's serial, hex (packager ca list)")
     csub.add_parser("list", help="every certificate the CA issued")
     for c in csub.choices.values():
         c.add_argument("--repo", type=Path, required=True)
-        c.add_argument("--fleet", default="default", help="fleet the identities and ACL are for (default: default)")
+    for c in (ci, ca_acl):
+        c.add_argument("--fleet", default="default", help="the fleet it is for (default: default)")
 
     dv = sub.add_parser("device", help="provision, revoke and list devices (client certificates, keys, config)")
     dsub = dv.add_subparsers(dest="device_command", required=True)
@@ -667,7 +668,8 @@ def _ca(args: argparse.Namespace) -> int:
     from packager import fleet_ca, provision
 
     cmd = args.ca_command
-    provision.check_id("--fleet", args.fleet)
+    if cmd in ("issue", "acl"):
+        provision.check_id("--fleet", args.fleet)
     if cmd == "init":
         fleet_ca.init_ca(args.repo)
         print(f"created the fleet CA {fleet_ca.ca_cert_path(args.repo)} (key encrypted, CRL "
@@ -689,6 +691,9 @@ def _ca(args: argparse.Namespace) -> int:
             serial = int(args.serial, 16)
         except ValueError as e:
             raise InputError(f"serial {args.serial!r}: expected hex digits") from e
+        if any(r.serial == serial and r.role == "device" for r in fleet_ca.issued(args.repo)):
+            raise InputError(f"certificate {serial:x} is a device's: `packager device revoke ID` revokes it and "
+                             "marks the device revoked")
         rec = fleet_ca.revoke(args.repo, serial)
         print(f"revoked {rec.identity} ({serial:x}); {_crl_advice(args.repo)}")
     else:

@@ -217,3 +217,11 @@ def test_client_certificate_settings_that_cannot_work_are_config_errors(mqtt: di
     doc = {"agent": {"device_id": "d", "state_dir": "/tmp/x"}, "trust": {"root": "/tmp/root.json"}, "mqtt": mqtt}
     with pytest.raises(ConfigError, match=message):
         parse_config(doc, {})
+
+
+def test_ca_revoke_leaves_devices_to_device_revoke(repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                   ) -> None:
+    p = provision.add_device(repo, "dev-c", "lab", tmp_path / "c", BROKER)
+    assert main(["ca", "revoke", f"{p.record.cert_serial:x}", "--repo", str(repo)]) == 2
+    assert "packager device revoke" in capsys.readouterr().err
+    assert p.record.cert_serial not in _crl_serials(repo) and devices.get(repo, "dev-c").revoked is None

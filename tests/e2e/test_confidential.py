@@ -11,10 +11,14 @@ The fleet, device and bundle helpers are tests/e2e/test_signed_fetch.py's (and t
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import os
 import subprocess
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.bundle import sha256_file, verify_bundle
 from agent.trust import confidential as fmt
-from examples.local_broker import Mosquitto
+from examples.local_broker import Mosquitto, free_port
 from packager import devices, tuf_repo
 from tests.e2e.test_daemon import Bundles, is_event
 from tests.e2e.test_daemon import Device as Daemon
@@ -72,14 +76,14 @@ class Device:
     def config(self) -> Path:
         return self.dir / "agent.toml"
 
-    def write_config(self, key_file: Path | None) -> None:
+    def write_config(self, key_file: Path | None, *, mqtt_url: str = "", mirror: str = "") -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         decrypt = f'decrypt_key_file = "{key_file}"\n' if key_file is not None else ""
         self.config.write_text(
             f'[agent]\ndevice_id = "{self.id}"\nstate_dir = "{self.state}"\nfleet = "{self.fleet.name}"\n'
-            f'group = "{GROUP}"\n[mqtt]\nurl = "{self.fleet.broker_url}"\nconnect_timeout_s = 5.0\n'
+            f'group = "{GROUP}"\n[mqtt]\nurl = "{mqtt_url or self.fleet.broker_url}"\nconnect_timeout_s = 2.0\n'
             f'[trust]\nroot = "{self.fleet.tmp / "provisioned-root.json"}"\n{decrypt}'
-            "[limits]\nchunk_timeout_s = 20.0\n")
+            f'[mirror]\nhttp = "{mirror}"\n[limits]\nchunk_timeout_s = 20.0\n')
 
     def key_file(self, key: X25519PrivateKey | None = None) -> Path:
         path = self.dir / f"decrypt-{uuid.uuid4().hex[:6]}.key"
@@ -137,6 +141,26 @@ def retained(fleet: Fleet) -> dict[str, bytes]:
             sub.close()
 
 
+@contextlib.contextmanager
+def serve_directory(directory: Path) -> Iterator[str]:
+    """`directory` over HTTP on a free port while the context lasts: its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler,
+                                                                                   directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
 def model_member(bundle: Path, dest: Path) -> bytes:
     verify_bundle(bundle, dest=dest)
     return (dest / "model.int8.onnx").read_bytes()
@@ -181,6 +205,21 @@ def test_broker_and_mirror_see_only_ciphertext_and_a_granted_device_gets_the_bun
     assert granted.trusted().bundles == {"digits-1.bundle": bundle.read_bytes()}
     assert list((granted.state / "encrypted").iterdir()) == []  # the ciphertext is gone once decrypted
     assert granted.state.stat().st_mode & 0o777 == 0o700
+
+    # the same device, fresh, from the mirror alone (nothing listens on its broker port): grants come from there too
+    from_mirror = register(fleet, "pi-mirror")
+    key_file, dead_broker = from_mirror.key_file(), f"mqtt://127.0.0.1:{free_port()}"
+    with serve_directory(mirror) as base:
+        from_mirror.write_config(key_file, mqtt_url=dead_broker, mirror=base)
+        result = from_mirror.fetch()
+    assert_reason(result, "not_granted")  # registered after the publish: the mirror holds no grant for it yet
+    r = packager(fleet, "device", "grant", "pi-mirror", "--repo", str(fleet.repo), "--http-dir", str(mirror))
+    assert r.returncode == 0, r.stderr
+    with serve_directory(mirror) as base:
+        from_mirror.write_config(key_file, mqtt_url=dead_broker, mirror=base)
+        result = from_mirror.fetch()
+    assert result.ok, result
+    assert from_mirror.trusted().bundles == {"digits-1.bundle": bundle.read_bytes()}
 
 
 def test_devices_that_cannot_read_it_refuse_and_keep_their_state(fleet: Fleet) -> None:

@@ -257,7 +257,8 @@ def _agent_env(**overrides: str) -> dict[str, str]:
 def test_a_provisioned_agent_works_end_to_end(pki: Pki) -> None:
     """The packager publishes over mqtts with its own identity; `edge-agent fetch` configured only by the agent.toml
     `device add` wrote fetches and verifies the bundle; a daemon (`edge-agent run`, its fetch worker on its own
-    connection) shows up for the dashboard's identity, through `packager fleet status`."""
+    connection) shows up for the dashboard's identity, through `packager fleet status`, and answers the app `cam`
+    on its response topic."""
     ids = pki.ids
     tls: list[str | Path] = ["--broker", pki.broker.url, "--fleet", FLEET, "--ca-file", ids / "ca.pem",
            "--cert-file", ids / f"{PACKAGER}.pem", "--key-file", ids / f"{PACKAGER}.key"]
@@ -288,6 +289,15 @@ def test_a_provisioned_agent_works_end_to_end(pki: Pki) -> None:
                     assert msg is not None, (pki.tmp / "agent-b.log").read_text()[-3000:]
                     if json.loads(msg.payload).get("no_deployment") is True:
                         break
+        with pki.identity(CAM) as cam:  # the app asks the running agent, which answers on the app's own topic
+            cam.connect(timeout=10)
+            answer = app_response_topic(T, "dev-b", "cam")
+            with cam.subscribe_stream([answer]) as answers:
+                cam.publish(T.device("dev-b", "infer/request"), b'{"inputs": []}', retain=False,
+                            response_topic=answer, correlation_data=b"42")
+                reply = answers.get(timeout=15)
+        assert reply is not None and reply.correlation_data == b"42", (pki.tmp / "agent-b.log").read_text()[-3000:]
+        assert json.loads(reply.payload)["status"] == 400  # an empty request: refused, but answered where asked
         status = json.loads(packager("fleet", "status", "--json", "--wait", "3", "--broker", pki.broker.url,
                                      "--fleet", FLEET, "--ca-file", ids / "ca.pem",
                                      "--cert-file", ids / f"{DASHBOARD}.pem", "--key-file", ids / f"{DASHBOARD}.key"))

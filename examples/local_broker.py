@@ -139,7 +139,8 @@ class Mosquitto:
         self.stop(signal.SIGKILL)
 
     def reload(self) -> None:
-        """SIGHUP: mosquitto re-reads its config file and (2.0) its ACL and password files."""
+        """SIGHUP: mosquitto re-reads its config file, its ACL and password files and (2.0.11, measured) its
+        crlfile; connections already open stay."""
         if self.proc is not None:
             self.proc.send_signal(signal.SIGHUP)
 

@@ -225,11 +225,20 @@ def issued(repo: Path) -> list[Issued]:
     return [Issued.from_json(p.read_bytes(), p) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
 
 
+def _crl_number(repo: Path) -> int:
+    """The CRL number of the CRL in place (RFC 5280: every new CRL's is larger), 0 when there is none."""
+    try:
+        crl = x509.load_pem_x509_crl(crl_path(repo).read_bytes())
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except (FileNotFoundError, ValueError, x509.ExtensionNotFound):
+        return 0
+
+
 def _write_crl(repo: Path, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -> None:
     now = _now()
     builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject).last_update(now)
                .next_update(ca_cert.not_valid_after_utc)
-               .add_extension(x509.CRLNumber(int(now.timestamp())), critical=False))
+               .add_extension(x509.CRLNumber(_crl_number(repo) + 1), critical=False))
     for rec in issued(repo):
         if rec.revoked is not None:
             builder = builder.add_revoked_certificate(

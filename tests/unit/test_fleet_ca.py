@@ -48,6 +48,11 @@ def _crl_serials(repo: Path) -> set[int]:
     return {r.serial_number for r in crl}
 
 
+def _crl_number(repo: Path) -> int:
+    crl = x509.load_pem_x509_crl(fleet_ca.crl_path(repo).read_bytes())
+    return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+
+
 def test_the_ca_key_is_encrypted_at_rest_and_the_ca_is_made_once(repo: Path) -> None:
     assert keystore.is_encrypted(fleet_ca.ca_key_path(repo).read_bytes())
     assert stat.S_IMODE(fleet_ca.ca_key_path(repo).stat().st_mode) == 0o600
@@ -156,8 +161,9 @@ def test_device_add_writes_all_or_nothing(repo: Path, tmp_path: Path, monkeypatc
 def test_revoking_a_device_puts_its_serial_in_the_signed_crl(repo: Path, tmp_path: Path) -> None:
     p = provision.add_device(repo, "dev-r", "lab", tmp_path / "r", BROKER)
     other = provision.add_device(repo, "dev-s", "lab", tmp_path / "s", BROKER)
+    number = _crl_number(repo)
     rec = provision.revoke_device(repo, "dev-r")
-    assert rec.revoked is not None
+    assert rec.revoked is not None and _crl_number(repo) == number + 1
     serials = _crl_serials(repo)
     assert p.record.cert_serial in serials and other.record.cert_serial not in serials
     assert [d.device_id for d in devices.active_devices(repo)].count("dev-r") == 0

@@ -5,6 +5,8 @@ the code builds, for many topics at once."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from agent.transport.topics import Topics, matches
@@ -103,3 +105,11 @@ def test_the_rules_follow_the_topic_prefix_and_list_each_app_once() -> None:
     assert [line for line in rules if line.startswith("user ")] == [
         "user edgeship.packager.other", "user edgeship.dashboard.other", "user edgeship.app.other.cam",
         "user edgeship.app.other.door"]
+
+
+def test_the_acl_docs_security_md_shows_is_the_one_generated() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    shown = doc.split("For fleet `f1`:\n\n```\n", 1)[1].split("```", 1)[0]
+    generated = [line for line in mosquitto_acl(Topics("edgeship/f1/"), "f1", ["cam"]).splitlines()
+                 if not line.startswith("#")]
+    assert shown.splitlines() == generated

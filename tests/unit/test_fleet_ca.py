@@ -231,3 +231,9 @@ def test_ca_revoke_leaves_devices_to_device_revoke(repo: Path, tmp_path: Path, c
     assert main(["ca", "revoke", f"{p.record.cert_serial:x}", "--repo", str(repo)]) == 2
     assert "packager device revoke" in capsys.readouterr().err
     assert p.record.cert_serial not in _crl_serials(repo) and devices.get(repo, "dev-c").revoked is None
+
+
+def test_the_listener_docs_security_md_shows_is_the_one_printed() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    shown = doc.split("prints the listener for `mosquitto.conf`:\n\n```\n", 1)[1].split("```", 1)[0]
+    assert shown == provision.mosquitto_listener(8883, "/etc/mosquitto/edgeship", "/etc/mosquitto/edgeship.acl")

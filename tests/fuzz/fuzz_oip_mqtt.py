@@ -89,7 +89,9 @@ def test_one_input(data: bytes) -> None:
         _INFERENCE._feedback(msg)
     else:
         _INFERENCE._answer(msg)
-    target = topic if topic is not None else (None if feedback else response_topic(PREFIX, DEVICE))
+    # an inference request without a response topic (or an empty one, not a topic name) is answered on the device's
+    # own; feedback without one is not answered
+    target = topic if feedback else (topic or response_topic(PREFIX, DEVICE))
     if target is None or not _valid_utf8(target) or not allowed(target):
         check(not _SENT, f"answered on {target!r}, a topic the rules refuse")
         return

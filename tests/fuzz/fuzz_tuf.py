@@ -26,7 +26,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
-from tuf.api.exceptions import DownloadHTTPError
+from tuf.api.exceptions import DownloadHTTPError, RepositoryError
+from tuf.api.metadata import Metadata
 from tuf.ngclient import FetcherInterface
 
 from agent.errors import EdgeshipError
@@ -44,9 +45,10 @@ _DIR = scratch("tuf")
 
 
 def canonical_signed_digest(data: bytes) -> str:
-    """The sha256 of a metadata file's `signed` part in a canonical JSON form (what its signatures cover)."""
-    signed = json.loads(data)["signed"]
-    return hashlib.sha256(json.dumps(signed, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """The sha256 of what a metadata file's signatures cover: its `signed` part as python-tuf re-encodes it
+    (canonical JSON of the parsed fields). Not the raw bytes: spellings that parse the same ("...Z" or "...z" in
+    `expires`, whitespace, key order) carry the same valid signature, and the device keeps the bytes it received."""
+    return hashlib.sha256(Metadata.from_bytes(data).signed_bytes).hexdigest()
 
 
 class StoreFetcher(FetcherInterface):
@@ -104,7 +106,7 @@ def check_trusted(metadata_dir: Path) -> None:
         data = path.read_bytes()
         try:
             digest = canonical_signed_digest(data)
-        except (ValueError, KeyError, TypeError) as e:
+        except RepositoryError as e:  # DeserializationError
             raise AssertionError(f"trusted {name} does not parse: {e}") from e
         check(digest in genuine[name.split(".")[0]], f"the device trusts a {name} the repository never signed")
 

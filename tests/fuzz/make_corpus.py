@@ -254,7 +254,10 @@ def tuf_seeds() -> dict[str, bytes]:
     return {"genuine-v2": seed(versions[1]), "genuine-v1": seed(versions[0]),
             "mixed": SEPARATOR.join([b"", pick(versions[1], "timestamp"), pick(versions[0], "snapshot"),
                                      pick(versions[1], "targets"), payload[:100]]),
-            "root-rotation-unsigned": seed(versions[1], root2=_bumped(root))}
+            "root-rotation-unsigned": seed(versions[1], root2=_bumped(root)),
+            # python-tuf reads "...z" as "...Z" and re-encodes it: the signature still verifies, and the device keeps
+            # the bytes as received (found by the fuzzer; canonical_signed_digest compares what is signed)
+            "expires-lowercase-z": seed(versions[1]).replace(b'Z","meta"', b'z","meta"', 1)}
 
 
 def _bumped(root: bytes) -> bytes:

@@ -12,10 +12,11 @@ A rejected update changes none of the trusted files: TUF keeps its metadata, and
 or `deployments/` only by rename after verification.
 
 An encrypted bundle (agent/trust/confidential.py) is checked like any other target, and then: at CHECK its signed
-grants document is fetched through the same TUF client and must hold an entry for this device ("not_granted"
-otherwise, or when `[trust] decrypt_key_file` is not set); at VERIFY the content key is unwrapped with the device's
-key and the ciphertext decrypted into bundles/, checked against the plaintext's signed sha256 and length, and then
-verified and unpacked like a bundle that was never encrypted. Plaintext never leaves the state directory, which is
+grants document is fetched through the same TUF client, must hold an entry for this device ("not_granted"
+otherwise, or when `[trust] decrypt_key_file` is not set) and that entry must open with the device's key
+("decrypt_failed"): nothing is downloaded that the device could not decrypt. At VERIFY the ciphertext is decrypted
+into bundles/, checked against the plaintext's signed sha256 and length, and then verified and unpacked like a
+bundle that was never encrypted. Plaintext never leaves the state directory, which is
 made 0700 before the first byte is decrypted.
 """
 
@@ -179,7 +180,7 @@ class BundleSource:
         if custom.get("name") != target.name or custom.get("version") != target.version:
             raise BundleRejected(f"{target.bundle} is signed as {custom.get('name')} v{custom.get('version')}, the "
                                  f"deployment says {target.name} v{target.version}", reason="mismatch")
-        self._wrapped_key(bundle_tf)  # an encrypted bundle this device cannot read is refused before any download
+        self._content_key(bundle_tf)  # an encrypted bundle this device cannot read is refused before any download
         return SignedCandidate(target.name, target.version, bundle_tf.hashes["sha256"], bundle_tf, dep_tf, dep_file,
                                member)
 
@@ -196,7 +197,7 @@ class BundleSource:
             raise BundleRejected(f"shadow {entry.bundle} is signed as {custom.get('name')} v{custom.get('version')} "
                                  f"({tf.hashes.get('sha256', '?')[:12]}), the deployment says {entry.name} "
                                  f"v{entry.version} ({entry.sha256[:12]})", reason="mismatch")
-        self._wrapped_key(tf)
+        self._content_key(tf)
         return SignedShadow(entry.name, entry.version, tf.hashes["sha256"], tf)
 
     def download(self, cand: SignedCandidate | SignedShadow) -> Path:
@@ -214,9 +215,10 @@ class BundleSource:
     def _encryption(self, tf: TargetFile) -> confidential.Encryption | None:
         return confidential.Encryption.from_custom(dict(tf.custom), tf.path)
 
-    def _wrapped_key(self, tf: TargetFile) -> str | None:
-        """This device's wrapped content key from the encrypted bundle's signed grants document (None: the bundle
-        is not encrypted). BundleRejected "not_granted" when the device has no key configured or no grant."""
+    def _content_key(self, tf: TargetFile) -> bytes | None:
+        """The encrypted bundle's content key, unwrapped from this device's entry in its signed grants document
+        with the device's key (None: the bundle is not encrypted). BundleRejected "not_granted" when the device has
+        no key configured or no grant, "decrypt_failed" when the grant does not open with its key."""
         enc = self._encryption(tf)
         if enc is None:
             return None
@@ -228,16 +230,14 @@ class BundleSource:
         _expect(self.fetcher, self.client, grants_tf)
         data = self.client.download(grants_tf, self.state / "grants").read_bytes()
         self.fetcher.discard(grants_tf.hashes["sha256"])
-        grants = confidential.Grants.parse(data, enc.grants)
-        return grants.for_device(device, tf.path, tf.hashes["sha256"])
+        wrapped = confidential.Grants.parse(data, enc.grants).for_device(device, tf.path, tf.hashes["sha256"])
+        key = confidential.load_device_key(Path(self.cfg.trust.decrypt_key_file))
+        return confidential.unwrap_key(wrapped, key, confidential.key_info(tf.path, tf.hashes["sha256"]))
 
     def _decrypt(self, tf: TargetFile, ciphertext: Path) -> Path:
         """Decrypt the verified `ciphertext` into bundles/ (deleting the ciphertext once done); the bundle's path."""
-        enc = self._encryption(tf)
-        wrapped = self._wrapped_key(tf)
-        assert enc is not None and wrapped is not None
-        key = confidential.unwrap_key(wrapped, confidential.load_device_key(Path(self.cfg.trust.decrypt_key_file)),
-                                      confidential.key_info(tf.path, tf.hashes["sha256"]))
+        enc, key = self._encryption(tf), self._content_key(tf)
+        assert enc is not None and key is not None
         _private_dir(self.state)
         out = self.state / "bundles"
         out.mkdir(exist_ok=True)

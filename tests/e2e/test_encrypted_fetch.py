@@ -30,6 +30,7 @@ from agent.bundle import sha256_file, verify_bundle
 from agent.trust import confidential as fmt
 from examples.local_broker import Mosquitto, free_port
 from packager import devices, tuf_repo
+from tests.conftest import stored_chunks
 from tests.e2e.test_daemon import Bundles, is_event
 from tests.e2e.test_daemon import Device as Daemon
 from tests.e2e.test_daemon import bundles as bundles  # its fixtures, reused by the daemon test
@@ -231,11 +232,14 @@ def test_devices_that_cannot_read_it_refuse_and_keep_their_state(fleet: Fleet) -
     keyless = Device(fleet, "pi-keyless", X25519PrivateKey.generate())  # no [trust] decrypt_key_file
     keyless.write_config(None)
     publish_encrypted(fleet, make_bundle(fleet.tmp / "build", "digits", 1))
+    cipher_sha = tuf_repo.referenced_targets(fleet.repo)["bundles/digits-1.bundle"].hashes["sha256"]
 
     for dev, reason in ((stranger, "not_granted"), (keyless, "not_granted"), (wrong, "decrypt_failed")):
         first = dev.fetch()  # a first fetch: the device trusted nothing before
         assert_reason(first, reason)
         assert dev.trusted().bundles == {} and dev.trusted().deployments == {}, dev.id  # no partial file either
+        # refused at CHECK: not one chunk of a ciphertext the device could not decrypt was downloaded
+        assert not (dev.state / "encrypted").exists() and stored_chunks(dev.state, cipher_sha) == {}, dev.id
         before = dev.trusted()
         again = dev.fetch()
         assert_reason(again, reason)

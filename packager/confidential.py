@@ -73,8 +73,8 @@ def group_recipients(repo: Path, group: str) -> list[devices.DeviceRecord]:
     """The active devices of `group`; InputError when there is none (nobody could decrypt the bundle)."""
     recipients = devices.active_devices(repo, group)
     if not recipients:
-        raise InputError(f"--encrypt: group {group!r} has no registered device in {devices.registry_dir(repo)}: "
-                         "nobody could decrypt the bundle (`packager device add` first)")
+        raise InputError(f"group {group!r} has no registered device in {devices.registry_dir(repo)}: nobody could "
+                         "decrypt an encrypted bundle for it (`packager device add` first)")
     return recipients
 
 

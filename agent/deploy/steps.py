@@ -108,6 +108,13 @@ def bundle_file(state_dir: Path, name: str, version: int) -> Path:
     return state_dir / "bundles" / f"{name}-{version}.bundle"
 
 
+def fetched_files(state_dir: Path, name: str, version: int) -> list[Path]:
+    """Every file the fetch worker may leave for a bundle: the verified bundle and, for an encrypted one, its
+    ciphertext (until decrypted) and a decryption cut short (agent/trust/fetch.py names them)."""
+    plain = bundle_file(state_dir, name, version)
+    return [plain, state_dir / "encrypted" / plain.name, plain.with_name(f".{plain.name}.decrypting")]
+
+
 class Steps:
     def __init__(self, *, fetch: FetchPort, stager: Stager, holder: Holder, watch: ProbationWatch, state_dir: Path,
                  group: str) -> None:
@@ -244,8 +251,9 @@ class Steps:
             log.error("could not reload %s: %s", ds.current, e)
 
     def discard(self, ref: BundleRef) -> None:
-        """Delete a bundle no saved state refers to any more: its release, its downloaded file, its session."""
+        """Delete a bundle no saved state refers to any more: its release, its downloaded files, its session."""
         shutil.rmtree(ref.path, ignore_errors=True)
-        bundle_file(self.state_dir, ref.name, ref.version).unlink(missing_ok=True)
+        for path in fetched_files(self.state_dir, ref.name, ref.version):
+            path.unlink(missing_ok=True)
         self.models.pop(ref.sha256, None)
         log.info("deleted %s v%s", ref.name, ref.version)

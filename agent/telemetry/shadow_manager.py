@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from agent.config import TelemetrySection
 from agent.deploy.fetch_client import ShadowCandidate
-from agent.deploy.steps import bundle_file, release_dir
+from agent.deploy.steps import fetched_files, release_dir
 from agent.errors import StopRequested
 from agent.serve.holder import LoadedModel, ServeObserver
 from agent.telemetry.shadow import ShadowRunner, agreement_kind
@@ -137,7 +137,8 @@ class ShadowManager:
         if shadow.sha256 in self.in_use():
             return  # a deployment uses the same bundle: its files are the deployment's to delete
         shutil.rmtree(release_dir(self.state_dir, shadow.name, shadow.version, shadow.sha256), ignore_errors=True)
-        bundle_file(self.state_dir, shadow.name, shadow.version).unlink(missing_ok=True)
+        for path in fetched_files(self.state_dir, shadow.name, shadow.version):
+            path.unlink(missing_ok=True)
 
 
 __all__ = ["NO_SHADOW", "ShadowFetch", "ShadowManager"]

@@ -269,3 +269,23 @@ def test_encrypt_with_a_shadow_encrypts_both_bundles(tmp_path: Path) -> None:
     for tf in (targets[0], targets[2]):
         enc = Encryption.from_custom(dict(tf.custom), tf.path)
         assert enc is not None and set(_grants(repo, enc.grants).wrapped) == {"pi-1"}
+
+
+def test_discarding_a_bundle_deletes_an_encrypted_ones_ciphertext_and_cut_decryption(tmp_path: Path) -> None:
+    """A deployment dropped between DOWNLOAD and VERIFY (or killed mid-decryption) leaves its ciphertext in
+    encrypted/ and maybe a partly decrypted file: the daemon deletes them with the bundle (agent/deploy/steps.py)."""
+    from agent.deploy.machine import BundleRef
+    from agent.deploy.steps import release_dir
+    from tests.unit.test_steps import Rig
+
+    rig = Rig(tmp_path)
+    sha = "cd" * 32
+    ref = BundleRef("digits", 3, sha, str(release_dir(tmp_path, "digits", 3, sha)))
+    leftovers = [tmp_path / "encrypted" / "digits-3.bundle", tmp_path / "bundles" / ".digits-3.bundle.decrypting",
+                 tmp_path / "bundles" / "digits-3.bundle"]
+    kept = [tmp_path / "encrypted" / "digits-4.bundle", tmp_path / "bundles" / "digits-4.bundle"]
+    for path in leftovers + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    rig.steps.discard(ref)
+    assert [p for p in leftovers if p.exists()] == [] and all(p.exists() for p in kept)

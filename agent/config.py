@@ -242,6 +242,7 @@ def _under(base_dir: Path, path: str) -> str:
 OTHER_ENV = frozenset({
     "EDGESHIP_MOSQUITTO",  # examples/local_broker.py: the mosquitto binary the tests and benchmarks start
     "EDGESHIP_REPO", "EDGESHIP_BROKER", "EDGESHIP_FLEET",  # systemd/edgeship-refresh.service
+    "EDGESHIP_CA_FILE", "EDGESHIP_CERT_FILE", "EDGESHIP_KEY_FILE",  # the same unit: the packager's identity
     "EDGESHIP_TELEGRAF_PASSWORD",  # docs/dashboard.md: Telegraf's broker password, read by Telegraf
     "EDGESHIP_PROBE_FAULT",  # agent/runtime/probe.py: test hook, read only by the runtime probe's child process
     "EDGESHIP_KEY_PASSPHRASE", "EDGESHIP_ROOT_KEY_PASSPHRASE",  # packager/keystore.py: the packager keys at rest

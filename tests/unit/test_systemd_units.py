@@ -77,12 +77,21 @@ def test_refresh_unit_runs_as_its_own_user_without_the_root_keys() -> None:
     s = unit_settings(UNITS / "edgeship-refresh.service")
     assert s["User"] == ["edgeship"] and "DynamicUser" not in s
     assert s["ReadWritePaths"] == ["/srv/edgeship/repo"]
-    assert s["InaccessiblePaths"] == ["-/srv/edgeship/repo-root-keys"]
+    # nor the fleet CA's key nor the content-key escrow, which open with the same online passphrase
+    assert s["InaccessiblePaths"] == ["-/srv/edgeship/repo-root-keys -/srv/edgeship/repo/ca "
+                                      "-/srv/edgeship/repo/content-keys"]
     assert s["ProtectSystem"] == ["strict"] and s["NoNewPrivileges"] == ["yes"]
     # the online keys' passphrase comes as the credential packager/keystore.py reads, never in the environment
     (credential,) = s["LoadCredentialEncrypted"]
     assert credential.split(":")[0] == CREDENTIAL_NAME
     assert not any("PASSPHRASE" in e for e in s.get("Environment", []))
+    # the broker takes only certified clients and only the packager's identity writes TUF topics (docs/security.md);
+    # tests/integration/test_identity_rules.py runs this ExecStart against such a broker
+    env = dict(e.split("=", 1) for e in s["Environment"])
+    assert env["EDGESHIP_BROKER"].startswith("mqtts://")
+    for option, name in (("--ca-file", "EDGESHIP_CA_FILE"), ("--cert-file", "EDGESHIP_CERT_FILE"),
+                         ("--key-file", "EDGESHIP_KEY_FILE")):
+        assert f'{option} "${name}"' in s["ExecStart"][0] and env[name].startswith("/srv/edgeship/identity/")
 
 
 def test_jetson_drop_in_opens_the_gpu_devices_only() -> None:

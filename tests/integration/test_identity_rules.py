@@ -1,0 +1,132 @@
+"""The rules around device identity, against a real Mosquitto configured as docs/security.md prescribes (TLS only,
+`require_certificate`, `use_identity_as_username`, the ACL `packager ca acl` prints), every file made by the real
+`packager ca` / `packager device` commands:
+
+- edgeship-refresh.service's own ExecStart line refreshes over mqtts:// with the packager's identity, with the
+  fleet CA (REPO/ca) and the content-key escrow (REPO/content-keys) out of its reach as the unit makes them;
+- an inference app cannot make a device answer into another app's response topic."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent.transport.mqtt import MqttClient
+from agent.transport.topics import Topics
+from examples.local_broker import Mosquitto, MosquittoTls
+from packager import keystore, tuf_repo
+from packager.fleet_ca import identity_name
+from tests.e2e.test_signed_fetch import make_bundle
+from tests.unit.test_systemd_units import UNITS, unit_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = ROOT / ".venv" / "bin"
+FLEET = "rules"
+T = Topics(f"edgeship/{FLEET}/")
+PACKAGER = identity_name("packager", FLEET)
+PASSPHRASE = os.environ[keystore.PASSPHRASE_ENV]  # tests/conftest.py
+
+
+def packager(*args: str | Path) -> str:
+    r = subprocess.run([str(BIN / "packager"), *map(str, args)], capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 0, f"packager {' '.join(map(str, args))}: {r.stderr}"
+    return r.stdout
+
+
+@dataclass
+class Pki:
+    tmp: Path
+    repo: Path
+    ids: Path  # identities issued with `packager ca issue`: certificates and encrypted keys, and ca.pem
+    broker: Mosquitto
+
+    def identity(self, identity: str) -> MqttClient:
+        return MqttClient(self.broker.url, f"tester-{uuid.uuid4().hex[:8]}", prefix=T, ca_file=str(self.ids / "ca.pem"),
+                          cert_file=str(self.ids / f"{identity}.pem"), key_file=str(self.ids / f"{identity}.key"),
+                          key_password=PASSPHRASE.encode())
+
+    def device(self, device_id: str) -> MqttClient:
+        d = self.tmp / device_id
+        return MqttClient(self.broker.url, f"tester-{device_id}-{uuid.uuid4().hex[:6]}", prefix=T,
+                          ca_file=str(d / "ca.pem"), cert_file=str(d / "client.pem"), key_file=str(d / "client.key"))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pki]:
+    tmp = tmp_path_factory.mktemp("rules")
+    repo, ids, brk = tmp / "repo", tmp / "ids", tmp / "broker-files"
+    tuf_repo.init_repo(repo)
+    (tmp / "mosquitto").mkdir()
+    broker = Mosquitto(tmp / "mosquitto", tls=MosquittoTls(brk / "ca.pem", brk / "broker.pem", brk / "broker.key",
+                                                           brk / "crl.pem", tmp / "acl"))
+    packager("ca", "init", "--repo", repo)
+    packager("ca", "broker-cert", "--host", "localhost", "--repo", repo, "--out", brk)
+    packager("ca", "issue", "--role", "packager", "--fleet", FLEET, "--repo", repo, "--out", ids)
+    for app in ("cam", "door"):
+        packager("ca", "issue", "--role", "app", "--name", app, "--fleet", FLEET, "--repo", repo, "--out", ids)
+    for device_id in ("dev-a", "dev-b"):
+        packager("device", "add", device_id, "--group", "lab", "--repo", repo, "--out", tmp / device_id,
+                 "--broker", broker.url, "--fleet", FLEET, "--device-dir", tmp / device_id,
+                 "--state-dir", tmp / f"state-{device_id}")
+    (tmp / "acl").write_text(packager("ca", "acl", "--repo", repo, "--fleet", FLEET))
+    broker.start()
+    yield Pki(tmp, repo, ids, broker)
+    broker.stop()
+
+
+def test_the_refresh_unit_refreshes_as_the_packager_without_the_ca_or_the_escrow(pki: Pki, tmp_path: Path) -> None:
+    """The unit's ExecStart, run by /bin/sh with the unit's Environment= (values pointed at this test's repository,
+    broker and identity, as a drop-in would) and the passphrase only as the systemd credential, refreshes a
+    repository holding an encrypted bundle while REPO/ca and REPO/content-keys are gone as InaccessiblePaths= makes
+    them (an empty directory in their place)."""
+    s = unit_settings(UNITS / "edgeship-refresh.service")
+    env_unit = dict(e.split("=", 1) for e in s["Environment"])
+    repo_in_unit = env_unit["EDGESHIP_REPO"]
+    hidden = {p.lstrip("-") for line in s["InaccessiblePaths"] for p in line.split()}
+    assert {f"{repo_in_unit}/ca", f"{repo_in_unit}/content-keys"} <= hidden
+    assert env_unit["EDGESHIP_BROKER"].startswith("mqtts://")
+    assert Path(env_unit["EDGESHIP_CERT_FILE"]).name == f"{identity_name('packager', env_unit['EDGESHIP_FLEET'])}.pem"
+
+    # an encrypted bundle: the repository now holds escrowed content keys and a signed grants document
+    bundle = make_bundle(tmp_path / "bundles", "secret", 1)
+    packager("publish", bundle, "--repo", pki.repo, "--group", "lab", "--encrypt", "--broker", pki.broker.url,
+             "--fleet", FLEET, "--ca-file", pki.ids / "ca.pem", "--cert-file", pki.ids / f"{PACKAGER}.pem",
+             "--key-file", pki.ids / f"{PACKAGER}.key")
+    assert any((pki.repo / "content-keys").iterdir())
+    creds = tmp_path / "credentials"
+    creds.mkdir(mode=0o700)
+    (creds / keystore.CREDENTIAL_NAME).write_text(PASSPHRASE + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in (keystore.PASSPHRASE_ENV, keystore.ROOT_PASSPHRASE_ENV)}
+    env.update(env_unit)
+    env.update(EDGESHIP_REPO=str(pki.repo), EDGESHIP_BROKER=pki.broker.url, EDGESHIP_FLEET=FLEET,
+               EDGESHIP_CA_FILE=str(pki.ids / "ca.pem"), EDGESHIP_CERT_FILE=str(pki.ids / f"{PACKAGER}.pem"),
+               EDGESHIP_KEY_FILE=str(pki.ids / f"{PACKAGER}.key"), CREDENTIALS_DIRECTORY=str(creds),
+               PATH=f"{BIN}:{os.environ['PATH']}")
+    (exec_start,) = s["ExecStart"]
+    moved = [(pki.repo / d, tmp_path / f"away-{d}") for d in ("ca", "content-keys")]
+    for where, away in moved:
+        where.rename(away)
+        where.mkdir(mode=0o000)
+    try:
+        before = tuf_repo.current_metadata(pki.repo)
+        r = subprocess.run(shlex.split(exec_start), env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        for where, away in moved:
+            where.rmdir()
+            away.rename(where)
+    assert r.returncode == 0, f"the unit's ExecStart failed ({r.returncode}):\n{r.stderr}"
+    assert "re-signed timestamp" in r.stdout, r.stdout
+    after = tuf_repo.current_metadata(pki.repo)
+    with pki.identity(PACKAGER) as watcher:
+        watcher.connect(timeout=10)
+        got = watcher.get_retained([T.tuf("timestamp.json")], timeout=10)
+    assert got[T.tuf("timestamp.json")] == after["timestamp.json"] != before["timestamp.json"]

@@ -288,6 +288,8 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("[mqtt] cert_file and key_file: give both or neither")
     if cfg.mqtt.cert_file and any(urlsplit(u).scheme != "mqtts" for u in urls):
         raise ConfigError("[mqtt] cert_file: a client certificate needs mqtts:// broker URLs")
+    if cfg.mqtt.cert_file and not cfg.mqtt.ca_file:  # else TLS trusts the system's CAs: the fleet CA is not pinned
+        raise ConfigError("[mqtt] cert_file needs ca_file: the fleet CA the broker's certificate must chain to")
     try:
         mirror_scheme = urlsplit(cfg.mirror.http).scheme
     except ValueError:  # "http://[::1": an unbalanced bracket in the host

@@ -218,6 +218,7 @@ def test_the_agent_refuses_a_client_key_others_may_read_or_that_is_encrypted(rep
     ({"url": BROKER, "cert_file": "c.pem"}, "both or neither"),
     ({"url": BROKER, "key_file": "k.pem"}, "both or neither"),
     ({"url": "mqtt://broker:1883", "cert_file": "c.pem", "key_file": "k.pem"}, "needs mqtts://"),
+    ({"url": BROKER, "cert_file": "c.pem", "key_file": "k.pem"}, "cert_file needs ca_file"),
 ])
 def test_client_certificate_settings_that_cannot_work_are_config_errors(mqtt: dict[str, str], message: str) -> None:
     doc = {"agent": {"device_id": "d", "state_dir": "/tmp/x"}, "trust": {"root": "/tmp/root.json"}, "mqtt": mqtt}

@@ -422,16 +422,19 @@ def _connect(args: argparse.Namespace) -> Any:
 
 
 def _encrypt_keys(args: argparse.Namespace) -> int:
-    from packager import keystore, tuf_repo
+    from packager import confidential, fleet_ca, keystore, tuf_repo
 
     if not tuf_repo.metadata_dir(args.repo).is_dir():
         raise InputError(f"--repo {args.repo}: not a TUF repository")
     root_dir = args.root_key_dir or tuf_repo.default_root_key_dir(args.repo)
     if args.root_key_dir is not None and not root_dir.is_dir():
         raise InputError(f"--root-key-dir {root_dir}: no such directory")
-    done = keystore.encrypt_plaintext_keys(args.repo, "online")
+    # only the packager's own key files: a device's or broker's --out placed under REPO keeps its plaintext key
+    online = [*keystore.key_files(tuf_repo.keys_dir(args.repo)), fleet_ca.ca_key_path(args.repo),
+              confidential.content_keys_dir(args.repo) / confidential.ESCROW_KEY]
+    done = keystore.encrypt_plaintext_keys(online, "online")
     if root_dir.is_dir():
-        done += keystore.encrypt_plaintext_keys(root_dir, "root")
+        done += keystore.encrypt_plaintext_keys(keystore.key_files(root_dir), "root")
     else:
         print(f"no root keys at {root_dir} (offline?): rerun with --root-key-dir where they are to encrypt them")
     for path in done:
@@ -463,7 +466,7 @@ def _identity(args: argparse.Namespace) -> tuple[str | None, str | None, bytes |
 def _keys(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from packager import tuf_repo
+    from packager import keystore, tuf_repo
 
     if args.keys_command == "rotate":
         _check_transport_args(args)
@@ -476,6 +479,10 @@ def _keys(args: argparse.Namespace) -> int:
         key_dir = args.root_key_dir or tuf_repo.default_root_key_dir(args.repo)
         print(f"created TUF repository {args.repo}; provision devices with {tuf_repo.provisioning_root(args.repo)}")
         print(f"root keys are in {key_dir}: move them offline; they are needed only to rotate keys")
+        if keystore.same_passphrases():
+            print(f"packager: warning: the root keys have the online keys' passphrase: whoever holds "
+                  f"{keystore.PASSPHRASE_ENV} can open them wherever they are; give them their own with "
+                  f"{keystore.ROOT_PASSPHRASE_ENV} (docs/security.md)", file=sys.stderr)
         return 0
     tuf_repo.rotate_keys(args.repo, args.role, args.root_key_dir)
     print(f"rotated {args.role} keys; new root {tuf_repo.provisioning_root(args.repo)}")
@@ -670,6 +677,8 @@ def _ca(args: argparse.Namespace) -> int:
     cmd = args.ca_command
     if cmd in ("issue", "acl"):
         provision.check_id("--fleet", args.fleet)
+    if cmd in ("acl", "revoke", "list"):
+        fleet_ca.require(args.repo)  # a missing CA is an error, not an empty answer
     if cmd == "init":
         fleet_ca.init_ca(args.repo)
         print(f"created the fleet CA {fleet_ca.ca_cert_path(args.repo)} (key encrypted, CRL "

@@ -50,6 +50,8 @@ def escrow_key(repo: Path) -> X25519PrivateKey:
     path = content_keys_dir(repo) / ESCROW_KEY
     if not path.exists():
         content_keys_dir(repo).mkdir(mode=0o700, exist_ok=True)
+        # under the passphrase the repository's online keys open with, never a new one (that would lock one out)
+        keystore.check_passphrase_against(tuf_repo.keys_dir(repo))
         keystore.write_private_key(path, X25519PrivateKey.generate())
         log.info("created the content-key escrow key %s", path)
     key = keystore.load_private_key(path)

@@ -20,9 +20,13 @@ once the CRL's next update has passed, so a CRL that outlives the certificates i
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import ipaddress
 import json
+import re
 import secrets
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,7 +39,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.fsutil import write_atomic
 from agent.ids import ID_RULE, is_id
-from packager import keystore
+from packager import keystore, tuf_repo
 from packager.errors import InputError, RepoError
 
 CA_DIR = "ca"
@@ -43,6 +47,9 @@ CA_VALIDITY = timedelta(days=20 * 365)
 CERT_VALIDITY = timedelta(days=10 * 365)
 Role = Literal["device", "packager", "dashboard", "app", "broker"]
 ROLES_ISSUED_BY_NAME = ("packager", "dashboard", "app")  # `packager ca issue --role ...`
+MAX_CN = 64  # RFC 5280's ub-common-name: a longer identity cannot be a certificate's common name
+BROKER_CN = "edgeship.broker"  # a broker whose host name is longer: the name is in the SAN, which is what clients check
+_LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -101,10 +108,62 @@ def identity_name(role: str, fleet: str, name: str | None = None) -> str:
     if role == "app":
         if name is None:
             raise InputError("an app identity needs --name")
-        return f"edgeship.app.{fleet}.{name}"
-    if role not in ("packager", "dashboard"):
+        identity = f"edgeship.app.{fleet}.{name}"
+    elif role in ("packager", "dashboard"):
+        identity = f"edgeship.{role}.{fleet}"
+    else:
         raise InputError(f"no identity role {role!r}: use one of {', '.join(ROLES_ISSUED_BY_NAME)}")
-    return f"edgeship.{role}.{fleet}"
+    if len(identity) > MAX_CN:
+        raise InputError(f"identity {identity} is {len(identity)} characters; a certificate's common name (the "
+                         f"broker's user name) holds at most {MAX_CN}: use a shorter fleet"
+                         + (" or app name" if role == "app" else ""))
+    return identity
+
+
+def check_host(host: str) -> tuple[str, list[x509.GeneralName]]:
+    """The broker host as it goes into the certificate, and its SAN entries: an IP address, or a DNS name of LDH
+    labels (an internationalised name is turned into its A-labels); InputError for anything else."""
+    try:
+        names: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(host))]
+    except ValueError:
+        try:
+            ascii_host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise InputError(f"--host {host!r}: not a host name or IP address") from None
+        if len(ascii_host) > 253 or not all(_LDH_LABEL.fullmatch(label) for label in ascii_host.split(".")):
+            raise InputError(f"--host {host!r}: not a host name or IP address (labels of letters, digits and '-', "
+                             "at most 63 each, 253 in all)") from None
+        host, names = ascii_host, [x509.DNSName(ascii_host)]
+    if host == "localhost":
+        names += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
+    return host, names
+
+
+@contextlib.contextmanager
+def locked(repo: Path) -> Iterator[None]:
+    """The fleet CA's own lock (REPO/ca/.lock): issuing, revoking and re-signing the CRL one at a time, so two
+    revocations never lose a serial and two `device add` never both create the CA."""
+    if not tuf_repo.metadata_dir(repo).is_dir():
+        raise InputError(f"--repo {repo}: not a TUF repository (`packager keys init` creates one)")
+    _private_dir(ca_dir(repo))
+    with (ca_dir(repo) / ".lock").open("a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
+def require(repo: Path) -> None:
+    """InputError unless `repo` has a fleet CA (commands that only read it must not answer for a missing one)."""
+    if not exists(repo):
+        raise InputError(f"--repo {repo}: no fleet CA in {ca_dir(repo)} (`packager ca init` or `packager device "
+                         "add` creates it)")
 
 
 def _now() -> datetime:
@@ -125,8 +184,11 @@ def exists(repo: Path) -> bool:
 
 def init_ca(repo: Path, name: str = "edgeship fleet CA") -> x509.Certificate:
     """Create the CA in `repo` (RepoError if one is there already): key (encrypted), certificate, empty CRL."""
-    if not (repo / "metadata").is_dir():
-        raise InputError(f"--repo {repo}: not a TUF repository (`packager keys init` creates one)")
+    with locked(repo):
+        return _init_ca(repo, name)
+
+
+def _init_ca(repo: Path, name: str) -> x509.Certificate:
     if exists(repo) or ca_key_path(repo).exists():
         raise RepoError(f"{ca_dir(repo)}: the fleet CA exists already")
     key = ec.generate_private_key(ec.SECP256R1())
@@ -140,6 +202,8 @@ def init_ca(repo: Path, name: str = "edgeship fleet CA") -> x509.Certificate:
                                          crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256()))
+    # under the passphrase the repository's online keys open with, never a new one (that would lock one out)
+    keystore.check_passphrase_against(tuf_repo.keys_dir(repo))
     keystore.write_private_key(ca_key_path(repo), key)  # first: a crash leaves no certificate without its key
     write_atomic(ca_cert_path(repo), _pem(cert))
     _write_crl(repo, cert, key)
@@ -148,10 +212,11 @@ def init_ca(repo: Path, name: str = "edgeship fleet CA") -> x509.Certificate:
 
 def ensure_ca(repo: Path) -> bool:
     """Create the CA unless it exists; True when it was created now."""
-    if exists(repo):
-        return False
-    init_ca(repo)
-    return True
+    with locked(repo):
+        if exists(repo):
+            return False
+        _init_ca(repo, "edgeship fleet CA")
+        return True
 
 
 def load_ca(repo: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -179,7 +244,7 @@ def _leaf(repo: Path, subject_cn: str, eku: x509.ObjectIdentifier,
                .not_valid_after(min(now + CERT_VALIDITY, ca_cert.not_valid_after_utc))
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                            data_encipherment=False, key_agreement=True, key_cert_sign=False,
+                                            data_encipherment=False, key_agreement=False, key_cert_sign=False,
                                             crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
                .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
@@ -191,32 +256,35 @@ def _leaf(repo: Path, subject_cn: str, eku: x509.ObjectIdentifier,
 def _record(repo: Path, cert: x509.Certificate, identity: str, role: str) -> None:
     rec = Issued(cert.serial_number, identity, role, _now().isoformat(), cert.not_valid_after_utc.isoformat())
     path = _issued_path(repo, rec.serial)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _private_dir(path.parent)
     write_atomic(path, rec.to_json())
+
+
+def forget(repo: Path, serial: int) -> None:
+    """Drop the record of a certificate whose files could not be written (it was never handed out): no phantom in
+    `ca list`, and nothing to revoke."""
+    with locked(repo):
+        _issued_path(repo, serial).unlink(missing_ok=True)
 
 
 def issue_client(repo: Path, identity: str, role: Role) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A client certificate (EKU clientAuth) with CN = `identity`, recorded in REPO/ca/issued/. The caller writes
     the key where it belongs (a device's unencrypted into its directory, the packager's through keystore)."""
-    key, cert = _leaf(repo, identity, ExtendedKeyUsageOID.CLIENT_AUTH)
-    _record(repo, cert, identity, role)
+    with locked(repo):
+        key, cert = _leaf(repo, identity, ExtendedKeyUsageOID.CLIENT_AUTH)
+        _record(repo, cert, identity, role)
     return key, cert
 
 
 def issue_server(repo: Path, host: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A server certificate (EKU serverAuth) for the broker at `host` (a DNS name or an IP address; `localhost`
-    also gets 127.0.0.1 and ::1, so tests and one-machine setups can use either)."""
-    names: list[x509.GeneralName] = []
-    try:
-        names.append(x509.IPAddress(ipaddress.ip_address(host)))
-    except ValueError:
-        if not host or any(c in host for c in "/ *") or len(host) > 253:
-            raise InputError(f"--host {host!r}: not a host name or IP address") from None
-        names.append(x509.DNSName(host))
-    if host == "localhost":
-        names += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
-    key, cert = _leaf(repo, host, ExtendedKeyUsageOID.SERVER_AUTH, x509.SubjectAlternativeName(names))
-    _record(repo, cert, host, "broker")
+    also gets 127.0.0.1 and ::1, so tests and one-machine setups can use either). The host is in the SAN, which
+    is what TLS clients check; the common name is the host too when it fits in 64 characters, else BROKER_CN."""
+    host, names = check_host(host)
+    with locked(repo):
+        key, cert = _leaf(repo, host if len(host) <= MAX_CN else BROKER_CN, ExtendedKeyUsageOID.SERVER_AUTH,
+                          x509.SubjectAlternativeName(names))
+        _record(repo, cert, host, "broker")
     return key, cert
 
 
@@ -226,19 +294,25 @@ def issued(repo: Path) -> list[Issued]:
 
 
 def _crl_number(repo: Path) -> int:
-    """The CRL number of the CRL in place (RFC 5280: every new CRL's is larger), 0 when there is none."""
+    """The CRL number of the CRL in place (RFC 5280: every new CRL's is larger), 0 when there is none. A CRL that
+    does not read is RepoError, never 0: the number must not go backwards (brokers may keep the higher one)."""
     try:
         crl = x509.load_pem_x509_crl(crl_path(repo).read_bytes())
         return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
-    except (FileNotFoundError, ValueError, x509.ExtensionNotFound):
+    except FileNotFoundError:
         return 0
+    except (OSError, ValueError, x509.ExtensionNotFound) as e:
+        raise RepoError(f"{crl_path(repo)}: cannot read its CRL number ({e}); restore it from a backup (a new CRL "
+                        "must carry a larger number than the one brokers have)") from e
 
 
 def _write_crl(repo: Path, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -> None:
     now = _now()
     builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject).last_update(now)
                .next_update(ca_cert.not_valid_after_utc)
-               .add_extension(x509.CRLNumber(_crl_number(repo) + 1), critical=False))
+               .add_extension(x509.CRLNumber(_crl_number(repo) + 1), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                              critical=False))  # RFC 5280 5.2.1: conforming CRL issuers include it
     for rec in issued(repo):
         if rec.revoked is not None:
             builder = builder.add_revoked_certificate(
@@ -249,6 +323,11 @@ def _write_crl(repo: Path, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePr
 
 def revoke(repo: Path, serial: int) -> Issued:
     """Mark certificate `serial` revoked and re-sign the CRL (crl.pem) with every revoked serial."""
+    with locked(repo):
+        return _revoke(repo, serial)
+
+
+def _revoke(repo: Path, serial: int) -> Issued:
     path = _issued_path(repo, serial)
     try:
         rec = Issued.from_json(path.read_bytes(), path)

@@ -5,8 +5,9 @@ key by its encrypted copy in one rename).
 
 The passphrase comes from, in order: `EDGESHIP_KEY_PASSPHRASE`; the file
 `$CREDENTIALS_DIRECTORY/edgeship-key-passphrase` (systemd's `LoadCredential=`/`LoadCredentialEncrypted=`, so a
-service never has it in its environment); a prompt when stdin is a terminal. Root keys may have their own
-(`EDGESHIP_ROOT_KEY_PASSPHRASE`, else the same sources).
+service never has it in its environment); a prompt when stdin is a terminal. Root keys: `EDGESHIP_ROOT_KEY_PASSPHRASE`,
+else `EDGESHIP_KEY_PASSPHRASE`, else a prompt, and never the systemd credential (a service holding the online
+passphrase must not open root keys with it); `packager keys init` warns when both passphrases are the same.
 Nothing of this is our own cryptography: the encryption of the PEM is cryptography's (PBES2 today: PBKDF2-HMAC-SHA256
 with 2048 iterations and AES-256-CBC, whatever `BestAvailableEncryption` picks tomorrow). 2048 iterations slow a
 guesser little, so the passphrase itself must be strong: MIN_PASSPHRASE characters at least, a random one for
@@ -50,7 +51,7 @@ def passphrase(kind: KeyKind = "online", *, confirm: bool = False) -> bytes:
         return _cache[kind]
     names = (ROOT_PASSPHRASE_ENV, PASSPHRASE_ENV) if kind == "root" else (PASSPHRASE_ENV,)
     value = next((os.environ[n] for n in names if os.environ.get(n)), None)
-    if value is None:
+    if value is None and kind == "online":
         cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
         cred = Path(cred_dir) / CREDENTIAL_NAME if cred_dir else None
         if cred is not None and cred.is_file():
@@ -62,9 +63,9 @@ def passphrase(kind: KeyKind = "online", *, confirm: bool = False) -> bytes:
     if prompted:
         value = _prompt(kind, confirm)
     if value is None:
+        credential = f", or the systemd credential {CREDENTIAL_NAME}" if kind == "online" else ""
         raise RepoError(f"the {kind} private keys are encrypted at rest and no passphrase was given: set "
-                        f"{' or '.join(names)}, or the systemd credential {CREDENTIAL_NAME} (or run in a terminal "
-                        "to be asked; docs/security.md)")
+                        f"{' or '.join(names)}{credential} (or run in a terminal to be asked; docs/security.md)")
     if len(value) < MIN_PASSPHRASE:
         raise RepoError(f"the key passphrase is too short: at least {MIN_PASSPHRASE} characters")
     _cache[kind] = value.encode()
@@ -142,17 +143,37 @@ def reencrypt(path: Path, kind: KeyKind = "online") -> bool:
     return True
 
 
-def encrypt_plaintext_keys(directory: Path, kind: KeyKind = "online") -> list[Path]:
-    """`reencrypt` every plaintext private key (a `*.pem` or `*.key` file holding one) under `directory`, its
-    subdirectories (`retired/`) included; returns those it encrypted. The keys already encrypted there are read
-    first, so a passphrase other than theirs fails before anything is written."""
-    found = [p for pattern in ("*.pem", "*.key") for p in directory.rglob(pattern)
-             if p.is_file() and not p.is_symlink() and b"PRIVATE KEY-----" in _read(p)]
+def same_passphrases() -> bool:
+    """Whether the root and the online keys were given the same passphrase (both already asked for)."""
+    return "root" in _cache and _cache.get("root") == _cache.get("online")
+
+
+def key_files(directory: Path) -> list[Path]:
+    """The `*.pem` files of a key directory the packager owns, its subdirectories (`retired/`) included."""
+    return sorted(directory.rglob("*.pem")) if directory.is_dir() else []
+
+
+def encrypt_plaintext_keys(candidates: list[Path], kind: KeyKind = "online") -> list[Path]:
+    """`reencrypt` every plaintext private key among `candidates` (files the packager wrote its own keys to; those
+    missing or holding no private key are skipped); returns those it encrypted. The keys already encrypted among
+    them are read first, so a passphrase other than theirs fails before anything is written."""
+    found = [p for p in candidates if p.is_file() and not p.is_symlink() and b"PRIVATE KEY-----" in _read(p)]
     passphrase(kind, confirm=True)
     for path in found:
         if is_encrypted(_read(path)):
             load_private_key(path, kind)
     return [p for p in sorted(found) if reencrypt(p, kind)]
+
+
+def check_passphrase_against(directory: Path, kind: KeyKind = "online") -> None:
+    """Before a new key is written beside the repository's existing ones (the fleet CA, the escrow key): load one
+    encrypted `*.pem` of `directory` with the passphrase at hand, so a new key never ends up under a passphrase its
+    siblings do not share (RepoError, nothing written). A directory with no encrypted key proves nothing: the
+    passphrase is then only confirmed (asked twice at a prompt)."""
+    existing = sorted(p for p in directory.glob("*.pem") if p.is_file() and is_encrypted(_read(p)))
+    passphrase(kind, confirm=not existing)
+    if existing:
+        load_private_key(existing[0], kind)
 
 
 def _write_new(path: Path, data: bytes) -> None:

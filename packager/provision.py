@@ -140,10 +140,12 @@ def add_device(repo: Path, device_id: str, group: str, out: Path, broker: str, f
     if (devices.registry_dir(repo) / f"{device_id}.json").exists():  # checked again, atomically, by register()
         raise InputError(f"device {device_id} is already registered; ids are never reused")
     config = agent_toml(device_id, group, fleet, broker, device_dir, state_dir)
-    created = fleet_ca.ensure_ca(repo)
-    tmp = _new_out_dir(out)
+    tmp = _new_out_dir(out)  # before the CA: a refused --out leaves no CA behind
+    serial: int | None = None
     try:
+        created = fleet_ca.ensure_ca(repo)
         key, cert = fleet_ca.issue_client(repo, device_id, "device")
+        serial = cert.serial_number
         decrypt = devices.new_decryption_key()
         decrypt_pem = decrypt.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                             serialization.NoEncryption())
@@ -156,11 +158,12 @@ def add_device(repo: Path, device_id: str, group: str, out: Path, broker: str, f
         tmp.chmod(0o700)
         os.rename(tmp, out)  # fails if `out` appeared meanwhile: never mixes with someone else's files
         fsync_dir(out.parent)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RepoError(f"--out {out}: {e.strerror or e} (nothing written)") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if serial is not None:
+            fleet_ca.forget(repo, serial)
+        if isinstance(e, OSError):
+            raise RepoError(f"--out {out}: {e.strerror or e} (nothing written)") from e
         raise
     record = devices.DeviceRecord(device_id=device_id, group=group, cert_serial=cert.serial_number,
                                   x25519_public=devices.public_b64(decrypt.public_key()), added=devices.now_iso())
@@ -168,6 +171,7 @@ def add_device(repo: Path, device_id: str, group: str, out: Path, broker: str, f
         devices.register(repo, record)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
+        fleet_ca.forget(repo, cert.serial_number)  # a certificate nobody holds: no record, nothing to revoke
         raise
     # the group's encrypted bundles, re-wrapped for the new device (signed, not pushed: the next push carries them)
     return Provisioned(record, out, created, tuple(confidential.grant_device(repo, device_id)))
@@ -186,35 +190,86 @@ def issue_identity(repo: Path, role: str, fleet: str, out: Path, name: str | Non
     """The packager's, the dashboard's or an inference app's certificate and key (encrypted through keystore:
     they live on workstations, not unattended devices) into `out`, with ca.pem; (identity, cert path, key path)."""
     identity = fleet_ca.identity_name(role, fleet, name)
-    fleet_ca.ensure_ca(repo)
-    cert_path, key_path = out / f"{identity}.pem", out / f"{identity}.key"
+    cert_path, key_path, ca_copy = out / f"{identity}.pem", out / f"{identity}.key", out / "ca.pem"
     for p in (cert_path, key_path):
         if p.exists():
             raise InputError(f"{p}: exists already; certificates and keys are never overwritten")
-    keystore.passphrase()  # before anything is signed: no certificate whose key cannot be written
-    key, cert = fleet_ca.issue_client(repo, identity, cast(fleet_ca.Role, role))
-    keystore.write_private_key(key_path, key)
-    _write_public(cert_path, fleet_ca.cert_pem(cert))
-    ca_copy = out / "ca.pem"
-    if not ca_copy.exists():
-        _write_public(ca_copy, fleet_ca.ca_cert_path(repo).read_bytes())
+    created_out = _private_out_dir(out)  # before anything is signed: no certificate whose files cannot be written
+    written: list[Path] = []
+    serial: int | None = None
+    try:
+        fleet_ca.ensure_ca(repo)
+        keystore.passphrase()
+        key, cert = fleet_ca.issue_client(repo, identity, cast(fleet_ca.Role, role))
+        serial = cert.serial_number
+        written.append(keystore.write_private_key(key_path, key))
+        _write_public(cert_path, fleet_ca.cert_pem(cert))
+        written.append(cert_path)
+        if not ca_copy.exists():
+            _write_public(ca_copy, fleet_ca.ca_cert_path(repo).read_bytes())
+            written.append(ca_copy)
+    except BaseException as e:
+        _undo(written, out if created_out else None)
+        if serial is not None:
+            fleet_ca.forget(repo, serial)
+        if isinstance(e, OSError):
+            raise RepoError(f"--out {out}: {e.strerror or e} (nothing issued)") from e
+        raise
     return identity, cert_path, key_path
+
+
+def _private_out_dir(out: Path) -> bool:
+    """Create `out` 0700 (it receives private keys) unless it is a directory already; True when created now.
+    InputError when it cannot be made or written into, before anything is issued."""
+    try:
+        created = not out.exists()
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if created:
+            out.chmod(0o700)
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot create it ({e.strerror or e})") from e
+    if not os.access(out, os.W_OK | os.X_OK):
+        if created:
+            out.rmdir()
+        raise InputError(f"--out {out}: cannot write into it")
+    return created
+
+
+def _undo(written: list[Path], created_dir: Path | None) -> None:
+    for p in written:
+        p.unlink(missing_ok=True)
+    if created_dir is not None:
+        shutil.rmtree(created_dir, ignore_errors=True)
 
 
 def broker_files(repo: Path, host: str, out: Path) -> list[Path]:
     """Mosquitto's server certificate for `host`, its key (0600, unencrypted: Mosquitto starts unattended), the CA
     and the current CRL, into `out` (which must not hold them yet)."""
-    fleet_ca.ensure_ca(repo)
+    fleet_ca.check_host(host)  # a refused host leaves nothing behind
     paths = [out / n for n in ("broker.pem", "broker.key", "ca.pem", "crl.pem")]
     for p in paths:
         if p.exists():
             raise InputError(f"{p}: exists already; give a new --out directory")
-    out.mkdir(parents=True, exist_ok=True)
-    key, cert = fleet_ca.issue_server(repo, host)
-    _write_private(paths[1], fleet_ca.plain_key_pem(key))
-    _write_public(paths[0], fleet_ca.cert_pem(cert))
-    _write_public(paths[2], fleet_ca.ca_cert_path(repo).read_bytes())
-    _write_public(paths[3], fleet_ca.crl_path(repo).read_bytes())
+    created_out = _private_out_dir(out)
+    written: list[Path] = []
+    serial: int | None = None
+    try:
+        fleet_ca.ensure_ca(repo)
+        key, cert = fleet_ca.issue_server(repo, host)
+        serial = cert.serial_number
+        for path, data, write in ((paths[1], fleet_ca.plain_key_pem(key), _write_private),
+                                  (paths[0], fleet_ca.cert_pem(cert), _write_public),
+                                  (paths[2], fleet_ca.ca_cert_path(repo).read_bytes(), _write_public),
+                                  (paths[3], fleet_ca.crl_path(repo).read_bytes(), _write_public)):
+            write(path, data)
+            written.append(path)
+    except BaseException as e:
+        _undo(written, out if created_out else None)
+        if serial is not None:
+            fleet_ca.forget(repo, serial)
+        if isinstance(e, OSError):
+            raise RepoError(f"--out {out}: {e.strerror or e} (nothing issued)") from e
+        raise
     return paths
 
 

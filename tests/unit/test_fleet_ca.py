@@ -5,6 +5,7 @@ one-line errors of `packager ca` / `packager device`."""
 from __future__ import annotations
 
 import ipaddress
+import multiprocessing
 import os
 import stat
 import tomllib
@@ -140,9 +141,11 @@ def test_device_add_writes_all_or_nothing(repo: Path, tmp_path: Path, monkeypatc
         raise InputError("registry refused")
 
     monkeypatch.setattr(devices, "register", refuse)
+    issued_before = fleet_ca.issued(repo)
     with pytest.raises(InputError, match="registry refused"):
         provision.add_device(repo, "dev-x", "lab", out, BROKER)
     assert os.listdir(tmp_path) == []  # neither the directory nor its temporary sibling
+    assert fleet_ca.issued(repo) == issued_before  # nor a certificate record nobody holds
     monkeypatch.undo()
 
     (tmp_path / "taken").mkdir()
@@ -238,3 +241,140 @@ def test_the_listener_docs_security_md_shows_is_the_one_printed() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
     shown = doc.split("prints the listener for `mosquitto.conf`:\n\n```\n", 1)[1].split("```", 1)[0]
     assert shown == provision.mosquitto_listener(8883, "/etc/mosquitto/edgeship", "/etc/mosquitto/edgeship.acl")
+
+
+def _records(repo: Path) -> set[int]:
+    return {r.serial for r in fleet_ca.issued(repo)}
+
+
+def test_certificates_use_only_what_ecdsa_tls_needs_and_the_crl_names_its_key(repo: Path) -> None:
+    for _, cert in (fleet_ca.issue_client(repo, "cam-ku", "device"), fleet_ca.issue_server(repo, "broker.example")):
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        assert usage.digital_signature and not usage.key_agreement and not usage.key_encipherment
+    fleet_ca.revoke(repo, fleet_ca.issue_client(repo, "cam-aki", "device")[1].serial_number)
+    crl = x509.load_pem_x509_crl(fleet_ca.crl_path(repo).read_bytes())
+    aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    ski = _ca(repo).extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert aki.key_identifier == ski.digest
+
+
+def test_a_crl_that_does_not_read_is_refused_not_numbered_from_zero(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    tuf_repo.init_repo(repo)
+    fleet_ca.init_ca(repo)
+    serial = fleet_ca.issue_client(repo, "cam-crl", "app")[1].serial_number
+    fleet_ca.crl_path(repo).write_bytes(b"-----BEGIN X509 CRL-----\ngarbage\n-----END X509 CRL-----\n")
+    with pytest.raises(RepoError, match="CRL number"):
+        fleet_ca.revoke(repo, serial)
+
+
+def test_the_ca_and_issued_identities_are_private_directories(repo: Path, tmp_path: Path) -> None:
+    provision.issue_identity(repo, "packager", "f7", tmp_path / "ids")
+    for d in (fleet_ca.ca_dir(repo), fleet_ca.ca_dir(repo) / "issued", tmp_path / "ids"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+
+
+@pytest.mark.parametrize(("host", "san"), [
+    ("exämple.com", "xn--exmple-cua.com"),
+    (".".join(["a" * 60] * 4), ".".join(["a" * 60] * 4)),  # 243 characters: in the SAN, the CN stays short
+])
+def test_broker_hosts_go_into_the_san_as_ascii_dns_names(repo: Path, host: str, san: str) -> None:
+    _, cert = fleet_ca.issue_server(repo, host)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == [san]
+    assert _cn(cert) == (san if len(san) <= 64 else fleet_ca.BROKER_CN)
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("packager: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("host", ["a\nb.example", "a,b.example", "a#b", "a:b", "a" * 64 + ".example", "x" * 254,
+                                  "-a.example", "a..b", "*.example"])
+def test_hosts_that_are_not_ldh_labels_are_refused_leaving_nothing(repo: Path, tmp_path: Path, host: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    before = _records(repo)
+    assert "--host" in _cli(["ca", "broker-cert", f"--host={host}", "--out", str(tmp_path / "b"),
+                             "--repo", str(repo)], capsys)
+    assert not (tmp_path / "b").exists() and _records(repo) == before
+
+
+def test_identities_longer_than_a_common_name_are_refused(repo: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    fleet = "f" * 50
+    before = _records(repo)
+    assert "at most 64" in _cli(["ca", "issue", "--role", "dashboard", "--fleet", fleet, "--out",
+                                 str(tmp_path / "i"), "--repo", str(repo)], capsys)
+    assert not (tmp_path / "i").exists() and _records(repo) == before
+    with pytest.raises(InputError, match="app name"):
+        fleet_ca.identity_name("app", "f" * 40, "n" * 20)
+    assert len(fleet_ca.identity_name("dashboard", "f" * 45)) == 64
+
+
+@pytest.mark.parametrize("command", [["ca", "issue", "--role", "packager"], ["ca", "broker-cert", "--host", "b.ex"]])
+@pytest.mark.parametrize("out", ["/proc/nope", "{tmp}/afile/x"])
+def test_an_out_directory_that_cannot_be_written_issues_nothing(repo: Path, tmp_path: Path, command: list[str],
+                                                                 out: str, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "afile").write_text("a file, not a directory")
+    before = _records(repo)
+    assert "--out" in _cli([*command, "--out", out.replace("{tmp}", str(tmp_path)), "--repo", str(repo)], capsys)
+    assert _records(repo) == before  # no certificate recorded whose key was never written
+
+
+def test_a_write_that_fails_after_issuing_forgets_the_certificate(repo: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    before = _records(repo)
+
+    def disk_full(path: Path, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(provision, "_write_public", disk_full)
+    with pytest.raises(RepoError, match="No space left"):
+        provision.broker_files(repo, "b.example", tmp_path / "b")
+    with pytest.raises(RepoError, match="No space left"):
+        provision.issue_identity(repo, "packager", "f8", tmp_path / "i")
+    with pytest.raises(RepoError, match="No space left"):
+        provision.add_device(repo, "dev-full", "lab", tmp_path / "d", BROKER)
+    assert _records(repo) == before and os.listdir(tmp_path) == []
+
+
+def test_device_add_refused_for_its_out_directory_creates_no_ca(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    tuf_repo.init_repo(repo)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(InputError, match="exists already"):
+        provision.add_device(repo, "dev-t", "lab", tmp_path / "taken", BROKER)
+    assert not fleet_ca.exists(repo) and not fleet_ca.ca_key_path(repo).exists()
+
+
+@pytest.mark.parametrize("argv", [["ca", "acl"], ["ca", "list"], ["ca", "revoke", "abc"]])
+def test_ca_commands_on_a_repository_without_a_ca_are_errors(tmp_path: Path, argv: list[str],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    repo = tmp_path / "repo"
+    tuf_repo.init_repo(repo)
+    for where in (tmp_path / "nope", repo):
+        assert "no fleet CA" in _cli([*argv, "--repo", str(where)], capsys)
+
+
+def _revoke_all(repo: str, serials: list[int]) -> None:
+    for serial in serials:
+        fleet_ca.revoke(Path(repo), serial)
+
+
+def test_concurrent_revocations_lose_no_serial(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    tuf_repo.init_repo(repo)
+    fleet_ca.init_ca(repo)
+    serials = [fleet_ca.issue_client(repo, f"cam-{i}", "device")[1].serial_number for i in range(24)]
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_revoke_all, args=(str(repo), serials[i::4])) for i in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+    assert _crl_serials(repo) == set(serials)
+    assert _crl_number(repo) == 1 + len(serials)  # one CRL per revocation, each numbered one higher

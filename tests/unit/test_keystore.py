@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from examples.local_broker import Mosquitto
-from packager import keystore, tuf_repo
+from packager import confidential, fleet_ca, keystore, tuf_repo
 from packager.errors import RepoError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -214,3 +214,63 @@ def test_refresh_as_the_unit_runs_it(repo: Path, tmp_path: Path, mosquitto: Mosq
     # the same service asked to rotate a key cannot: root keys are not there
     line = one_line_error(packager("keys", "rotate", "timestamp", "--repo", str(repo), env=env))
     assert "root needs 2 of its keys" in line
+
+
+def test_new_keys_are_written_only_under_the_repositorys_passphrase(repo: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fleet CA or escrow key made under another passphrase would lock out every command needing it with the
+    online keys: the passphrase is checked against an existing online key before either is written."""
+    other = env_without_passphrase(EDGESHIP_KEY_PASSPHRASE="another-passphrase")
+    line = one_line_error(packager("device", "add", "d1", "--group", "lab", "--repo", str(repo), "--out",
+                                   str(tmp_path / "d1"), "--broker", "mqtts://broker.example:8883", env=other))
+    assert "wrong passphrase" in line
+    assert not fleet_ca.ca_key_path(repo).exists() and not (tmp_path / "d1").exists()
+    monkeypatch.setenv(keystore.PASSPHRASE_ENV, "another-passphrase")
+    with pytest.raises(RepoError, match="wrong passphrase"):
+        confidential.escrow_key(repo)
+    assert not (confidential.content_keys_dir(repo) / confidential.ESCROW_KEY).exists()
+    # with the repository's passphrase both are made, and keys encrypt still opens everything
+    monkeypatch.setenv(keystore.PASSPHRASE_ENV, PASSPHRASE)
+    keystore.forget_passphrases()
+    confidential.escrow_key(repo)
+    assert packager("device", "add", "d1", "--group", "lab", "--repo", str(repo), "--out", str(tmp_path / "d1"),
+                    "--broker", "mqtts://broker.example:8883").returncode == 0
+    assert packager("keys", "encrypt", "--repo", str(repo)).returncode == 0
+
+
+def test_root_keys_never_take_the_services_credential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    creds = tmp_path / "credentials"
+    creds.mkdir(mode=0o700)
+    (creds / keystore.CREDENTIAL_NAME).write_text(PASSPHRASE + "\n")
+    for name in (keystore.PASSPHRASE_ENV, keystore.ROOT_PASSPHRASE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert keystore.passphrase("online") == PASSPHRASE.encode()
+    with pytest.raises(RepoError, match=keystore.ROOT_PASSPHRASE_ENV) as e:
+        keystore.passphrase("root")
+    assert keystore.CREDENTIAL_NAME not in str(e.value)
+
+
+def test_keys_init_warns_when_root_and_online_keys_share_a_passphrase(tmp_path: Path) -> None:
+    same = packager("keys", "init", "--repo", str(tmp_path / "a"), env=env_without_passphrase(
+        EDGESHIP_KEY_PASSPHRASE=PASSPHRASE))
+    assert same.returncode == 0 and "warning" in same.stderr and keystore.ROOT_PASSPHRASE_ENV in same.stderr
+    own = packager("keys", "init", "--repo", str(tmp_path / "b"), env=env_without_passphrase(
+        EDGESHIP_KEY_PASSPHRASE=PASSPHRASE, EDGESHIP_ROOT_KEY_PASSPHRASE="the-root-keys-own"))
+    assert own.returncode == 0 and own.stderr == ""
+
+
+def test_keys_encrypt_touches_only_the_packagers_own_keys(repo: Path) -> None:
+    """A device's or a broker's --out under REPO keeps its plaintext key (the agent and Mosquitto read it
+    unattended); the fleet CA key of a legacy repository is encrypted."""
+    assert packager("device", "add", "d1", "--group", "lab", "--repo", str(repo), "--out", str(repo / "out" / "d1"),
+                    "--broker", "mqtts://broker.example:8883").returncode == 0
+    assert packager("ca", "broker-cert", "--host", "broker.example", "--repo", str(repo), "--out",
+                    str(repo / "out" / "broker")).returncode == 0
+    _make_legacy([fleet_ca.ca_key_path(repo)])
+    r = packager("keys", "encrypt", "--repo", str(repo))
+    assert r.returncode == 0, r.stderr
+    assert "1 private key(s) encrypted" in r.stdout and keystore.is_encrypted(fleet_ca.ca_key_path(repo).read_bytes())
+    for key in (repo / "out" / "d1" / "client.key", repo / "out" / "d1" / "decrypt.key",
+                repo / "out" / "broker" / "broker.key"):
+        assert not keystore.is_encrypted(key.read_bytes()), key

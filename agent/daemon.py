@@ -193,16 +193,19 @@ class Daemon:
     # --- the broker --------------------------------------------------------------------------------------------
 
     def _new_client(self) -> MqttClient:
-        from agent.transport.mqtt import MqttClient, Will
+        from agent.transport.mqtt import MqttClient, Will, unique_client_id
         from agent.transport.topics import Topics
 
         dev = self.cfg.agent.device_id
         topics = Topics(self.cfg.topic_prefix)
-        will = Will(topics.device(dev, "state"), json.dumps({"status": "offline", "device": dev}).encode(),
-                    retain=True, qos=1)
+        will = Will(topics.device(dev, "state"), self._will_payload(), retain=True, qos=1)
         m = self.cfg.mqtt
-        return MqttClient(m.url, f"edge-agent-{dev}", prefix=topics, ca_file=m.ca_file or None,
+        # a client id of its own: any certified client could take a fixed, guessable one and knock the daemon off
+        return MqttClient(m.url, unique_client_id(f"edge-agent-{dev}"), prefix=topics, ca_file=m.ca_file or None,
                           cert_file=m.cert_file or None, key_file=m.key_file or None, will=will)
+
+    def _will_payload(self) -> bytes:
+        return json.dumps({"status": "offline", "device": self.cfg.agent.device_id}).encode()
 
     def _connect(self) -> None:
         client = self._new_client()
@@ -242,6 +245,7 @@ class Daemon:
         notify = client.subscribe_stream([client.topics.notify])
         requests = client.subscribe_stream([client.topics.device(dev, "infer/request")])
         feedback = client.subscribe_stream([client.topics.device(dev, "feedback")])
+        own_state = client.subscribe_stream([client.topics.device(dev, "state")])
 
         def publish(topic: str, body: bytes, correlation: bytes | None) -> None:
             client.publish(topic, body, retain=False, qos=1, wait=False, correlation_data=correlation)
@@ -254,6 +258,7 @@ class Daemon:
         threading.Thread(target=self._notify_loop, args=(notify,), name="notify", daemon=True).start()
         threading.Thread(target=self._infer_loop, args=(requests,), name="mqtt-infer", daemon=True).start()
         threading.Thread(target=self._feedback_loop, args=(feedback,), name="mqtt-feedback", daemon=True).start()
+        threading.Thread(target=self._will_loop, args=(own_state,), name="mqtt-will", daemon=True).start()
         if self.cfg.telemetry.home_assistant:
             self._announce_to_home_assistant(client)
 
@@ -282,6 +287,14 @@ class Daemon:
     def _answer(self, msg: Message) -> None:
         if self._answerer is not None:
             self._answerer.answer(msg)  # never raises; logs what went wrong
+
+    def _will_loop(self, sub: Subscription) -> None:
+        # An earlier run's connection that died unannounced (power cut) fires its last will when the broker notices
+        # (1.5 keepalives), maybe after this run said "online" under its new client id: say it again.
+        for msg in sub:
+            if msg.payload == self._will_payload() and not self.stopping.is_set():
+                log.info("a last will marked this device offline while it runs: announcing its state again")
+                self.deployer.announce(self.store.load())
 
     def _feedback_loop(self, sub: Subscription) -> None:
         for msg in sub:

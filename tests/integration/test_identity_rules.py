@@ -8,11 +8,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import pytest
 
 from agent.transport.mqtt import MqttClient
 from agent.transport.topics import Topics
-from examples.local_broker import Mosquitto, MosquittoTls
+from examples.local_broker import Mosquitto, MosquittoTls, free_port
 from packager import keystore, tuf_repo
 from packager.fleet_ca import identity_name
 from tests.e2e.test_signed_fetch import make_bundle
@@ -31,6 +34,7 @@ BIN = ROOT / ".venv" / "bin"
 FLEET = "rules"
 T = Topics(f"edgeship/{FLEET}/")
 PACKAGER = identity_name("packager", FLEET)
+QUIET_S = 1.0  # how long a takeover is given to show in the broker's log
 PASSPHRASE = os.environ[keystore.PASSPHRASE_ENV]  # tests/conftest.py
 
 
@@ -53,9 +57,9 @@ class Pki:
                           cert_file=str(self.ids / f"{identity}.pem"), key_file=str(self.ids / f"{identity}.key"),
                           key_password=PASSPHRASE.encode())
 
-    def device(self, device_id: str) -> MqttClient:
+    def device(self, device_id: str, client_id: str | None = None) -> MqttClient:
         d = self.tmp / device_id
-        return MqttClient(self.broker.url, f"tester-{device_id}-{uuid.uuid4().hex[:6]}", prefix=T,
+        return MqttClient(self.broker.url, client_id or f"tester-{device_id}-{uuid.uuid4().hex[:6]}", prefix=T,
                           ca_file=str(d / "ca.pem"), cert_file=str(d / "client.pem"), key_file=str(d / "client.key"))
 
 
@@ -130,3 +134,61 @@ def test_the_refresh_unit_refreshes_as_the_packager_without_the_ca_or_the_escrow
         watcher.connect(timeout=10)
         got = watcher.get_retained([T.tuf("timestamp.json")], timeout=10)
     assert got[T.tuf("timestamp.json")] == after["timestamp.json"] != before["timestamp.json"]
+
+
+@pytest.fixture(scope="module")
+def daemon_a(pki: Pki) -> Iterator[Path]:
+    """`edge-agent run` as dev-a, configured only by the agent.toml `device add` wrote; yields its log's path once
+    its retained state says online."""
+    log_path = pki.tmp / "agent-a.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESHIP_")}
+    env.update(EDGESHIP_SERVE_HTTP=f"127.0.0.1:{free_port()}", EDGESHIP_DEPLOY_POLL_INTERVAL_S="1")
+    with log_path.open("wb") as log:
+        daemon = subprocess.Popen([str(BIN / "edge-agent"), "run", "--config", str(pki.tmp / "dev-a" / "agent.toml")],
+                                  cwd=pki.tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_state(pki, "dev-a", lambda s: s.get("status") == "online", log_path)
+            yield log_path
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=20)
+
+
+def wait_for_state(pki: Pki, device_id: str, wanted: Callable[[dict[str, object]], bool], log: Path,
+                   timeout: float = 30.0) -> dict[str, object]:
+    with pki.identity(PACKAGER) as watcher:
+        watcher.connect(timeout=10)
+        with watcher.subscribe_stream([T.device(device_id, "state")]) as states:
+            deadline = time.monotonic() + timeout
+            while True:
+                msg = states.get(timeout=max(0.0, deadline - time.monotonic()))
+                assert msg is not None, f"no wanted state of {device_id}:\n{log.read_text()[-3000:]}"
+                state = json.loads(msg.payload)
+                if wanted(state):
+                    return dict(state)
+
+
+def test_another_device_cannot_knock_the_daemon_off_with_its_client_id(pki: Pki, daemon_a: Path) -> None:
+    """The daemon's client id is not the guessable `edge-agent-<device id>`: dev-b connecting with that id takes
+    over nobody's session (Mosquitto logs a takeover as 'already connected, closing old connection')."""
+    with pki.device("dev-b", client_id="edge-agent-dev-a") as b:
+        b.connect(timeout=10)
+        time.sleep(QUIET_S)
+    log = pki.broker.log()
+    assert re.search(r"New client connected from .* as edge-agent-dev-a-\d+-[0-9a-f]{8} ", log), log[-3000:]
+    assert "already connected, closing old connection" not in log, log[-3000:]
+    with pki.identity(PACKAGER) as watcher:
+        watcher.connect(timeout=10)
+        state = json.loads(watcher.get_retained([T.device("dev-a", "state")], timeout=10)[T.device("dev-a", "state")])
+    assert state["status"] == "online"
+
+
+def test_a_late_last_will_of_an_earlier_run_is_answered_with_the_state(pki: Pki, daemon_a: Path) -> None:
+    """A session of an earlier run (another client id) whose last will arrives after the daemon said online: the
+    daemon, watching its own state topic, announces its state again."""
+    will = json.dumps({"status": "offline", "device": "dev-a"}).encode()
+    with pki.device("dev-a") as earlier_run:
+        earlier_run.connect(timeout=10)
+        earlier_run.publish(T.device("dev-a", "state"), will, retain=True, qos=1, wait=True, timeout=5)
+    wait_for_state(pki, "dev-a", lambda s: s.get("status") == "online" and "state" in s, daemon_a)
+    assert "a last will marked this device offline while it runs" in daemon_a.read_text()

@@ -203,6 +203,8 @@ def _fleet_args(sub: Any) -> None:
         f.add_argument("--broker", required=True, help="mqtt[s]://HOST:PORT; several comma-separated: failover")
         f.add_argument("--fleet", default="default", help="topic prefix edgeship/<fleet>/ (default: default)")
         f.add_argument("--ca-file", help="CA certificate for mqtts://")
+        f.add_argument("--repo", type=Path, help="with a device registry there: groups are the registry's, and "
+                                                 "unregistered or revoked ids are ignored (and counted)")
         _identity_args(f)
     for f in (fs, fw):
         f.add_argument("--group", help="only devices whose state names this group")
@@ -258,6 +260,9 @@ def _device_args(sub: Any) -> None:
                     help=f"where --out's files will be on the device (default {DEFAULT_DEVICE_DIR})")
     da.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR),
                     help=f"[agent] state_dir on the device (default {DEFAULT_STATE_DIR})")
+    da.add_argument("--systemd-credentials", action="store_true",
+                    help="also write credentials.conf, a drop-in giving edge-agent.service (DynamicUser=) the keys "
+                         "as systemd credentials, and point agent.toml at /run/credentials/edge-agent.service/")
     dr = dsub.add_parser("revoke", help="revoke the device's certificate (CRL) and mark it revoked")
     dr.add_argument("device_id")
     dl = dsub.add_parser("list", help="the registered devices")
@@ -561,21 +566,25 @@ def _fleet(args: argparse.Namespace) -> int:
     if alarm is not None and not (math.isfinite(alarm) and 0 <= alarm <= 1):
         raise InputError(f"--error-rate-alarm {alarm:g}: must be in [0, 1]")
     prefix = pub.topics_for(args.fleet).prefix
+    from packager.devices import group_registry
+
+    registry = group_registry(args.repo) if args.repo is not None else None
     client = _connect(args)
     try:
         if args.fleet_command == "status":
             from packager.fleet import status
 
             return status.run(client, prefix, wait=args.wait, group=args.group, as_json=args.json,
-                              error_rate_alarm=args.error_rate_alarm)
+                              error_rate_alarm=args.error_rate_alarm, registry=registry)
         if args.fleet_command == "watch":
             from packager.fleet import watch
 
-            return watch.run(client, prefix, group=args.group, error_rate_alarm=args.error_rate_alarm)
+            return watch.run(client, prefix, group=args.group, error_rate_alarm=args.error_rate_alarm,
+                             registry=registry)
         from packager.fleet import events
 
         return events.run(client, prefix, device=args.device, follow=args.follow, wait=args.wait,
-                          as_json=args.json)
+                          as_json=args.json, registry=registry)
     finally:
         client.close()
 
@@ -747,14 +756,15 @@ def _device(args: argparse.Namespace) -> int:
         if not broker:
             raise InputError("device add needs --broker mqtts://HOST:PORT (or EDGESHIP_BROKER)")
         p = provision.add_device(args.repo, args.device_id, args.group, args.out, broker, args.fleet,
-                                 device_dir=PurePosixPath(args.device_dir), state_dir=PurePosixPath(args.state_dir))
+                                 device_dir=PurePosixPath(args.device_dir), state_dir=PurePosixPath(args.state_dir),
+                                 systemd_credentials=args.systemd_credentials)
         if p.created_ca:
             print(f"created the fleet CA in {args.repo / 'ca'}")
         if p.granted:
             print(f"granted {len(p.granted)} encrypted bundle(s) of group {args.group} to the device ("
                   f"{', '.join(p.granted)}); `packager device grant {args.device_id} --broker ...`, or the next "
                   "publish or refresh, pushes the grants")
-        files = ", ".join(provision.FILES)
+        files = ", ".join(provision.FILES + ((provision.DROP_IN,) if args.systemd_credentials else ()))
         print(f"device {args.device_id} (group {args.group}, certificate {p.record.cert_serial:x}): {files} in "
               f"{p.out}; copy them to {args.device_dir} on the device (docs/security.md)")
         print("Mosquitto: no password file entry (use_identity_as_username: the certificate's CN is the user); "

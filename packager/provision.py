@@ -13,6 +13,10 @@ they are there (a failed registration removes them again):
     client.key    its private key, 0600, unencrypted (a device starts unattended: nobody types a passphrase)
     decrypt.key   its X25519 private key for confidential models (PKCS#8 PEM), 0600, unencrypted;
                   only the public half stays in the registry
+    credentials.conf  with `systemd_credentials`: a drop-in for edge-agent.service that hands both keys to the
+                  service as systemd credentials (`LoadCredential=`), and agent.toml reads them from
+                  CREDENTIALS_DIR: edge-agent.service's DynamicUser= user cannot read root's 0600 files in the
+                  device dir, while systemd gives it its credentials 0400, owned by that user
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from packager.errors import InputError, RepoError
 DEFAULT_DEVICE_DIR = PurePosixPath("/etc/edge-agent")  # edge-agent install's --config-dir
 DEFAULT_STATE_DIR = PurePosixPath("/var/lib/edge-agent")
 FILES = ("agent.toml", "root.json", "ca.pem", "client.pem", "client.key", "decrypt.key")
+CREDENTIAL_FILES = ("client.key", "decrypt.key")  # handed to the service by `LoadCredential=` when asked
+CREDENTIALS_DIR = PurePosixPath("/run/credentials/edge-agent.service")  # systemd's $CREDENTIALS_DIRECTORY for it
+DROP_IN = "credentials.conf"
 
 
 @dataclass(frozen=True)
@@ -61,10 +68,12 @@ def _toml_str(value: str) -> str:
 
 
 def agent_toml(device_id: str, group: str, fleet: str, broker: str, device_dir: PurePosixPath,
-               state_dir: PurePosixPath) -> str:
-    """The device's config (docs/agent-config.md); every file it names is one `add_device` writes."""
+               state_dir: PurePosixPath, systemd_credentials: bool = False) -> str:
+    """The device's config (docs/agent-config.md); every file it names is one `add_device` writes (the keys, with
+    `systemd_credentials`, as systemd hands them to edge-agent.service)."""
     def at(name: str) -> str:
-        return _toml_str(str(device_dir / name))
+        where = CREDENTIALS_DIR if systemd_credentials and name in CREDENTIAL_FILES else device_dir
+        return _toml_str(str(where / name))
 
     return "\n".join([
         "# written by `packager device add`: the files named here come with it (docs/security.md)",
@@ -83,6 +92,17 @@ def agent_toml(device_id: str, group: str, fleet: str, broker: str, device_dir: 
         "[trust]",
         f"root = {at('root.json')}",
         f"decrypt_key_file = {at('decrypt.key')}",
+        "",
+    ])
+
+
+def credentials_drop_in(device_dir: PurePosixPath) -> str:
+    """edge-agent.service.d/credentials.conf: the device's keys as credentials of the service (see module doc)."""
+    return "\n".join([
+        "# written by `packager device add --systemd-credentials`: install as",
+        "# /etc/systemd/system/edge-agent.service.d/credentials.conf, then systemctl daemon-reload (docs/security.md)",
+        "[Service]",
+        *(f"LoadCredential={name}:{_toml_str(str(device_dir / name))[1:-1]}" for name in CREDENTIAL_FILES),
         "",
     ])
 
@@ -127,7 +147,7 @@ def _new_out_dir(out: Path) -> Path:
 
 def add_device(repo: Path, device_id: str, group: str, out: Path, broker: str, fleet: str = "default", *,
                device_dir: PurePosixPath = DEFAULT_DEVICE_DIR,
-               state_dir: PurePosixPath = DEFAULT_STATE_DIR) -> Provisioned:
+               state_dir: PurePosixPath = DEFAULT_STATE_DIR, systemd_credentials: bool = False) -> Provisioned:
     check_id("device id", device_id)
     check_id("--group", group)
     check_id("--fleet", fleet)
@@ -139,7 +159,7 @@ def add_device(repo: Path, device_id: str, group: str, out: Path, broker: str, f
         raise InputError(f"--repo {repo}: no {root} (`packager keys init` creates the repository)")
     if (devices.registry_dir(repo) / f"{device_id}.json").exists():  # checked again, atomically, by register()
         raise InputError(f"device {device_id} is already registered; ids are never reused")
-    config = agent_toml(device_id, group, fleet, broker, device_dir, state_dir)
+    config = agent_toml(device_id, group, fleet, broker, device_dir, state_dir, systemd_credentials)
     tmp = _new_out_dir(out)  # before the CA: a refused --out leaves no CA behind
     serial: int | None = None
     try:
@@ -155,6 +175,8 @@ def add_device(repo: Path, device_id: str, group: str, out: Path, broker: str, f
         _write_public(tmp / "ca.pem", fleet_ca.ca_cert_path(repo).read_bytes())
         _write_public(tmp / "root.json", root.read_bytes())
         _write_public(tmp / "agent.toml", config.encode())
+        if systemd_credentials:
+            _write_public(tmp / DROP_IN, credentials_drop_in(device_dir).encode())
         tmp.chmod(0o700)
         os.rename(tmp, out)  # fails if `out` appeared meanwhile: never mixes with someone else's files
         fsync_dir(out.parent)

@@ -7,7 +7,10 @@ from __future__ import annotations
 import ipaddress
 import multiprocessing
 import os
+import re
+import shutil
 import stat
+import subprocess
 import tomllib
 from pathlib import Path, PurePosixPath
 
@@ -378,3 +381,45 @@ def test_concurrent_revocations_lose_no_serial(tmp_path: Path) -> None:
         assert w.exitcode == 0
     assert _crl_serials(repo) == set(serials)
     assert _crl_number(repo) == 1 + len(serials)  # one CRL per revocation, each numbered one higher
+
+
+def test_device_keys_as_systemd_credentials_of_the_dynamic_user_service(repo: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """edge-agent.service runs as a DynamicUser= that cannot read root's 0600 keys: with --systemd-credentials the
+    keys reach it through LoadCredential= (0400, its own), and agent.toml reads them where systemd puts them."""
+    out = tmp_path / "dev-cred"
+    provision.add_device(repo, "dev-cred", "lab", out, BROKER, systemd_credentials=True)
+    cfg = tomllib.loads((out / "agent.toml").read_text())
+    assert cfg["mqtt"]["key_file"] == "/run/credentials/edge-agent.service/client.key"
+    assert cfg["trust"]["decrypt_key_file"] == "/run/credentials/edge-agent.service/decrypt.key"
+    assert cfg["mqtt"]["cert_file"] == "/etc/edge-agent/client.pem"
+    drop_in = (out / provision.DROP_IN).read_text()
+    assert "LoadCredential=client.key:/etc/edge-agent/client.key" in drop_in
+    assert "LoadCredential=decrypt.key:/etc/edge-agent/decrypt.key" in drop_in
+    # the unit with the drop-in: systemd reads every line of it, and the sandbox's score is unchanged
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (tests/unit/test_systemd_units.py says why CI has it)")
+    units = tmp_path / "units"
+    (units / "edge-agent.service.d").mkdir(parents=True)
+    unit = (Path(__file__).resolve().parents[2] / "systemd" / "edge-agent.service").read_text()
+    (units / "edge-agent.service").write_text(re.sub(r"(?m)^ExecStart=.*$", "ExecStart=/bin/true", unit))
+    (units / "edge-agent.service.d" / provision.DROP_IN).write_text(drop_in)
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"}
+    r = subprocess.run([analyze, "verify", str(units / "edge-agent.service")], env=env, capture_output=True,
+                       text=True, check=False)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    shown = subprocess.run([analyze, "security", "--offline=yes", "--no-pager", str(units / "edge-agent.service")],
+                           env=env, capture_output=True, text=True, check=False).stdout
+    assert float(re.findall(r"Overall exposure level for edge-agent.service: ([0-9.]+)", shown)[0]) <= 2.0
+    # the agent takes keys as systemd hands them over (0400): agent.toml made for a stand-in credentials dir
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    monkeypatch.setattr(provision, "CREDENTIALS_DIR", PurePosixPath(creds))
+    for name in provision.CREDENTIAL_FILES:
+        (creds / name).write_bytes((out / name).read_bytes())
+        (creds / name).chmod(0o400)
+    doc = tomllib.loads(provision.agent_toml("dev-cred", "lab", "default", BROKER, PurePosixPath(out),
+                                             PurePosixPath(tmp_path / "state"), systemd_credentials=True))
+    assert parse_config(doc, {}).mqtt.key_file == str(creds / "client.key")
+    check_paths(parse_config(doc, {}))

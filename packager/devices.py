@@ -105,6 +105,13 @@ def active_devices(repo: Path, group: str | None = None) -> list[DeviceRecord]:
     return [r for r in all_devices(repo) if r.revoked is None and (group is None or r.group == group)]
 
 
+def group_registry(repo: Path) -> dict[str, str] | None:
+    """Device id -> group of every device not revoked; None when the repository registers no device at all (the
+    fleet view then takes each device's group from its own state)."""
+    records = all_devices(repo)
+    return {r.device_id: r.group for r in records if r.revoked is None} if records else None
+
+
 def mark_revoked(repo: Path, device_id: str) -> DeviceRecord:
     rec = get(repo, device_id)
     if rec.revoked is not None:

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from typing import TextIO
 
 from agent.transport.mqtt import MqttClient
@@ -20,9 +21,9 @@ log = logging.getLogger(__name__)
 
 
 def run(client: MqttClient, prefix: str, *, device: str | None, follow: bool, wait: float, as_json: bool,
-        out: TextIO | None = None) -> int:
+        out: TextIO | None = None, registry: Mapping[str, str] | None = None) -> int:
     out = out or sys.stdout
-    view = FleetView(prefix)
+    view = FleetView(prefix, registry)
     deadline = None if follow else time.monotonic() + wait
     try:
         with client.subscribe_stream(view.filters(("events",), device or "+")) as sub:

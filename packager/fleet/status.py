@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TextIO
 
 from rich.console import Console
@@ -60,9 +60,10 @@ def _read_missing_states(client: MqttClient, view: FleetView, topics: Topics, lo
 
 
 def run(client: MqttClient, prefix: str, *, wait: float, group: str | None, as_json: bool,
-        error_rate_alarm: float = DEFAULT_ERROR_RATE_ALARM, out: TextIO | None = None) -> int:
+        error_rate_alarm: float = DEFAULT_ERROR_RATE_ALARM, out: TextIO | None = None,
+        registry: Mapping[str, str] | None = None) -> int:
     out = out or sys.stdout
-    view = FleetView(prefix)
+    view = FleetView(prefix, registry)
     collect(client, view, wait=wait, group=group)
     if as_json:
         print(json.dumps(view.to_json(group, error_rate_alarm)), file=out)
@@ -77,4 +78,7 @@ def run(client: MqttClient, prefix: str, *, wait: float, group: str | None, as_j
     if skipped:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(view.skipped.items()))
         print(f"packager: skipped {skipped} malformed message(s): {reasons}", file=sys.stderr)
+    if view.ignored:
+        print(f"packager: ignored {len(view.ignored)} device id(s) the registry does not hold or has revoked",
+              file=sys.stderr)
     return 0

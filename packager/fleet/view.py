@@ -207,10 +207,16 @@ def _iso(ts: float) -> str:
 class FleetView:
     """Rows keyed by device id, built from the messages under `prefix` (`edgeship/<fleet>/`)."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, registry: Mapping[str, str] | None = None) -> None:
+        """`registry`: device id -> group of the devices the repository registers and has not revoked
+        (packager/devices.py `group_registry`). With it a device's group is the registry's, never what its own state
+        claims (a device could otherwise enter another group's rollout), and messages of any other id are ignored,
+        their ids counted in `ignored`. Without it (a repository with no registry) the state's group is taken."""
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self.registry = registry
         self.rows: dict[str, DeviceRow] = {}
         self.skipped: Counter[str] = Counter()
+        self.ignored: set[str] = set()
         self.events = EventDeduper()
 
     def filters(self, leaves: tuple[str, ...] = ("state", "telemetry"), device_id: str = "+") -> list[str]:
@@ -230,6 +236,9 @@ class FleetView:
         A malformed message changes nothing and is counted in `skipped` under its reason."""
         try:
             device_id, leaf = self._split(topic)
+            if self.registry is not None and device_id not in self.registry:
+                self.ignored.add(device_id)  # unregistered or revoked: nothing it says is counted
+                return None
             if leaf == "state" and not payload:
                 self._cleared(device_id)  # the retained state was deleted: the device was retired
                 return None
@@ -271,7 +280,7 @@ class FleetView:
         row.online = status == "online"
         row.state_at = at
         # The last will carries only status and device: what else we knew is no longer vouched for.
-        group = doc.get("group")
+        group = doc.get("group") if self.registry is None else self.registry[device_id]
         row.group = group if isinstance(group, str) and is_id(group) else None
         row.state = _text(doc.get("state"))
         row.agent_version = _text(doc.get("agent_version"))
@@ -335,8 +344,11 @@ class FleetView:
 
     def to_json(self, group: str | None = None, error_rate_alarm: float = DEFAULT_ERROR_RATE_ALARM
                 ) -> dict[str, Any]:
-        return {"devices": [r.to_json(error_rate_alarm) for r in self.devices(group)],
-                "skipped": dict(sorted(self.skipped.items()))}
+        out: dict[str, Any] = {"devices": [r.to_json(error_rate_alarm) for r in self.devices(group)],
+                               "skipped": dict(sorted(self.skipped.items()))}
+        if self.registry is not None:
+            out["ignored_devices"] = len(self.ignored)
+        return out
 
     def waiting_for(self) -> list[str]:
         """Online devices whose telemetry has not yet shown two sequence numbers (seq_gaps still unknown)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Mapping
 
 from rich.console import Console
 from rich.live import Live
@@ -22,12 +23,15 @@ REDRAW_S = 0.5  # also redraws "last seen" while nothing arrives
 def _title(view: FleetView, group: str | None) -> str:
     skipped = sum(view.skipped.values())
     return (f"{view.prefix}" + (f" group {group}" if group else "") + f"  {len(view.devices(group))} device(s)"
-            + (f"  {skipped} malformed message(s) skipped" if skipped else "") + "  (Ctrl-C to quit)")
+            + (f"  {skipped} malformed message(s) skipped" if skipped else "")
+            + (f"  {len(view.ignored)} unregistered/revoked id(s) ignored" if view.ignored else "")
+            + "  (Ctrl-C to quit)")
 
 
 def run(client: MqttClient, prefix: str, *, group: str | None,
-        error_rate_alarm: float = DEFAULT_ERROR_RATE_ALARM, console: Console | None = None) -> int:
-    view = FleetView(prefix)
+        error_rate_alarm: float = DEFAULT_ERROR_RATE_ALARM, console: Console | None = None,
+        registry: Mapping[str, str] | None = None) -> int:
+    view = FleetView(prefix, registry)
     console = console or Console(width=None if sys.stdout.isatty() else 200)  # a pipe is not 80 columns wide
 
     def table() -> Table:

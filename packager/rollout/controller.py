@@ -18,8 +18,8 @@ from typing import Any
 
 from agent.transport.mqtt import MqttClient
 from agent.transport.topics import Topics
+from packager import devices, tuf_repo
 from packager import publish as pub
-from packager import tuf_repo
 from packager.errors import InputError
 from packager.fleet.view import FleetView
 from packager.rollout import state as st
@@ -122,7 +122,8 @@ class Controller:
         self.repo, self.state, self.client = repo, state, client
         self.topics: Topics = pub.topics_for(state.fleet)
         self.gates: tuple[Gate, ...] = parse_gates(state.gate)
-        self.view = FleetView(self.topics.prefix)
+        # with a device registry, groups are the registry's: a device cannot join another group's rollout by saying so
+        self.view = FleetView(self.topics.prefix, devices.group_registry(repo))
         self.windows: dict[str, DeviceWindow] = {}
         self.emit = emit or (lambda s: None)
         self.clock, self.tick_s = clock, tick_s
@@ -178,6 +179,8 @@ class Controller:
             return
         leaf = topic.rsplit("/", 1)[-1]
         device = topic.split("/")[-2]
+        if device in self.view.ignored:
+            return
         if leaf == "telemetry":
             window = self.windows.get(device)
             if window is None:

@@ -209,3 +209,26 @@ def test_table_shows_hostile_text_literally_and_marks_alarms() -> None:
     text = out.getvalue()
     assert "[bold red]PWNED[/]" in text
     assert "OFFLINE" in text and "drift parity" in text and "FAIL" in text
+
+
+def test_with_a_registry_the_group_is_the_registrys_and_unregistered_ids_are_ignored() -> None:
+    """Device a (registered in g1) says it is in g2: with the repository's registry it stays in g1; x (not
+    registered, or revoked: group_registry leaves revoked devices out) counts for nothing and is reported."""
+    v = FleetView(P, registry={"a": "g1", "b": "g2"})
+    v.feed(topic("a", "state"), state("a", group="g2"))
+    v.feed(topic("b", "state"), state("b", group="g2"))
+    v.feed(topic("x", "state"), state("x", group="g2"))
+    v.feed(topic("x", "telemetry"), telemetry("x", 1))
+    assert [r.device_id for r in v.devices("g2")] == ["b"]
+    assert [r.device_id for r in v.devices("g1")] == ["a"]
+    doc = v.to_json()
+    assert [d["device_id"] for d in doc["devices"]] == ["a", "b"] and doc["ignored_devices"] == 1
+    assert v.ignored == {"x"} and v.skipped == {}
+
+
+def test_without_a_registry_the_state_names_the_group() -> None:
+    v = FleetView(P)
+    v.feed(topic("a", "state"), state("a", group="g2"))
+    v.feed(topic("x", "state"), state("x", group="g2"))
+    assert [r.device_id for r in v.devices("g2")] == ["a", "x"]
+    assert "ignored_devices" not in v.to_json()

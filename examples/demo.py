@@ -58,10 +58,16 @@ EXIT_INTERRUPTED = 130
 # digits training about 4x slower (3 epochs: ~45 s against ~12 s with PASSIVE, at a load average of ~14). The
 # demo's training and build steps get PASSIVE unless the caller chose a policy.
 # The packager's private keys are encrypted at rest (docs/security.md): the demo's own packager runs use this demo
-# passphrase unless the caller set EDGESHIP_KEY_PASSPHRASE; step 3 says so.
+# passphrase unless the caller set EDGESHIP_KEY_PASSPHRASE; step 3 says so. Only the packager commands that
+# sign get a passphrase: every other child (agents, training, the dashboard, the event follower) gets none.
 DEMO_PASSPHRASE = "edgeship-demo-passphrase"
-CHILD_ENV = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-             "EDGESHIP_KEY_PASSPHRASE": os.environ.get("EDGESHIP_KEY_PASSPHRASE") or DEMO_PASSPHRASE}
+DEMO_ROOT_PASSPHRASE = "edgeship-demo-root-passphrase"  # the root keys' own, as README advises
+_PASSPHRASES = ("EDGESHIP_KEY_PASSPHRASE", "EDGESHIP_ROOT_KEY_PASSPHRASE")
+CHILD_ENV = {**{k: v for k, v in os.environ.items() if k not in _PASSPHRASES},
+             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+PACKAGER_ENV = {**CHILD_ENV, **{k: os.environ[k] for k in _PASSPHRASES if os.environ.get(k)},
+                "EDGESHIP_KEY_PASSPHRASE": os.environ.get("EDGESHIP_KEY_PASSPHRASE") or DEMO_PASSPHRASE,
+                "EDGESHIP_ROOT_KEY_PASSPHRASE": os.environ.get("EDGESHIP_ROOT_KEY_PASSPHRASE") or DEMO_ROOT_PASSPHRASE}
 
 
 def say(text: str) -> None:
@@ -86,13 +92,13 @@ class Demo:
 
     # --- running things ---------------------------------------------------------------------------------------
 
-    def run(self, *cmd: object, ok: tuple[int, ...] = (0,)) -> tuple[int, str]:
+    def run(self, *cmd: object, ok: tuple[int, ...] = (0,), env: dict[str, str] = CHILD_ENV) -> tuple[int, str]:
         args = [str(c) for c in cmd]
         print(f"\n$ {shown(args)}", flush=True)
-        return self.children.run(args, ok=ok, env=CHILD_ENV)
+        return self.children.run(args, ok=ok, env=env)
 
     def packager(self, *args: object, ok: tuple[int, ...] = (0,)) -> tuple[int, str]:
-        return self.run(BIN / "packager", *args, ok=ok)
+        return self.run(BIN / "packager", *args, ok=ok, env=PACKAGER_ENV)
 
     def check_agents(self) -> None:
         dead = [d.device_id for d in self.devices if d.device_id not in self.children.running]
@@ -158,7 +164,8 @@ class Demo:
         repo = out / "repo"
         if not os.environ.get("EDGESHIP_KEY_PASSPHRASE"):
             say(f"its private keys are encrypted at rest; the demo's packager runs use the demo passphrase "
-                f"EDGESHIP_KEY_PASSPHRASE={DEMO_PASSPHRASE} (for real keys: your own, or let packager ask; README).")
+                f"EDGESHIP_KEY_PASSPHRASE={DEMO_PASSPHRASE} (and {DEMO_ROOT_PASSPHRASE} for the root keys, unless "
+                "EDGESHIP_ROOT_KEY_PASSPHRASE is set; for real keys: your own, or let packager ask; README).")
         self.packager("keys", "init", "--repo", repo)
         from packager.tuf_repo import provisioning_root
 
@@ -176,7 +183,7 @@ class Demo:
         events = [BIN / "packager", "fleet", "events", "--follow", "--broker", self.broker.url]
         print(f"\n$ {shown([str(a) for a in events])}   (in the background: every device's transitions, into "
               f"{out / 'events.log'})", flush=True)
-        self.children.start("events", events, log=out / "events.log")
+        self.children.start("events", events, log=out / "events.log", env=CHILD_ENV)
         for device_id in DEVICES:
             home = out / device_id
             shutil.rmtree(home, ignore_errors=True)
@@ -187,7 +194,7 @@ class Demo:
             print(f"\n$ edge-agent run --config {home / 'agent.toml'}   (in the background; log: "
                   f"{home / 'agent.log'})", flush=True)
             self.children.start(device_id, [BIN / "edge-agent", "run", "--config", home / "agent.toml"],
-                                log=home / "agent.log")
+                                log=home / "agent.log", env=CHILD_ENV)
             self.devices.append(Device(device_id, port, home))
         self.wait_versions({d: 1 for d in DEVICES}, "deploying v1")
         say("every device serves digits v1: " + ", ".join(f"{d.device_id} on http://127.0.0.1:{d.port}"
@@ -209,7 +216,7 @@ class Demo:
         dash = [BIN / "packager", "dashboard", "--broker-ws", f"ws://127.0.0.1:{ws_port}", "--listen",
                 f"127.0.0.1:{dash_port}"]
         print(f"\n$ {shown([str(a) for a in dash])}   (in the background; log: {out / 'dashboard.log'})")
-        self.children.start("dashboard", dash, log=out / "dashboard.log")
+        self.children.start("dashboard", dash, log=out / "dashboard.log", env=CHILD_ENV)
         url = f"http://127.0.0.1:{dash_port}/"
         self.wait_http(url)
         say(f"the dashboard is on {url}: open it now to watch the rollouts below"
@@ -278,7 +285,7 @@ class Demo:
                       str(MIN_REQUESTS), "--repo", self.out / "repo", "--broker", self.broker.url, ok=ok)
         args = ["rollout", "status", name, "--repo", str(self.out / "repo"), "--json"]
         print(f"\n$ packager {shlex.join(args)}   (the gates' last verdicts, from its JSON)", flush=True)
-        _, text = self.children.run([BIN / "packager", *args], echo=False)
+        _, text = self.children.run([BIN / "packager", *args], echo=False, env=CHILD_ENV)
         doc = json.loads(text)
         figures = doc.get("figures") or {}
         for v in figures.get("verdicts") or []:

@@ -173,12 +173,11 @@ def test_a_device_cannot_read_another_devices_answers_or_state(pki: Pki) -> None
 def test_clients_without_a_fleet_certificate_are_refused(pki: Pki) -> None:
     d = pki.device_dir("dev-a")
     anonymous = MqttClient(pki.broker.url, "anonymous", prefix=T, ca_file=str(d / "ca.pem"))
-    plain = MqttClient(pki.broker.url.replace("mqtts://", "mqtt://"), "plain", prefix=T)
     impostor = pki.device("dev-a", directory=pki.tmp / "impostor")  # trusts the other CA too: its ca.pem
     ours_with_foreign_key = MqttClient(pki.broker.url, "mixed", prefix=T, ca_file=str(d / "ca.pem"),
                                        cert_file=str(pki.tmp / "impostor" / "client.pem"),
                                        key_file=str(pki.tmp / "impostor" / "client.key"))
-    for client in (anonymous, plain, ours_with_foreign_key):
+    for client in (anonymous, ours_with_foreign_key):
         with pytest.raises(TransportError), client:
             client.connect(timeout=5)
     with pytest.raises(TransportError), impostor:  # the broker's certificate is not from the impostor's CA either
@@ -187,6 +186,18 @@ def test_clients_without_a_fleet_certificate_are_refused(pki: Pki) -> None:
     assert "peer did not return a certificate" in log and "certificate verify failed" in log
     with pki.device("dev-a") as genuine:  # the listener itself works
         genuine.connect(timeout=5)
+
+
+def test_plain_tcp_finds_no_listener_and_is_refused_at_the_tls_handshake(pki: Pki) -> None:
+    """The secured broker has no plain listener at all (its only `listener` is the TLS one), and an MQTT CONNECT in
+    plain TCP to that port fails in the broker's TLS handshake, not for some later reason."""
+    listeners = [line.split() for line in pki.broker.conf_path.read_text().splitlines() if line.startswith("listener")]
+    assert [int(words[1]) for words in listeners] == [pki.broker.port]
+    before = len(pki.broker.log())
+    plain = MqttClient(pki.broker.url.replace("mqtts://", "mqtt://"), "plain", prefix=T)
+    with pytest.raises(TransportError), plain:
+        plain.connect(timeout=5)
+    assert "SSL routines::wrong version number" in pki.broker.log()[before:]  # refused by TLS itself
 
 
 def test_an_encrypted_key_without_its_password_fails_at_once_never_prompts(pki: Pki) -> None:

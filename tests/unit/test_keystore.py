@@ -6,6 +6,7 @@ it (no EDGESHIP_KEY_PASSPHRASE, the root keys out of reach)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import stat
 import subprocess
@@ -274,3 +275,17 @@ def test_keys_encrypt_touches_only_the_packagers_own_keys(repo: Path) -> None:
     for key in (repo / "out" / "d1" / "client.key", repo / "out" / "d1" / "decrypt.key",
                 repo / "out" / "broker" / "broker.key"):
         assert not keystore.is_encrypted(key.read_bytes()), key
+
+
+def test_the_demo_gives_passphrases_to_packager_commands_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/demo.py: the agents, the dashboard and the training run never see the caller's passphrase."""
+    monkeypatch.setenv(keystore.PASSPHRASE_ENV, "the-callers-real-passphrase")
+    monkeypatch.setenv(keystore.ROOT_PASSPHRASE_ENV, "the-callers-root-passphrase")
+    sys.modules.pop("examples.demo", None)
+    demo = importlib.import_module("examples.demo")
+    try:
+        assert keystore.PASSPHRASE_ENV not in demo.CHILD_ENV and keystore.ROOT_PASSPHRASE_ENV not in demo.CHILD_ENV
+        assert demo.PACKAGER_ENV[keystore.PASSPHRASE_ENV] == "the-callers-real-passphrase"
+        assert demo.PACKAGER_ENV[keystore.ROOT_PASSPHRASE_ENV] == "the-callers-root-passphrase"
+    finally:
+        sys.modules.pop("examples.demo", None)

@@ -60,7 +60,8 @@ RejectReason = Literal[
     "mismatch",         # the bundle is signed as another name/version than the deployment names
     # encrypted bundles (agent.trust.confidential, docs/security.md)
     "not_granted",      # an encrypted bundle, and no grant for this device in its signed grants (or no decrypt key)
-    "decrypt_failed",   # this device's grant does not unwrap with its key, or the ciphertext fails its GCM tag
+    "decrypt_failed",   # the ciphertext fails its AES-GCM tag (damaged, or encrypted under another key)
+    "key_unavailable",  # the device's decrypt key file is unusable, or its grant does not unwrap with it (not blamed)
     # deployment (agent.deploy)
     "unsupported",      # no artifact in the bundle runs on this device (arch, RAM, runtime)
     "parity",           # staging ran the model but no artifact matched its golden outputs (or golden.npz is bad)

@@ -75,8 +75,10 @@ NOT_IN_WAVE = "not_in_wave"  # CHECK's no_update reason: outside a rollout's wav
 # Failures that roll back without putting the candidate on the rejected list: the group's signed deployment moved
 # on (a rollout aborted or advanced meanwhile), which is the controller's decision, not this device's verdict on
 # the bundle; a later deployment of the same bundle must reach the device again. An encrypted bundle not (yet)
-# granted to this device is no verdict on the bundle either: `packager device add` grants it later.
-NOT_BLAMED = frozenset({"superseded", "not_granted"})
+# granted to this device is no verdict on the bundle either: `packager device add` grants it later; nor is a
+# device key file that cannot be used or does not open its grant ("key_unavailable": the device's own problem,
+# fixed on the device and retried at the next poll).
+NOT_BLAMED = frozenset({"superseded", "not_granted", "key_unavailable"})
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _T = TypeVar("_T", bound=StrEnum)

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import stat
 import struct
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from agent.errors import BundleRejected, ConfigError
+from agent.errors import BundleRejected, ConfigError, TransportError
 from agent.fsutil import fsync_dir
 
 SCHEME = "aes-256-gcm+hpke-x25519-sha256-aes-256-gcm/1"  # names the file format and the key wrap together
@@ -108,14 +109,20 @@ def encrypt_file(src: Path, dst: IO[bytes], key: bytes) -> Plaintext:
 
 def decrypt_file(src: Path, dst: Path, key: bytes, expected: Plaintext) -> None:
     """Decrypt `src` into the new file `dst` (0600), streaming; `dst` exists afterwards only if the GCM tag, the
-    plaintext's sha256 and its length all check out. BundleRejected "format", "decrypt_failed" or "hash_mismatch"."""
+    plaintext's sha256 and its length all check out. BundleRejected "format", "size_mismatch", "decrypt_failed",
+    "hash_mismatch" or "unreadable" (the ciphertext); TransportError "no_space" when `dst` cannot be written (a full
+    disk is no verdict on the bundle: the caller keeps the ciphertext and retries), checked up front too."""
+    free = shutil.disk_usage(dst.parent).free
+    if free < expected.length:
+        raise TransportError(f"cannot decrypt into {dst.parent}: {free} bytes free, the bundle needs "
+                             f"{expected.length}", reason="no_space")
     try:
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     except OSError as e:
-        raise BundleRejected(f"cannot create {dst}: {e.strerror}", reason="unreadable") from e
+        raise _storage_error(dst, e) from e
     ok = False
     try:
-        with src.open("rb") as f, os.fdopen(fd, "wb") as out:
+        with src.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
             header_bytes = f.read(HEADER_LEN)
             header = Header.parse(header_bytes)
@@ -138,25 +145,43 @@ def decrypt_file(src: Path, dst: Path, key: bytes, expected: Plaintext) -> None:
                 left -= len(block)
                 plain = dec.update(block)
                 digest.update(plain)
-                out.write(plain)
+                _write(fd, dst, plain)
             try:
-                out.write(dec.finalize())
+                _write(fd, dst, dec.finalize())
             except InvalidTag as e:
                 raise BundleRejected("encrypted bundle: the AES-GCM tag does not verify (wrong content key or "
                                      "damaged ciphertext)", reason="decrypt_failed") from e
             if digest.hexdigest() != expected.sha256:
                 raise BundleRejected("encrypted bundle: the decrypted bundle does not match its signed sha256",
                                      reason="hash_mismatch")
-            out.flush()
-            os.fsync(out.fileno())
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                raise _storage_error(dst, e) from e
         ok = True
-    except OSError as e:
+    except OSError as e:  # the ciphertext's side: every write to `dst` is _write's
         raise BundleRejected(f"cannot decrypt {src} into {dst}: {e.strerror or e}", reason="unreadable") from e
     finally:
+        os.close(fd)
         if not ok:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(dst)
     fsync_dir(dst.parent)
+
+
+def _write(fd: int, dst: Path, data: bytes) -> None:
+    """All of `data` to `fd` (unbuffered: a write error surfaces here, never later in a close)."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as e:
+        raise _storage_error(dst, e) from e
+
+
+def _storage_error(dst: Path, e: OSError) -> TransportError:
+    """The plaintext's side failed (a full disk, a quota, an I/O error): the device's storage, not the bundle."""
+    return TransportError(f"cannot write the decrypted bundle {dst}: {e.strerror or e}", reason="no_space")
 
 
 # --- the key wrap (HPKE) -------------------------------------------------------------------------------------
@@ -172,14 +197,15 @@ def wrap_key(content_key: bytes, recipient: X25519PublicKey, info: bytes) -> str
 
 
 def unwrap_key(wrapped: str, key: X25519PrivateKey, info: bytes) -> bytes:
-    """The content key from `wrapped`; BundleRejected "decrypt_failed" when it does not open with `key` and `info`."""
+    """The content key from `wrapped`; BundleRejected "key_unavailable" when it does not open with `key` and `info`
+    (the device's key, not the bundle, is what is wrong: the bundle is not blamed)."""
     try:
         content_key = _SUITE.decrypt(base64.b64decode(wrapped, validate=True), key, info=info)
     except (InvalidTag, ValueError, binascii.Error) as e:
         raise BundleRejected("this device's grant does not unwrap with its key (another device's key, a replaced "
-                             "key file, or a grant made for another bundle)", reason="decrypt_failed") from e
+                             "key file, or a grant made for another bundle)", reason="key_unavailable") from e
     if len(content_key) != KEY_LEN:
-        raise BundleRejected("this device's grant holds no AES-256 key", reason="decrypt_failed")
+        raise BundleRejected("this device's grant holds no AES-256 key", reason="key_unavailable")
     return content_key
 
 

@@ -14,10 +14,15 @@ or `deployments/` only by rename after verification.
 An encrypted bundle (agent/trust/confidential.py) is checked like any other target, and then: at CHECK its signed
 grants document is fetched through the same TUF client, must hold an entry for this device ("not_granted"
 otherwise, or when `[trust] decrypt_key_file` is not set) and that entry must open with the device's key
-("decrypt_failed"): nothing is downloaded that the device could not decrypt. At VERIFY the ciphertext is decrypted
-into bundles/, checked against the plaintext's signed sha256 and length, and then verified and unpacked like a
-bundle that was never encrypted. Plaintext never leaves the state directory, which is
-made 0700 before the first byte is decrypted.
+("key_unavailable" otherwise, as when the key file is unusable: the device's problem, never blamed on the bundle):
+nothing is downloaded that the device could not decrypt. At VERIFY the ciphertext is decrypted into bundles/,
+checked against the plaintext's signed sha256 and length, and then verified and unpacked like a bundle that was
+never encrypted; the ciphertext is deleted then, and a later DOWNLOAD/VERIFY of the same bundle uses the plaintext
+in bundles/ (checked against the same signed sha256 and length) instead of downloading it again. A full disk while
+decrypting is TransportError "no_space" (the ciphertext is kept, the bundle not blamed). Plaintext never leaves the
+state directory, which is made 0700 before the first byte is decrypted. grants/ keeps the latest grants document of
+each encrypted bundle the device checked (small; not cleaned up), and a fetch killed mid-decryption leaves
+bundles/.<name>.decrypting until the next decryption of that bundle (or the daemon's discard of it) replaces it.
 """
 
 from __future__ import annotations
@@ -33,10 +38,10 @@ from typing import Any, TypeVar
 
 from tuf.api.metadata import TargetFile
 
-from agent.bundle import Manifest, verify_bundle
+from agent.bundle import Manifest, sha256_file, verify_bundle
 from agent.config import AgentConfig
 from agent.deploy.rollout import Membership, membership, target_for
-from agent.errors import BundleRejected, TransportError
+from agent.errors import BundleRejected, ConfigError, TransportError
 from agent.fsutil import fsync_dir
 from agent.trust import confidential
 from agent.trust.client import TrustedClient
@@ -201,10 +206,14 @@ class BundleSource:
         return SignedShadow(entry.name, entry.version, tf.hashes["sha256"], tf)
 
     def download(self, cand: SignedCandidate | SignedShadow) -> Path:
-        """The verified target file: the bundle, or the ciphertext of an encrypted one (in encrypted/)."""
+        """The verified target file: the bundle, or the ciphertext of an encrypted one (in encrypted/); for an
+        encrypted bundle already decrypted into bundles/ (a VERIFY re-run, another `edge-agent fetch`), that
+        plaintext, checked against its signed sha256 and length, without downloading anything."""
+        enc = self._encryption(cand.bundle_tf)
+        if enc is not None and (done := self._decrypted(cand.bundle_tf, enc)) is not None:
+            return done
         _expect(self.fetcher, self.client, cand.bundle_tf)
-        encrypted = self._encryption(cand.bundle_tf) is not None
-        return self.client.download(cand.bundle_tf, self.state / ("encrypted" if encrypted else "bundles"))
+        return self.client.download(cand.bundle_tf, self.state / ("encrypted" if enc is not None else "bundles"))
 
     def bundle_file(self, cand: SignedCandidate | SignedShadow) -> Path:
         """Where the verified (decrypted) bundle is once VERIFY passed."""
@@ -215,10 +224,22 @@ class BundleSource:
     def _encryption(self, tf: TargetFile) -> confidential.Encryption | None:
         return confidential.Encryption.from_custom(dict(tf.custom), tf.path)
 
+    def _decrypted(self, tf: TargetFile, enc: confidential.Encryption) -> Path | None:
+        """bundles/<name> when it is this encrypted bundle's plaintext exactly as signed (sha256 and length)."""
+        path = self.state / "bundles" / tf.path.rpartition("/")[2]
+        try:
+            if path.stat().st_size != enc.plaintext.length or sha256_file(path) != enc.plaintext.sha256:
+                return None
+        except OSError:
+            return None
+        log.debug("%s is decrypted already", tf.path)
+        return path
+
     def _content_key(self, tf: TargetFile) -> bytes | None:
         """The encrypted bundle's content key, unwrapped from this device's entry in its signed grants document
         with the device's key (None: the bundle is not encrypted). BundleRejected "not_granted" when the device has
-        no key configured or no grant, "decrypt_failed" when the grant does not open with its key."""
+        no key configured or no grant, "key_unavailable" when the key file is unusable or the grant does not open
+        with it."""
         enc = self._encryption(tf)
         if enc is None:
             return None
@@ -231,7 +252,10 @@ class BundleSource:
         data = self.client.download(grants_tf, self.state / "grants").read_bytes()
         self.fetcher.discard(grants_tf.hashes["sha256"])
         wrapped = confidential.Grants.parse(data, enc.grants).for_device(device, tf.path, tf.hashes["sha256"])
-        key = confidential.load_device_key(Path(self.cfg.trust.decrypt_key_file))
+        try:
+            key = confidential.load_device_key(Path(self.cfg.trust.decrypt_key_file))
+        except ConfigError as e:  # the device's problem, fixed on the device: never a verdict on the bundle
+            raise BundleRejected(str(e), reason="key_unavailable") from e
         return confidential.unwrap_key(wrapped, key, confidential.key_info(tf.path, tf.hashes["sha256"]))
 
     def _decrypt(self, tf: TargetFile, ciphertext: Path) -> Path:
@@ -252,8 +276,8 @@ class BundleSource:
 
     def _check_bundle(self, cand: SignedCandidate | SignedShadow, path: Path, extract_to: Path | None) -> Manifest:
         """The bundle's own manifest and hashes checked (and unpacked), as signed; an unusable file is deleted.
-        An encrypted bundle's `path` is its ciphertext, decrypted first."""
-        if self._encryption(cand.bundle_tf) is not None:
+        An encrypted bundle's `path` is its ciphertext, decrypted first (unless `download` found it decrypted)."""
+        if self._encryption(cand.bundle_tf) is not None and path != self.bundle_file(cand):
             try:
                 path = self._decrypt(cand.bundle_tf, path)
             except BundleRejected as e:

@@ -2,7 +2,7 @@
 devices run the real `edge-agent fetch` (and once the `edge-agent run` daemon).
 
 What is shown: the broker and the mirror hold no plaintext of the bundle; a granted device gets the exact bundle; a
-device without a grant, or without a key, refuses `not_granted` and one with a wrong key `decrypt_failed`, each
+device without a grant, or without a key, refuses `not_granted` and one with a wrong key file `key_unavailable` (not blamed on the bundle: fixed on the device, retried at the next poll), each
 leaving its trusted state as it was; a tampered grants document is refused by TUF; a device added later is granted
 by re-wrapping the content key (the ciphertext target keeps its hash) and then fetches.
 
@@ -143,10 +143,11 @@ def retained(fleet: Fleet) -> dict[str, bytes]:
 
 
 @contextlib.contextmanager
-def serve_directory(directory: Path) -> Iterator[str]:
-    """`directory` over HTTP on a free port while the context lasts: its base URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler,
-                                                                                   directory=str(directory)))
+def serve_directory(directory: Path, seen: list[str] | None = None) -> Iterator[str]:
+    """`directory` over HTTP on a free port while the context lasts: its base URL. Each request's path is appended
+    to `seen` when given."""
+    handler = type("_Recording", (_QuietHandler,), {"seen": seen if seen is not None else []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -158,8 +159,10 @@ def serve_directory(directory: Path) -> Iterator[str]:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    seen: list[str]
+
     def log_message(self, format: str, *args: object) -> None:
-        pass
+        self.seen.append(self.path)
 
 
 def model_member(bundle: Path, dest: Path) -> bytes:
@@ -222,6 +225,16 @@ def test_broker_and_mirror_see_only_ciphertext_and_a_granted_device_gets_the_bun
     assert result.ok, result
     assert from_mirror.trusted().bundles == {"digits-1.bundle": bundle.read_bytes()}
 
+    # fetched again (a VERIFY re-run, another `edge-agent fetch`): the decrypted bundle is used, nothing of the
+    # ciphertext is downloaded again
+    seen: list[str] = []
+    with serve_directory(mirror, seen) as base:
+        from_mirror.write_config(key_file, mqtt_url=dead_broker, mirror=base)
+        again = from_mirror.fetch()
+    assert again.ok and again.out == result.out, again
+    assert seen and not [p for p in seen if tf.hashes["sha256"] in p], seen
+    assert from_mirror.trusted().bundles == {"digits-1.bundle": bundle.read_bytes()}
+
 
 def test_devices_that_cannot_read_it_refuse_and_keep_their_state(fleet: Fleet) -> None:
     provisioned(fleet, "pi-1")
@@ -234,7 +247,7 @@ def test_devices_that_cannot_read_it_refuse_and_keep_their_state(fleet: Fleet) -
     publish_encrypted(fleet, make_bundle(fleet.tmp / "build", "digits", 1))
     cipher_sha = tuf_repo.referenced_targets(fleet.repo)["bundles/digits-1.bundle"].hashes["sha256"]
 
-    for dev, reason in ((stranger, "not_granted"), (keyless, "not_granted"), (wrong, "decrypt_failed")):
+    for dev, reason in ((stranger, "not_granted"), (keyless, "not_granted"), (wrong, "key_unavailable")):
         first = dev.fetch()  # a first fetch: the device trusted nothing before
         assert_reason(first, reason)
         assert dev.trusted().bundles == {} and dev.trusted().deployments == {}, dev.id  # no partial file either

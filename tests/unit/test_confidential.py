@@ -87,11 +87,65 @@ def test_the_wrapped_key_opens_only_for_its_device_and_its_bundle() -> None:
     key = fmt.new_content_key()
     wrapped = fmt.wrap_key(key, device.public_key(), fmt.key_info(BUNDLE, SHA))
     assert fmt.unwrap_key(wrapped, device, fmt.key_info(BUNDLE, SHA)) == key
-    _reject("decrypt_failed", lambda: fmt.unwrap_key(wrapped, X25519PrivateKey.generate(), fmt.key_info(BUNDLE, SHA)))
+    # a grant that does not open is "key_unavailable": not blamed on the bundle (agent/deploy/machine.py)
+    _reject("key_unavailable",
+            lambda: fmt.unwrap_key(wrapped, X25519PrivateKey.generate(), fmt.key_info(BUNDLE, SHA)))
     # moved to another bundle, or to another ciphertext of the same path: the HPKE info no longer matches
-    _reject("decrypt_failed", lambda: fmt.unwrap_key(wrapped, device, fmt.key_info("bundles/digits-2.bundle", SHA)))
-    _reject("decrypt_failed", lambda: fmt.unwrap_key(wrapped, device, fmt.key_info(BUNDLE, "cd" * 32)))
-    _reject("decrypt_failed", lambda: fmt.unwrap_key("not base64!", device, fmt.key_info(BUNDLE, SHA)))
+    _reject("key_unavailable", lambda: fmt.unwrap_key(wrapped, device, fmt.key_info("bundles/digits-2.bundle", SHA)))
+    _reject("key_unavailable", lambda: fmt.unwrap_key(wrapped, device, fmt.key_info(BUNDLE, "cd" * 32)))
+    _reject("key_unavailable", lambda: fmt.unwrap_key("not base64!", device, fmt.key_info(BUNDLE, SHA)))
+
+
+def test_key_problems_are_not_blamed_on_the_bundle_and_a_bad_tag_is() -> None:
+    """A loosened or replaced key file during DOWNLOAD/VERIFY rolls back without putting the bundle on the rejected
+    list (retried at the next poll); a ciphertext failing its GCM tag is a verdict on the bundle."""
+    from agent.deploy.machine import NOT_BLAMED, State, failure_event
+
+    assert "key_unavailable" in NOT_BLAMED and "decrypt_failed" not in NOT_BLAMED
+    for state in (State.DOWNLOAD, State.VERIFY):
+        assert failure_event(state, BundleRejected("x", reason="key_unavailable"))[1] in NOT_BLAMED
+
+
+def test_a_full_disk_while_decrypting_is_a_storage_error_not_a_verdict(tmp_path: Path) -> None:
+    """Too little free space is refused before decrypting, and a write that fails midway (here RLIMIT_FSIZE in a
+    child process, a real EFBIG from the kernel) is TransportError "no_space": nothing left behind, the ciphertext
+    untouched, the bundle not blamed."""
+    import shutil
+    import subprocess
+    import sys
+
+    from agent.errors import TransportError
+
+    key = fmt.new_content_key()
+    cipher, plain = _encrypted(tmp_path, os.urandom(3 * fmt.BLOCK), key)
+    before = cipher.read_bytes()
+    out = tmp_path / "out.bundle"
+    real = shutil.disk_usage(tmp_path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shutil, "disk_usage", lambda _p: real._replace(free=plain.length - 1))
+        with pytest.raises(TransportError, match="bytes free") as info:
+            fmt.decrypt_file(cipher, out, key, plain)
+    assert info.value.reason == "no_space" and not out.exists()
+
+    child = f"""
+import resource, signal, sys
+from pathlib import Path
+from agent.errors import TransportError
+from agent.trust import confidential as fmt
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({fmt.BLOCK + 100}, resource.RLIM_INFINITY))
+try:
+    fmt.decrypt_file(Path({str(cipher)!r}), Path({str(out)!r}), bytes.fromhex({key.hex()!r}),
+                     fmt.Plaintext({plain.sha256!r}, {plain.length}))
+except TransportError as e:
+    print(e.reason, e)
+    sys.exit(0)
+sys.exit(1)
+"""
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60, check=False,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0 and r.stdout.startswith("no_space"), (r.stdout, r.stderr)
+    assert not out.exists() and cipher.read_bytes() == before
 
 
 def test_grants_document_parsing() -> None:

@@ -243,8 +243,9 @@ class Daemon:
 
         dev = self.cfg.agent.device_id
         notify = client.subscribe_stream([client.topics.notify])
-        requests = client.subscribe_stream([client.topics.device(dev, "infer/request")])
-        feedback = client.subscribe_stream([client.topics.device(dev, "feedback")])
+        # the shared topics and each app's own (agent/serve/mqtt.py: where each is answered)
+        requests = client.subscribe_stream([client.topics.device(dev, "infer/request") + s for s in ("", "/+")])
+        feedback = client.subscribe_stream([client.topics.device(dev, "feedback") + s for s in ("", "/+")])
         own_state = client.subscribe_stream([client.topics.device(dev, "state")])
 
         def publish(topic: str, body: bytes, correlation: bytes | None) -> None:

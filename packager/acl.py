@@ -10,8 +10,10 @@ With `use_identity_as_username true` Mosquitto makes a client certificate's comm
 - the packager's identity also writes TUF, targets, `notify` and `rollouts/`, and reads every device's topics (the
   rollout controller and `packager fleet` watch them);
 - the dashboard's identity reads `devices/#` and `rollouts/#`;
-- an inference app's identity writes requests and feedback to any device of the fleet and reads only the answers
-  sent to its own response topic, `devices/<id>/infer/response/<app name>`.
+- an inference app's identity writes requests and feedback to any device of the fleet, but only on its own topics
+  `devices/<id>/infer/request/<app name>` and `devices/<id>/feedback/<app name>`, and reads only the answers sent to
+  its own response topic, `devices/<id>/infer/response/<app name>`. The agent answers a message on an app's own
+  topic only on that app's response topic (agent/serve/mqtt.py), so no app can have a device answer into another's.
 
 Topic families come from `agent.transport.topics.Topics` (a name it builds, cut to the levels the rule keeps), so a
 renamed topic cannot leave a stale rule behind.
@@ -48,14 +50,27 @@ def fleet_topics(topics: Topics) -> dict[str, str]:
         "own_device": _family(topics.device(_PLACEHOLDER, "state"), p, 2, "#", {1: "%u"}),
         "devices": _family(topics.device(_PLACEHOLDER, "state"), p, 1),
         "rollouts": _family(topics.rollout(_PLACEHOLDER), p, 1),
-        "infer_request": _family(topics.device(_PLACEHOLDER, "infer/request"), p, 4, "", {1: "+"}),
-        "feedback": _family(topics.device(_PLACEHOLDER, "feedback"), p, 3, "", {1: "+"}),
     }
 
 
 def app_response_topic(topics: Topics, device_id: str, app: str) -> str:
     """Where an inference app asks a device to answer (its MQTT 5 response topic): the only answers it may read."""
     return topics.device(device_id, f"infer/response/{app}")
+
+
+def app_request_topic(topics: Topics, device_id: str, app: str) -> str:
+    """Where an inference app sends its requests to a device: the only request topic it may write."""
+    return topics.device(device_id, f"infer/request/{app}")
+
+
+def app_feedback_topic(topics: Topics, device_id: str, app: str) -> str:
+    """Where an inference app sends labelled feedback to a device: the only feedback topic it may write."""
+    return topics.device(device_id, f"feedback/{app}")
+
+
+def _app_filter(topic: str, prefix: str) -> str:
+    """An app's topic for one device (built for device `_PLACEHOLDER`) as a filter for every device."""
+    return _family(topic, prefix, len(topic[len(prefix):].split("/")), "", {1: "+"})
 
 
 def mosquitto_acl(topics: Topics, fleet: str, apps: Iterable[str] = ()) -> str:
@@ -88,10 +103,10 @@ def mosquitto_acl(topics: Topics, fleet: str, apps: Iterable[str] = ()) -> str:
     for app in sorted(set(apps)):
         lines += [
             "",
-            f"# inference app {app}: asks any device, reads only answers on its own response topic",
+            f"# inference app {app}: asks any device on its own topics, reads only answers on its own response topic",
             f"user {identity_name('app', fleet, app)}",
-            f"topic write {t['infer_request']}",
-            f"topic write {t['feedback']}",
-            f"topic read {_family(app_response_topic(topics, _PLACEHOLDER, app), topics.prefix, 5, '', {1: '+'})}",
+            f"topic write {_app_filter(app_request_topic(topics, _PLACEHOLDER, app), topics.prefix)}",
+            f"topic write {_app_filter(app_feedback_topic(topics, _PLACEHOLDER, app), topics.prefix)}",
+            f"topic read {_app_filter(app_response_topic(topics, _PLACEHOLDER, app), topics.prefix)}",
         ]
     return "\n".join(lines) + "\n"

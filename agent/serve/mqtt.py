@@ -1,5 +1,5 @@
-"""MQTT inference and feedback: answer `devices/<id>/infer/request` messages, on topics the request may choose, and
-take labels from `devices/<id>/feedback`.
+"""MQTT inference and feedback: answer `devices/<id>/infer/request[/<app>]` messages, on topics the request may
+choose within the rules below, and take labels from `devices/<id>/feedback[/<app>]`.
 
 API for the daemon (which subscribes and hands each `Message` over, on a worker thread):
 - `MqttInference(holder, stats, publish, prefix, device_id, feedback=sink)`; `publish(topic, payload,
@@ -20,6 +20,11 @@ to write into the fleet's own namespace (TUF metadata, targets, deployments, ano
   MAX_RESPONSE_TOPIC_BYTES bytes, without empty levels (`/x`, `a//b`: valid MQTT, but not a name every broker we
   support takes, and paho refuses them on publish), and either outside the fleet prefix or this device's own
   `<prefix>devices/<id>/infer/response` or a topic under it.
+
+An inference app with a broker identity of its own asks on its own topic, `<prefix>devices/<id>/infer/request/<app>`
+(feedback: `.../feedback/<app>`), which the broker's ACL lets only that app write (packager/acl.py). Such a request
+is answered only on `<prefix>devices/<id>/infer/response/<app>`: a response topic naming anything else is refused.
+Otherwise app X could have the device publish an answer X chose the input of into app Y's response topic.
 
 A refused topic gets no answer, an inference request is counted as rejected, and the reason is logged at WARNING
 once per topic (again after REWARN_S). See docs/agent.md.
@@ -76,6 +81,22 @@ def response_topic_refusal(topic: str, prefix: str, device_id: str) -> str | Non
     if topic.startswith(prefix) or topic == prefix.rstrip("/"):
         return f"inside the fleet's namespace {prefix!r} (only {own!r} and topics under it are answered there)"
     return None
+
+
+def topic_app(topic: str, prefix: str, device_id: str, leaf: str) -> str | None:
+    """The app a per-app topic `<prefix>devices/<id>/<leaf>/<app>` names; None for any other topic. Pure."""
+    base = f"{prefix}devices/{device_id}/{leaf}/"
+    return topic[len(base):] if topic.startswith(base) else None
+
+
+def app_answer_refusal(topic: str, app: str, prefix: str, device_id: str) -> str | None:
+    """Why a message on app `app`'s own topic is not answered on `topic` (None: it is). Pure."""
+    own = f"{response_topic(prefix, device_id)}/{app}"
+    if "/" in app or not app:
+        return "follows a request topic that names no single app"
+    if topic != own:
+        return f"is not {own!r}, the only answer topic of app {app!r}'s requests"
+    return response_topic_refusal(topic, prefix, device_id)
 
 
 def answer_mqtt_request(holder: ModelHolder, stats: RequestStats, payload: bytes,
@@ -148,9 +169,20 @@ class MqttInference:
         except Exception:  # this runs in a worker thread: an exception here would vanish unlogged
             log.exception("MQTT inference request on %s failed", getattr(msg, "topic", "?"))
 
+    def _where(self, msg: Any, leaf: str, default: str | None) -> tuple[str | None, str | None]:
+        """(the topic to answer `msg` on (None: none), why that topic is refused (None: it is not)); `default`: the
+        shared topic's answer topic without a response topic (None: no answer; then an app's gets none either)."""
+        app = topic_app(msg.topic, self.prefix, self.device_id, leaf)
+        if app is not None:
+            own = f"{response_topic(self.prefix, self.device_id)}/{app}"
+            topic = msg.response_topic or (own if default is not None else None)
+            return topic, None if topic is None else app_answer_refusal(topic, app, self.prefix, self.device_id)
+        topic = msg.response_topic or default
+        return topic, None if topic is None else response_topic_refusal(topic, self.prefix, self.device_id)
+
     def _answer(self, msg: Any) -> None:
-        topic = msg.response_topic or response_topic(self.prefix, self.device_id)
-        reason = response_topic_refusal(topic, self.prefix, self.device_id)
+        topic, reason = self._where(msg, "infer/request", response_topic(self.prefix, self.device_id))
+        assert topic is not None
         if reason is not None:
             self.stats.record_rejected(model=self.holder.get())
             self._warn(topic, f"not answering an MQTT inference request: response topic {topic!r} {reason}")
@@ -172,12 +204,10 @@ class MqttInference:
         if self.sink is None:
             log.debug("ignoring MQTT feedback on %s: feedback is not enabled", msg.topic)
             return
-        topic = msg.response_topic
-        if topic is not None:
-            reason = response_topic_refusal(topic, self.prefix, self.device_id)
-            if reason is not None:  # refused as a whole, like an inference request: nothing applied
-                self._warn(topic, f"not taking MQTT feedback: response topic {topic!r} {reason}")
-                return
+        topic, reason = self._where(msg, "feedback", None)
+        if topic is not None and reason is not None:  # refused as a whole, like an inference request: nothing applied
+            self._warn(topic, f"not taking MQTT feedback: response topic {topic!r} {reason}")
+            return
         body = answer_mqtt_feedback(self.sink, self.holder, msg.payload)
         if topic is None:
             return

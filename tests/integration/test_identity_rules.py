@@ -4,6 +4,8 @@
 
 - edgeship-refresh.service's own ExecStart line refreshes over mqtts:// with the packager's identity, with the
   fleet CA (REPO/ca) and the content-key escrow (REPO/content-keys) out of its reach as the unit makes them;
+- a device cannot knock a running daemon off the broker by taking its client id, and a late last will of an earlier
+  run does not leave the daemon marked offline;
 - an inference app cannot make a device answer into another app's response topic."""
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from agent.errors import TransportError
 from agent.transport.mqtt import MqttClient
 from agent.transport.topics import Topics
 from examples.local_broker import Mosquitto, MosquittoTls, free_port
 from packager import keystore, tuf_repo
+from packager.acl import app_request_topic, app_response_topic
 from packager.fleet_ca import identity_name
 from tests.e2e.test_signed_fetch import make_bundle
 from tests.unit.test_systemd_units import UNITS, unit_settings
@@ -34,6 +38,7 @@ BIN = ROOT / ".venv" / "bin"
 FLEET = "rules"
 T = Topics(f"edgeship/{FLEET}/")
 PACKAGER = identity_name("packager", FLEET)
+CAM, DOOR = identity_name("app", FLEET, "cam"), identity_name("app", FLEET, "door")
 QUIET_S = 1.0  # how long a takeover is given to show in the broker's log
 PASSPHRASE = os.environ[keystore.PASSPHRASE_ENV]  # tests/conftest.py
 
@@ -192,3 +197,25 @@ def test_a_late_last_will_of_an_earlier_run_is_answered_with_the_state(pki: Pki,
         earlier_run.publish(T.device("dev-a", "state"), will, retain=True, qos=1, wait=True, timeout=5)
     wait_for_state(pki, "dev-a", lambda s: s.get("status") == "online" and "state" in s, daemon_a)
     assert "a last will marked this device offline while it runs" in daemon_a.read_text()
+
+
+def test_an_app_cannot_make_a_device_answer_into_another_apps_topic(pki: Pki, daemon_a: Path) -> None:
+    """App cam asks the running dev-a to answer on door's response topic, on the shared request topic (the ACL
+    refuses it to an app: MQTT 5 PUBACK 0x87) and on its own (the agent refuses that answer topic): door, subscribed
+    to its answers, gets nothing, while cam's own request is answered on cam's topic."""
+    door_answers, cam_answers = app_response_topic(T, "dev-a", "door"), app_response_topic(T, "dev-a", "cam")
+    with pki.identity(CAM) as cam, pki.identity(DOOR) as door:
+        cam.connect(timeout=10)
+        door.connect(timeout=10)
+        with door.subscribe_stream([door_answers]) as door_inbox, cam.subscribe_stream([cam_answers]) as cam_inbox:
+            with pytest.raises(TransportError, match="Not authorized"):
+                cam.publish(T.device("dev-a", "infer/request"), b'{"inputs": []}', retain=False,
+                            response_topic=door_answers, correlation_data=b"forged", wait=True, timeout=5)
+            cam.publish(app_request_topic(T, "dev-a", "cam"), b'{"inputs": []}', retain=False,
+                        response_topic=door_answers, correlation_data=b"forged", wait=True, timeout=5)
+            cam.publish(app_request_topic(T, "dev-a", "cam"), b'{"inputs": []}', retain=False,
+                        correlation_data=b"mine", wait=True, timeout=5)
+            reply = cam_inbox.get(timeout=15)
+            assert reply is not None and reply.correlation_data == b"mine", daemon_a.read_text()[-3000:]
+            assert door_inbox.get(timeout=QUIET_S) is None
+    assert f"response topic {door_answers!r} is not {cam_answers!r}" in daemon_a.read_text()

@@ -174,3 +174,30 @@ def test_disallowed_response_topics_get_no_answer_and_a_logged_reason(
     requester.ask(req, _request(1), "apps/ui/replies", b"after")
     assert _get(requester)[0] == "apps/ui/replies"
     assert len([r for r in caplog.records[before:] if "not answering" in r.getMessage()]) == 0
+
+
+def test_a_request_on_an_apps_own_topic_is_answered_only_on_that_apps_response_topic(
+        daemon: Daemon, requester: Requester, caplog: pytest.LogCaptureFixture) -> None:
+    """`infer/request/cam` (which a broker's ACL lets only the app cam write) is answered on `infer/response/cam`,
+    with or without that response topic asked for; asked to answer anywhere else (another app's response topic, the
+    shared one, outside the fleet), the agent refuses and logs why: cam cannot write into door's answers."""
+    prefix = daemon.mqtt.topics.prefix
+    base = f"{prefix}devices/{DEV}/infer/"
+    cam, door = base + "response/cam", base + "response/door"
+    requester.subscribe(cam, door, base + "response", "apps/ui/replies")
+    caplog.set_level(logging.WARNING, logger="agent.serve.mqtt")
+    refused = (door, base + "response", "apps/ui/replies")
+    for topic in refused:
+        requester.ask(base + "request/cam", _request(1), topic, b"forged")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and sum("not answering" in r.getMessage() for r in caplog.records) < len(refused):
+        time.sleep(0.05)
+    for topic in refused:
+        assert any(repr(topic) in r.getMessage() and "the only answer topic of app 'cam'" in r.getMessage()
+                   for r in caplog.records), (topic, [r.getMessage() for r in caplog.records])
+    for asked in (None, cam):
+        requester.ask(base + "request/cam", _request(1), asked, b"mine")
+        topic, payload, corr = _get(requester)
+        assert (topic, corr) == (cam, b"mine") and json.loads(payload)["model_name"] == "lin"
+    assert requester.got.empty()
+    assert daemon.stats.snapshot()["rejected"] == len(refused)

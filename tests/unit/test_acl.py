@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.transport.topics import Topics, matches
-from packager.acl import app_response_topic, mosquitto_acl
+from packager.acl import app_feedback_topic, app_request_topic, app_response_topic, mosquitto_acl
 from packager.fleet_ca import identity_name
 
 FLEET = "f1"
@@ -76,13 +76,21 @@ CASES = [
     (DASHBOARD, T.rollout("lab"), "read", True),
     (DASHBOARD, T.device("dev-a", "state"), "write", False),
     (DASHBOARD, T.tuf("timestamp.json"), "write", False),
-    (CAM, T.device("dev-a", "infer/request"), "write", True),
-    (CAM, T.device("dev-a", "feedback"), "write", True),
+    # an app asks only on its own topics: the device answers those only on the app's response topic, so the app
+    # cannot make it answer into another app's (agent/serve/mqtt.py)
+    (CAM, app_request_topic(T, "dev-a", "cam"), "write", True),
+    (CAM, app_feedback_topic(T, "dev-a", "cam"), "write", True),
+    (CAM, T.device("dev-a", "infer/request"), "write", False),
+    (CAM, T.device("dev-a", "feedback"), "write", False),
+    (CAM, app_request_topic(T, "dev-a", "door"), "write", False),
+    (CAM, app_feedback_topic(T, "dev-a", "door"), "write", False),
+    ("dev-a", app_request_topic(T, "dev-a", "cam"), "read", True),
+    ("dev-a", app_request_topic(T, "dev-b", "cam"), "write", False),
     (CAM, app_response_topic(T, "dev-a", "cam"), "read", True),
     (CAM, app_response_topic(T, "dev-a", "other"), "read", False),
     (CAM, T.device("dev-a", "infer/response"), "read", False),
     (CAM, T.device("dev-a", "state"), "write", False),
-    (identity_name("app", FLEET, "other"), T.device("dev-a", "infer/request"), "write", False),
+    (identity_name("app", FLEET, "other"), app_request_topic(T, "dev-a", "cam"), "write", False),
 ]
 
 

@@ -253,3 +253,33 @@ def test_no_broker_is_exit_4(capsys: pytest.CaptureFixture[str]) -> None:
     code = packager_main(["fleet", "status", "--broker", f"mqtt://127.0.0.1:{free_port()}", "--wait", "1"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 4 and len(lines) == 1 and lines[0].startswith("packager: broker: "), lines
+
+
+def test_status_with_a_registry_takes_groups_from_it_and_ignores_unregistered_ids(
+        mosquitto: Mosquitto, fleet: str, device: MqttClient, tmp_path: Path) -> None:
+    """--repo with a device registry: pi-1 (registered in lab) claiming group field stays in lab, pi-2 (revoked) and
+    junk (never registered) are left out and counted, gw-1 (registered in field) is the field group."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from packager import devices
+
+    for dev, group in (("pi-1", "lab"), ("pi-2", "lab"), ("gw-1", "field")):
+        key = X25519PrivateKey.generate().public_key()
+        devices.register(tmp_path, devices.DeviceRecord(dev, group, 1, devices.public_b64(key), devices.now_iso()))
+    devices.mark_revoked(tmp_path, "pi-2")
+    t = device.topics
+    device.publish(t.device("pi-1", "state"), state("pi-1", "field", 3, "IDLE"))
+    device.publish(t.device("pi-2", "state"), state("pi-2", "field", 3, "IDLE"))
+    device.publish(t.device("gw-1", "state"), state("gw-1", "field", 2, "IDLE"))
+    device.publish(t.device("junk", "state"), state("junk", "field", 2, "IDLE"))
+    cli = Cli(["status", "--broker", mosquitto.url, "--fleet", fleet, "--json", "--wait", "1", "--group", "field",
+               "--repo", str(tmp_path)])
+    rc, out = cli.finish()
+    assert rc == 0, cli.err
+    doc = json.loads(out)
+    assert [r["device_id"] for r in doc["devices"]] == ["gw-1"] and doc["ignored_devices"] == 2
+    assert any("ignored 2 device id(s) the registry does not hold or has revoked" in line for line in cli.err)
+    cli = Cli(["status", "--broker", mosquitto.url, "--fleet", fleet, "--json", "--wait", "1", "--group", "field"])
+    rc, out = cli.finish()  # no --repo: each state's own group, as before
+    assert rc == 0, cli.err
+    assert [r["device_id"] for r in json.loads(out)["devices"]] == ["gw-1", "junk", "pi-1", "pi-2"]

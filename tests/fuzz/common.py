@@ -3,7 +3,6 @@ on every input) and the defect exception a harness raises when an input was acce
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -22,8 +21,3 @@ def scratch(prefix: str) -> Path:
     """A private directory for one harness process, on /dev/shm when it exists (faster than disk, no fsync cost)."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     return Path(tempfile.mkdtemp(prefix=f"edgeship-fuzz-{prefix}-", dir=base))
-
-
-# The agent logs every refusal (a warning per bad request or rejected metadata file): at thousands of inputs a
-# second that is most of the run's time and all of its output.
-logging.disable(logging.CRITICAL)

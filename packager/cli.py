@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--encrypt", action="store_true",
                      help="encrypt the bundle so that only the group's registered devices can read it (a fresh "
                           "content key wrapped for each device's key; docs/security.md, confidential models)")
+    pub.add_argument("--no-encrypt", action="store_true",
+                     help="publish in plaintext to a group that was sent encrypted bundles (refused without it); "
+                          "the group takes plaintext from then on")
     _transport_args(pub, required=False)
 
     ref = sub.add_parser("refresh", help="re-sign timestamp (and snapshot when due) and publish it")
@@ -177,6 +180,8 @@ def _rollout_args(sub: Any) -> None:
     rs.add_argument("--min-devices", type=int, default=1, help="canary devices that must report (default 1)")
     rs.add_argument("--min-requests", type=int, default=0,
                     help="requests the canary must answer in the window (default 0)")
+    rs.add_argument("--no-encrypt", action="store_true", help="roll a plaintext bundle out to a group that was sent "
+                    "encrypted bundles (refused without it); the group takes plaintext from then on")
     rs.add_argument("--broker", required=True, help="mqtt[s]://HOST:PORT; several comma-separated: failover")
     rs.add_argument("--fleet", default="default", help="topic prefix edgeship/<fleet>/ (default: default)")
     rs.add_argument("--ca-file", help="CA certificate for mqtts://")
@@ -532,7 +537,7 @@ def _publish(args: argparse.Namespace) -> int:
     try:
         if args.command == "publish":
             r = pub.publish(args.repo, args.bundle, args.group, client, topics, args.http_dir, _ProgressBar(),
-                            shadow=args.shadow, encrypt=args.encrypt)
+                            shadow=args.shadow, encrypt=args.encrypt, no_encrypt=args.no_encrypt)
             where = ", ".join(w for w, on in (("broker", client), ("mirror", args.http_dir)) if on)
             sent = f"{r.stats.chunks_published} chunks sent, {r.stats.chunks_skipped} already there" if r.stats \
                 else "no broker"
@@ -669,6 +674,7 @@ def _rollout_start(args: argparse.Namespace) -> int:
     state = prepare(args.repo, args.name, version=args.bundle_version, group=args.group, fleet=args.fleet,
                     waves=waves, soak_s=soak, gate=args.gate, min_devices=args.min_devices,
                     min_requests=args.min_requests)
+    pub.check_deployable(args.repo, args.group, state.bundle, args.no_encrypt)
 
     def emit(s: Any) -> None:
         print(json.dumps(status_json(s)) if args.json else _rollout_line(s), flush=True)

@@ -5,6 +5,10 @@ Layout of `REPO/content-keys/` (never published; the repository directory stays 
     escrow.pem               the repository's X25519 escrow key, encrypted at rest by packager/keystore.py
     <name>-<version>.json    {"bundle", "ciphertext_sha256", "escrow"}: the bundle's content key wrapped (HPKE) for
                              the escrow key, so a later grant needs the key passphrase but never the plaintext
+                             (deleted by `packager unpublish` with its bundle)
+    groups.json              {group: true|false}: whether a group takes only encrypted bundles (set by an encrypted
+                             publish or rollout, cleared by `--no-encrypt`)
+    .grants.lock             held from reading a grants document to re-signing it (extend_grants)
 
 The file format, the key wrap and the grants document are agent/trust/confidential.py's: one definition, the one the
 device reads.
@@ -12,6 +16,7 @@ device reads.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import tempfile
@@ -35,6 +40,8 @@ log = logging.getLogger(__name__)
 
 CONTENT_KEYS_DIR = "content-keys"
 ESCROW_KEY = "escrow.pem"
+GROUPS_FILE = "groups.json"
+GRANTS_LOCK = ".grants.lock"
 
 
 def grants_target_path(name: str, version: int) -> str:
@@ -75,9 +82,81 @@ def group_recipients(repo: Path, group: str) -> list[devices.DeviceRecord]:
     """The active devices of `group`; InputError when there is none (nobody could decrypt the bundle)."""
     recipients = devices.active_devices(repo, group)
     if not recipients:
-        raise InputError(f"group {group!r} has no registered device in {devices.registry_dir(repo)}: nobody could "
-                         "decrypt an encrypted bundle for it (`packager device add` first)")
+        raise InputError(f"group {group!r} has no active (unrevoked) device in {devices.registry_dir(repo)}: nobody "
+                         "could decrypt an encrypted bundle for it (`packager device add` first)")
     return recipients
+
+
+def _private_dir(repo: Path) -> Path:
+    """REPO/content-keys, 0700 even when it existed with a looser mode (mkdir's mode applies only on creation)."""
+    path = content_keys_dir(repo)
+    path.mkdir(mode=0o700, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+@contextmanager
+def _grants_locked(repo: Path) -> Iterator[None]:
+    """Serialises read-modify-write of grants documents and groups.json between packager processes (the TUF
+    repository's own lock is taken inside, by tuf_repo.add_targets, and is not re-entrant)."""
+    with (_private_dir(repo) / GRANTS_LOCK).open("a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _group_settings(repo: Path) -> dict[str, bool]:
+    path = content_keys_dir(repo) / GROUPS_FILE
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise RepoError(f"{path} cannot be read: {e}") from e
+    if not isinstance(doc, dict) or not all(isinstance(v, bool) for v in doc.values()):
+        raise RepoError(f"{path} is not a {{group: true|false}} document")
+    return doc
+
+
+def _store_group_settings(repo: Path, groups: Sequence[str], confidential: bool) -> None:
+    """Record `groups` as taking only encrypted bundles (or not); the caller holds _grants_locked."""
+    settings = _group_settings(repo)
+    if all(settings.get(g) is confidential for g in groups):
+        return
+    settings.update({g: confidential for g in groups})
+    write_atomic(_private_dir(repo) / GROUPS_FILE, json.dumps(settings, indent=1, sort_keys=True).encode() + b"\n",
+                 mode=0o600)
+
+
+def set_group_confidential(repo: Path, group: str, confidential: bool) -> None:
+    with _grants_locked(repo):
+        _store_group_settings(repo, [group], confidential)
+
+
+def group_is_confidential(repo: Path, group: str) -> bool:
+    """Whether `group` takes only encrypted bundles: since an encrypted publish or rollout to it, until a
+    `--no-encrypt` says otherwise. (A repository from before this setting: when a signed encrypted bundle is
+    granted to the group.)"""
+    settings = _group_settings(repo)
+    if group in settings:
+        return settings[group]
+    return any(group in current_grants(repo, enc.grants).groups for _, enc in encrypted_targets(repo).values())
+
+
+def check_plaintext_allowed(repo: Path, group: str, target_path: str, how: str) -> None:
+    """InputError when `target_path` (not encrypted) would reach `group`, which takes only encrypted bundles."""
+    if group_is_confidential(repo, group):
+        raise InputError(f"group {group} takes encrypted bundles (it was sent one): {target_path} is not encrypted; "
+                         f"{how}")
+
+
+def _check_grants_size(doc: bytes, grants_target: str) -> None:
+    """Devices refuse a grants document over MAX_GRANTS_BYTES (too_large): never sign one."""
+    if len(doc) > fmt.MAX_GRANTS_BYTES:
+        raise InputError(f"{grants_target} would be {len(doc)} bytes, more than the {fmt.MAX_GRANTS_BYTES} a "
+                         "device accepts (about 30,000 grants): split the group")
 
 
 @contextmanager
@@ -102,15 +181,23 @@ def encrypt_bundle(repo: Path, bundle: Path, target_path: str, manifest: Manifes
         grants = fmt.Grants(target_path, sha, tuple(groups),
                             {r.device_id: fmt.wrap_key(key, r.public_key, info) for r in recipients})
         grants_file = Path(tmp) / grants_path.rpartition("/")[2]
-        grants_file.write_bytes(grants.to_bytes())
+        grants_bytes = grants.to_bytes()
+        _check_grants_size(grants_bytes, grants_path)
+        grants_file.write_bytes(grants_bytes)
+        with _grants_locked(repo):
+            _store_group_settings(repo, groups, True)
         encryption = fmt.Encryption(fmt.SCHEME, grants_path, fmt.Plaintext(plain.sha256, plain.length))
         yield Encrypted(ciphertext, {**custom, "encrypted": encryption.to_json()}, grants_path, grants_file,
                         {"grants_for": target_path})
 
 
 def _escrow_record_path(repo: Path, name: str, version: int) -> Path:
-    content_keys_dir(repo).mkdir(mode=0o700, exist_ok=True)
-    return content_keys_dir(repo) / f"{name}-{version}.json"
+    return _private_dir(repo) / f"{name}-{version}.json"
+
+
+def forget_content_key(repo: Path, name: str, version: int) -> None:
+    """Delete the escrowed content key of an unpublished bundle (nothing can be granted for it any more)."""
+    (content_keys_dir(repo) / f"{name}-{version}.json").unlink(missing_ok=True)
 
 
 def _content_key(repo: Path, tf: TargetFile, name: str, version: int) -> bytes:
@@ -145,42 +232,61 @@ def current_grants(repo: Path, grants_target: str) -> fmt.Grants:
     return fmt.Grants.parse(tuf_repo.target_file_path(repo, tf).read_bytes(), grants_target)
 
 
-def extend_grants(repo: Path, bundle_tf: TargetFile, enc: fmt.Encryption, groups: Sequence[str] = (),
-                  extra: Sequence[devices.DeviceRecord] = ()) -> bool:
+def extend_grants(repo: Path, bundle_tf: TargetFile, enc: fmt.Encryption, groups: Sequence[str] = ()) -> bool:
     """Add `groups` to the bundle's grants and wrap its content key for every active device of its groups not
-    granted yet (and for `extra`); re-signs the grants target when anything changed. True when it did.
-    The ciphertext, its target and its hash stay as they are."""
-    grants = current_grants(repo, enc.grants)
-    all_groups = tuple(dict.fromkeys((*grants.groups, *groups)))
-    wanted = [r for g in all_groups for r in devices.active_devices(repo, g)] + list(extra)
-    missing = [r for r in wanted if r.device_id not in grants.wrapped]
-    if not missing and all_groups == grants.groups:
-        return False
-    custom: dict[str, Any] = dict(bundle_tf.custom)
-    wrapped = dict(grants.wrapped)
-    if missing:
-        key = _content_key(repo, bundle_tf, str(custom["name"]), int(custom["version"]))
-        info = fmt.key_info(bundle_tf.path, bundle_tf.hashes["sha256"])
-        wrapped.update({r.device_id: fmt.wrap_key(key, r.public_key, info) for r in missing})
-    new = fmt.Grants(grants.bundle, grants.ciphertext_sha256, all_groups, wrapped)
-    with tempfile.TemporaryDirectory(prefix=".grant-", dir=repo) as tmp:
-        doc = Path(tmp) / enc.grants.rpartition("/")[2]
-        doc.write_bytes(new.to_bytes())
-        tuf_repo.add_targets(repo, [(enc.grants, doc, {"grants_for": bundle_tf.path})],
-                             chunk_size=tuf_repo.DEFAULT_CHUNK_SIZE)
+    granted yet; entries of revoked devices are dropped. Re-signs the grants target when anything changed (True
+    then). Holds the grants lock from reading the document to re-signing it. The ciphertext, its target and its hash
+    stay as they are."""
+    with _grants_locked(repo):
+        if groups:
+            _store_group_settings(repo, groups, True)
+        grants = current_grants(repo, enc.grants)
+        all_groups = tuple(dict.fromkeys((*grants.groups, *groups)))
+        wanted = [r for g in all_groups for r in devices.active_devices(repo, g)]
+        missing = [r for r in wanted if r.device_id not in grants.wrapped]
+        revoked = {r.device_id for r in devices.all_devices(repo) if r.revoked is not None}
+        wrapped = {d: w for d, w in grants.wrapped.items() if d not in revoked}
+        if not missing and all_groups == grants.groups and len(wrapped) == len(grants.wrapped):
+            return False
+        custom: dict[str, Any] = dict(bundle_tf.custom)
+        if missing:
+            key = _content_key(repo, bundle_tf, str(custom["name"]), int(custom["version"]))
+            info = fmt.key_info(bundle_tf.path, bundle_tf.hashes["sha256"])
+            wrapped.update({r.device_id: fmt.wrap_key(key, r.public_key, info) for r in missing})
+        new = fmt.Grants(grants.bundle, grants.ciphertext_sha256, all_groups, wrapped).to_bytes()
+        _check_grants_size(new, enc.grants)
+        with tempfile.TemporaryDirectory(prefix=".grant-", dir=repo) as tmp:
+            doc = Path(tmp) / enc.grants.rpartition("/")[2]
+            doc.write_bytes(new)
+            tuf_repo.add_targets(repo, [(enc.grants, doc, {"grants_for": bundle_tf.path})],
+                                 chunk_size=tuf_repo.DEFAULT_CHUNK_SIZE)
     log.info("granted %s to %s", bundle_tf.path, ", ".join(r.device_id for r in missing) or "no new device")
     return True
 
 
-def grant_device(repo: Path, device_id: str) -> list[str]:
+@dataclass(frozen=True)
+class DeviceGrants:
+    """What grant_device did: the grants targets re-signed (to push), and the bundles it could not grant, why."""
+
+    changed: list[str]
+    failed: dict[str, str]  # bundle target path -> the error
+
+
+def grant_device(repo: Path, device_id: str) -> DeviceGrants:
     """Wrap the content key of every encrypted bundle granted to the device's group for this device (a device
-    added after the bundle was published); re-signs those grants targets. Returns their target paths (to push)."""
+    added after the bundle was published); re-signs those grants targets. A bundle that cannot be granted (its
+    escrow record or grants document unreadable, the grants too large) is logged and reported in `failed`; the
+    others are granted all the same."""
     record = devices.get(repo, device_id)
     if record.revoked is not None:
         raise InputError(f"device {device_id} was revoked on {record.revoked}: it is granted nothing new")
-    changed = []
+    changed, failed = [], {}
     for path, (tf, enc) in encrypted_targets(repo).items():
-        if record.group in current_grants(repo, enc.grants).groups and extend_grants(repo, tf, enc):
-            changed.append(enc.grants)
-            log.info("re-wrapped the content key of %s for %s", path, device_id)
-    return changed
+        try:
+            if record.group in current_grants(repo, enc.grants).groups and extend_grants(repo, tf, enc):
+                changed.append(enc.grants)
+                log.info("re-wrapped the content key of %s for %s", path, device_id)
+        except (RepoError, InputError, BundleRejected, OSError) as e:
+            log.warning("cannot grant %s to %s: %s", path, device_id, e)
+            failed[path] = str(e)
+    return DeviceGrants(changed, failed)

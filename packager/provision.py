@@ -195,8 +195,14 @@ def add_device(repo: Path, device_id: str, group: str, out: Path, broker: str, f
         shutil.rmtree(out, ignore_errors=True)
         fleet_ca.forget(repo, cert.serial_number)  # a certificate nobody holds: no record, nothing to revoke
         raise
-    # the group's encrypted bundles, re-wrapped for the new device (signed, not pushed: the next push carries them)
-    return Provisioned(record, out, created, tuple(confidential.grant_device(repo, device_id)))
+    # the group's encrypted bundles, re-wrapped for the new device (signed, not pushed: the next push carries them);
+    # one that cannot be granted leaves the device registered and usable: exit non-zero, `device grant` finishes
+    granted = confidential.grant_device(repo, device_id)
+    if granted.failed:
+        raise RepoError(f"device {device_id} is registered and its files are in {out}, but not granted "
+                        f"{'; '.join(f'{p} ({why})' for p, why in granted.failed.items())}: fix that and run "
+                        f"`packager device grant {device_id}`")
+    return Provisioned(record, out, created, tuple(granted.changed))
 
 
 def revoke_device(repo: Path, device_id: str) -> devices.DeviceRecord:

@@ -24,7 +24,7 @@ from agent.transport.mqtt import MqttClient, split_broker_urls
 from agent.transport.topics import ID_RULE, Topics, is_id
 from agent.trust.confidential import Encryption
 from packager import confidential, tuf_repo
-from packager.errors import InputError
+from packager.errors import InputError, RepoError
 from packager.mqtt_publish import PublishStats, TargetSpec, delete_targets, publish_tree, write_http_tree
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,9 @@ def _bundle_item(bundle: Path, manifest: Manifest, existing: dict[str, TargetFil
     if crypt is not None and crypt.encrypt:
         raise InputError(f"{path} is already published unencrypted: --encrypt cannot hide it now; build a new "
                          "version")
+    if crypt is not None and crypt.group is not None and not crypt.no_encrypt:
+        confidential.check_plaintext_allowed(crypt.repo, crypt.group, path, "publish it with --encrypt, or with "
+                                             "--no-encrypt to send it (and later bundles) to the group in plaintext")
     if path in existing:
         if existing[path].hashes.get("sha256") != digest:
             raise InputError(f"{path} is already published with different content: bundles are immutable, "
@@ -172,6 +175,7 @@ class _Encrypting:
     repo: Path
     group: str | None
     encrypt: bool  # encrypt bundles not signed yet (an already encrypted one stays encrypted either way)
+    no_encrypt: bool  # plaintext to a group that took encrypted bundles is what the operator asked for
     files: ExitStack
     grants: list[str]  # grants targets to push
 
@@ -215,23 +219,29 @@ def check_shadow_compatible(serving: Manifest, shadow: Manifest) -> None:
 
 
 def sign_bundle(repo: Path, bundle: Path, group: str | None, shadow: Path | None = None,
-                encrypt: bool = False) -> tuple[list[TargetFile], tuple[str, ...], str]:
+                encrypt: bool = False, no_encrypt: bool = False) -> tuple[list[TargetFile], tuple[str, ...], str]:
     """Add the bundle (and the `shadow` bundle, if any) and the group's deployment document as targets, unless the
     repository already has them. The document is rewritten whole: publishing without `shadow` ends a shadow.
     Without `group` only the bundle is signed: it is deployed to nobody until a rollout names it.
-    `encrypt`: the bundles are signed encrypted, granted to the group's active devices (packager/confidential.py).
+    `encrypt`: the bundles are signed encrypted, granted to the group's active devices (packager/confidential.py),
+    and the group takes only encrypted bundles from then on: a bundle not encrypted is refused for it unless
+    `no_encrypt` (which records that the group takes plaintext again).
 
     Returns the TargetFiles to push (bundle, deployment, then the shadow bundle, then grants documents), the target
     paths newly added, and the bundle's sha256 (the ciphertext's when encrypted).
     """
     with ExitStack() as files:
-        crypt = _Encrypting(repo, group, encrypt, files, [])
+        crypt = _Encrypting(repo, group, encrypt, no_encrypt, files, [])
+        if encrypt and no_encrypt:
+            raise InputError("--encrypt and --no-encrypt contradict each other: give one")
         if encrypt and group is None:
             raise InputError("--encrypt needs --group: the bundle is granted to that group's devices")
         if encrypt and group is not None:
             check_level_name("--group", group)
             confidential.group_recipients(repo, group)  # before anything is encrypted or signed
         targets, added, digest = _sign_bundle(repo, bundle, group, shadow, crypt)
+        if no_encrypt and group is not None:
+            confidential.set_group_confidential(repo, group, False)
         if crypt.grants:
             signed = tuf_repo.referenced_targets(repo)
             targets += [signed[p] for p in dict.fromkeys(crypt.grants)]
@@ -290,17 +300,33 @@ def current_deployment(repo: Path, group: str) -> dict[str, Any] | None:
     return doc
 
 
+def check_deployable(repo: Path, group: str, bundle_target: str, no_encrypt: bool) -> None:
+    """Before a rollout: InputError when `bundle_target` is not encrypted and `group` takes only encrypted bundles,
+    unless `no_encrypt` (then the group takes plaintext from now on)."""
+    tf = tuf_repo.referenced_targets(repo).get(bundle_target)
+    if tf is None or Encryption.from_custom(dict(tf.custom), bundle_target) is not None:
+        return
+    if no_encrypt:
+        confidential.set_group_confidential(repo, group, False)
+    else:
+        confidential.check_plaintext_allowed(repo, group, bundle_target, "roll out an encrypted version, or pass "
+                                             "--no-encrypt to send it (and later bundles) to the group in plaintext")
+
+
 def sign_deployment(repo: Path, group: str, bundle_target: str, rollout: Mapping[str, Any] | None
                     ) -> list[TargetFile]:
     """Sign `deployments/<group>.json` naming the already signed `bundle_target`, with a `rollout` entry (or
     none). Returns [the bundle's TargetFile, the document's] to push, and the bundle's grants document when it is
-    encrypted (granted to the group's devices first)."""
+    encrypted (granted to the group's devices first). A bundle not encrypted for a group that takes only encrypted
+    ones is refused (check_deployable's `no_encrypt` lifts that)."""
     check_level_name("--group", group)
     signed = tuf_repo.referenced_targets(repo)
     tf = signed.get(bundle_target)
     if tf is None:
         raise InputError(f"{bundle_target} is not signed in {repo}: `packager publish` it first")
     enc = Encryption.from_custom(dict(tf.custom), bundle_target)
+    if enc is None:
+        check_deployable(repo, group, bundle_target, no_encrypt=False)
     if enc is not None:  # a rollout of an encrypted bundle to a group it was not published for
         confidential.group_recipients(repo, group)
         confidential.extend_grants(repo, tf, enc, groups=[group])
@@ -331,8 +357,8 @@ def deploy(repo: Path, group: str, bundle_target: str, rollout: Mapping[str, Any
 
 def publish(repo: Path, bundle: Path, group: str | None, client: MqttClient | None, topics: Topics,
             http_dir: Path | None, progress: Progress | None = None, shadow: Path | None = None,
-            encrypt: bool = False) -> PublishResult:
-    targets, added, digest = sign_bundle(repo, bundle, group, shadow, encrypt)
+            encrypt: bool = False, no_encrypt: bool = False) -> PublishResult:
+    targets, added, digest = sign_bundle(repo, bundle, group, shadow, encrypt, no_encrypt)
     stats, http_files, version = push(repo, client, topics, targets, http_dir, progress)
     shadow_target = next((t.path for t in targets[2:] if t.path.startswith("bundles/")), None)
     return PublishResult(targets[0].path, targets[1].path if group is not None else None, digest, version, added,
@@ -343,11 +369,19 @@ def grant(repo: Path, device_id: str, client: MqttClient | None, topics: Topics,
           http_dir: Path | None) -> tuple[list[str], int]:
     """Grant every encrypted bundle of the device's group to the (newly added) device and push the re-signed
     grants documents; the ciphertexts are not touched. Returns the grants target paths changed and the timestamp
-    version."""
-    changed = confidential.grant_device(repo, device_id)
+    version. A bundle that could not be granted is RepoError, after the others were granted and pushed."""
+    granted = confidential.grant_device(repo, device_id)
     signed = tuf_repo.referenced_targets(repo)
-    _, _, version = push(repo, client, topics, [signed[p] for p in changed], http_dir)
-    return changed, version
+    _, _, version = push(repo, client, topics, [signed[p] for p in granted.changed], http_dir)
+    if granted.failed:
+        raise RepoError(f"device {device_id}: pushed {len(granted.changed)} grant(s) (timestamp v{version}) but not "
+                        f"granted {describe_failures(granted.failed)}: fix that and rerun `packager device grant "
+                        f"{device_id}`")
+    return granted.changed, version
+
+
+def describe_failures(failed: Mapping[str, str]) -> str:
+    return "; ".join(f"{path} ({why})" for path, why in failed.items())
 
 
 def refresh(repo: Path, client: MqttClient | None, topics: Topics, http_dir: Path | None,
@@ -386,8 +420,11 @@ def unpublish(repo: Path, bundles: list[str], client: MqttClient | None, topics:
         tuf_repo.remove_target(repo, path)
         removed.append(path)
         enc = Encryption.from_custom(dict(signed[path].custom), path)
-        if enc is not None and enc.grants in signed:
-            tuf_repo.remove_target(repo, enc.grants)  # its chunks go with the garbage below
+        if enc is not None:
+            if enc.grants in signed:
+                tuf_repo.remove_target(repo, enc.grants)  # its chunks go with the garbage below
+            custom = dict(signed[path].custom)
+            confidential.forget_content_key(repo, str(custom["name"]), int(custom["version"]))
     garbage = unreferenced_files(repo)
     if removed or garbage:
         push(repo, client, topics, [], http_dir)  # devices learn the new targets list before bytes disappear

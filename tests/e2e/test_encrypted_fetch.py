@@ -2,9 +2,11 @@
 devices run the real `edge-agent fetch` (and once the `edge-agent run` daemon).
 
 What is shown: the broker and the mirror hold no plaintext of the bundle; a granted device gets the exact bundle; a
-device without a grant, or without a key, refuses `not_granted` and one with a wrong key file `key_unavailable` (not blamed on the bundle: fixed on the device, retried at the next poll), each
-leaving its trusted state as it was; a tampered grants document is refused by TUF; a device added later is granted
-by re-wrapping the content key (the ciphertext target keeps its hash) and then fetches.
+device without a grant, or without a key, refuses `not_granted` and one with a wrong key file `key_unavailable`
+(not blamed on the bundle: fixed on the device, retried at the next poll), each leaving its trusted state as it
+was; a tampered grants document is refused by TUF; a device added later is granted by re-wrapping the content key
+(the ciphertext target keeps its hash) and then fetches; a second fetch downloads nothing of the ciphertext again;
+the next version of an encrypted group's bundle goes out in plaintext only with --no-encrypt.
 
 The fleet, device and bundle helpers are tests/e2e/test_signed_fetch.py's (and test_daemon.py's for the daemon).
 """
@@ -320,8 +322,22 @@ def test_publish_encrypt_refuses_a_group_without_devices(fleet: Fleet) -> None:
     r = packager(fleet, "publish", str(make_bundle(fleet.tmp / "build", "digits", 1)), *fleet.transport_args(),
                  "--group", GROUP, "--encrypt")
     assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and "has no registered device" in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "has no active (unrevoked) device" in r.stderr, r.stderr
     assert tuf_repo.referenced_targets(fleet.repo) == {}
+
+
+def test_the_next_version_goes_out_in_plaintext_only_when_asked(fleet: Fleet) -> None:
+    """`publish digits-2 --group lab` after `publish digits-1 --encrypt --group lab`: refused, nothing signed, until
+    --no-encrypt says plaintext is meant."""
+    provisioned(fleet, "pi-1")
+    publish_encrypted(fleet, make_bundle(fleet.tmp / "build", "digits", 1))
+    v2 = make_bundle(fleet.tmp / "build", "digits", 2)
+    r = packager(fleet, "publish", str(v2), *fleet.transport_args(), "--group", GROUP)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--no-encrypt" in r.stderr, r.stderr
+    assert "bundles/digits-2.bundle" not in tuf_repo.referenced_targets(fleet.repo)
+    r = packager(fleet, "publish", str(v2), *fleet.transport_args(), "--group", GROUP, "--no-encrypt")
+    assert r.returncode == 0, r.stderr
+    assert "encrypted" not in tuf_repo.referenced_targets(fleet.repo)["bundles/digits-2.bundle"].custom
 
 
 # --- the daemon -------------------------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ def test_encrypt_without_a_device_in_the_group_is_refused_before_anything_is_sig
     repo = tmp_path / "repo"
     tuf_repo.init_repo(repo)
     bundle = make_bundle(tmp_path / "build", "digits", 1)
-    with pytest.raises(InputError, match=r"group 'lab' has no registered device") as info:
+    with pytest.raises(InputError, match=r"group 'lab' has no active \(unrevoked\) device") as info:
         pub.sign_bundle(repo, bundle, "lab", encrypt=True)
     assert "\n" not in str(info.value)
     with pytest.raises(InputError, match="--encrypt needs --group"):
@@ -264,27 +264,29 @@ def test_an_encrypted_bundle_stays_encrypted_and_its_grants_follow_its_groups(tm
     assert len(content_keys) == 1  # one content key, wrapped three times
 
     keys["b2"] = _register(repo, "b2", "b")
-    assert confidential.grant_device(repo, "b2") == ["grants/digits-1.json"]
-    assert confidential.grant_device(repo, "b2") == []  # idempotent
+    assert confidential.grant_device(repo, "b2") == confidential.DeviceGrants(["grants/digits-1.json"], {})
+    assert confidential.grant_device(repo, "b2").changed == []  # idempotent
     assert fmt.unwrap_key(_grants(repo, "grants/digits-1.json").wrapped["b2"], keys["b2"], info) in content_keys
     assert tuf_repo.referenced_targets(repo)["bundles/digits-1.bundle"].hashes["sha256"] == sha
 
     devices.mark_revoked(repo, "a1")
     with pytest.raises(InputError, match="revoked"):
         confidential.grant_device(repo, "a1")
-    with pytest.raises(InputError, match="group 'a' has no registered device"):  # a1 was its only device
+    with pytest.raises(InputError, match=r"group 'a' has no active \(unrevoked\) device"):  # a1 was its only one
         pub.sign_bundle(repo, make_bundle(tmp_path / "build", "digits", 2), "a", encrypt=True)
     _, _, sha2 = pub.sign_bundle(repo, make_bundle(tmp_path / "build", "digits", 2), "b", encrypt=True)
     assert set(_grants(repo, "grants/digits-2.json").wrapped) == {"b1", "b2"}
     plain = make_bundle(tmp_path / "plain", "other", 1)
-    pub.sign_bundle(repo, plain, "c")
+    pub.sign_bundle(repo, plain, "c", no_encrypt=True)  # group c was sent an encrypted bundle: plaintext is explicit
     with pytest.raises(InputError, match="already published unencrypted"):
         pub.sign_bundle(repo, plain, "c", encrypt=True)
 
-    pub.sign_bundle(repo, plain, "a")  # digits-1 deployed nowhere now: unpublishing it drops its grants too
+    pub.sign_bundle(repo, plain, "a", no_encrypt=True)  # digits-1 deployed nowhere now: unpublishing it drops
+    assert (repo / "content-keys" / "digits-1.json").exists()  # its grants and its escrowed content key too
     pub.unpublish(repo, ["digits-1"], None, pub.topics_for("default"), None)
     left = set(tuf_repo.referenced_targets(repo))
     assert not {"bundles/digits-1.bundle", "grants/digits-1.json"} & left and "grants/digits-2.json" in left
+    assert not (repo / "content-keys" / "digits-1.json").exists() and (repo / "content-keys" / "digits-2.json").exists()
     assert sha2 != sha
 
 
@@ -343,3 +345,115 @@ def test_discarding_a_bundle_deletes_an_encrypted_ones_ciphertext_and_cut_decryp
         path.write_bytes(b"x")
     rig.steps.discard(ref)
     assert [p for p in leftovers if p.exists()] == [] and all(p.exists() for p in kept)
+
+
+def _repo_with_encrypted_lab(tmp_path: Path) -> Path:
+    from packager import publish as pub
+    from packager import tuf_repo
+    from tests.e2e.test_signed_fetch import make_bundle
+
+    repo = tmp_path / "repo"
+    tuf_repo.init_repo(repo)
+    _register(repo, "pi-1", "lab")
+    pub.sign_bundle(repo, make_bundle(tmp_path / "build", "digits", 1), "lab", encrypt=True)
+    return repo
+
+
+def test_a_group_sent_encrypted_bundles_gets_plaintext_only_with_no_encrypt(tmp_path: Path) -> None:
+    """Forgetting --encrypt on the next version (publish or rollout) is refused; --no-encrypt is the explicit way
+    out, and it is remembered. A group never sent an encrypted bundle is unaffected."""
+    from packager import confidential, tuf_repo
+    from packager import publish as pub
+    from tests.e2e.test_signed_fetch import make_bundle
+
+    repo = _repo_with_encrypted_lab(tmp_path)
+    v2, v3 = make_bundle(tmp_path / "build", "digits", 2), make_bundle(tmp_path / "build", "digits", 3)
+    before = set(tuf_repo.referenced_targets(repo))
+    with pytest.raises(InputError, match=r"group lab takes encrypted bundles .* --no-encrypt") as info:
+        pub.sign_bundle(repo, v2, "lab")
+    assert "\n" not in str(info.value) and set(tuf_repo.referenced_targets(repo)) == before
+    pub.sign_bundle(repo, v3, None)  # signed for nobody: allowed, but a rollout of it to lab is not
+    with pytest.raises(InputError, match="roll out an encrypted version, or pass --no-encrypt"):
+        pub.check_deployable(repo, "lab", "bundles/digits-3.bundle", no_encrypt=False)
+    with pytest.raises(InputError, match="takes encrypted bundles"):
+        pub.sign_deployment(repo, "lab", "bundles/digits-3.bundle", None)
+    with pytest.raises(InputError, match="contradict"):
+        pub.sign_bundle(repo, v2, "lab", encrypt=True, no_encrypt=True)
+    pub.sign_bundle(repo, v2, "other")  # another group: plaintext as ever
+
+    # a repository from before the setting: derived from the grants
+    (repo / "content-keys" / "groups.json").unlink()
+    assert confidential.group_is_confidential(repo, "lab") and not confidential.group_is_confidential(repo, "other")
+    pub.check_deployable(repo, "lab", "bundles/digits-3.bundle", no_encrypt=True)
+    assert not confidential.group_is_confidential(repo, "lab")
+    pub.sign_deployment(repo, "lab", "bundles/digits-3.bundle", None)  # every later wave passes
+    pub.sign_bundle(repo, v2, "lab")
+
+
+def test_device_add_with_a_broken_bundle_registers_grants_the_rest_and_says_so(tmp_path: Path) -> None:
+    """One encrypted bundle whose escrowed key is gone: `device add` grants the others, the device stays registered
+    with its files written, and the error (non-zero exit) says to run `packager device grant`."""
+    from packager import devices, provision
+    from packager import publish as pub
+    from packager.errors import RepoError
+    from tests.e2e.test_signed_fetch import make_bundle
+
+    repo = _repo_with_encrypted_lab(tmp_path)
+    pub.sign_bundle(repo, make_bundle(tmp_path / "build", "digits", 2), "lab", encrypt=True)
+    escrowed = repo / "content-keys" / "digits-1.json"
+    saved = escrowed.read_bytes()
+    escrowed.unlink()
+    with pytest.raises(RepoError, match=r"pi-2 is registered .* not granted bundles/digits-1.bundle .* "
+                                        r"`packager device grant pi-2`") as info:
+        provision.add_device(repo, "pi-2", "lab", tmp_path / "pi-2", "mqtts://broker.example:8883")
+    assert "\n" not in str(info.value)
+    assert devices.get(repo, "pi-2").revoked is None and (tmp_path / "pi-2" / "decrypt.key").exists()
+    assert "pi-2" in _grants(repo, "grants/digits-2.json").wrapped
+    assert "pi-2" not in _grants(repo, "grants/digits-1.json").wrapped
+    escrowed.write_bytes(b"{}")  # still broken: `device grant` pushes what it can and fails the same way
+    with pytest.raises(RepoError, match=r"not granted bundles/digits-1\.bundle"):
+        pub.grant(repo, "pi-2", None, pub.topics_for("default"), None)
+    escrowed.write_bytes(saved)
+    changed, _ = pub.grant(repo, "pi-2", None, pub.topics_for("default"), None)
+    assert changed == ["grants/digits-1.json"] and "pi-2" in _grants(repo, "grants/digits-1.json").wrapped
+
+
+def test_grants_the_devices_would_refuse_are_never_signed(tmp_path: Path) -> None:
+    from packager import confidential, tuf_repo
+    from packager import publish as pub
+    from tests.e2e.test_signed_fetch import make_bundle
+
+    repo = _repo_with_encrypted_lab(tmp_path)
+    size = len(_grants(repo, "grants/digits-1.json").to_bytes())
+    _register(repo, "pi-2", "lab")
+    before = tuf_repo.referenced_targets(repo)["grants/digits-1.json"].hashes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fmt, "MAX_GRANTS_BYTES", size + 10)  # room for one device's grant, not two
+        assert confidential.grant_device(repo, "pi-2").failed.keys() == {"bundles/digits-1.bundle"}
+        assert tuf_repo.referenced_targets(repo)["grants/digits-1.json"].hashes == before
+        with pytest.raises(InputError, match=r"grants/digits-2.json would be \d+ bytes, more than"):
+            pub.sign_bundle(repo, make_bundle(tmp_path / "build", "digits", 2), "lab", encrypt=True)
+    assert "bundles/digits-2.bundle" not in tuf_repo.referenced_targets(repo)
+
+
+def test_re_granting_holds_the_grants_lock_and_drops_revoked_devices(tmp_path: Path) -> None:
+    import fcntl
+    import threading
+
+    from packager import confidential, devices
+
+    repo = _repo_with_encrypted_lab(tmp_path)
+    (repo / "content-keys").chmod(0o755)
+    _register(repo, "pi-2", "lab")
+    devices.mark_revoked(repo, "pi-1")
+    done = threading.Event()
+    with (repo / "content-keys" / ".grants.lock").open("a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        worker = threading.Thread(target=lambda: (confidential.grant_device(repo, "pi-2"), done.set()))
+        worker.start()
+        assert not done.wait(0.5)  # waits for whoever holds the lock between reading and re-signing the grants
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    worker.join(timeout=30)
+    assert done.is_set()
+    assert set(_grants(repo, "grants/digits-1.json").wrapped) == {"pi-2"}  # the revoked pi-1's entry is gone
+    assert (repo / "content-keys").stat().st_mode & 0o777 == 0o700

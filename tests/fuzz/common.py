@@ -3,7 +3,9 @@ on every input) and the defect exception a harness raises when an input was acce
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,4 +22,6 @@ def check(cond: bool, message: str) -> None:
 def scratch(prefix: str) -> Path:
     """A private directory for one harness process, on /dev/shm when it exists (faster than disk, no fsync cost)."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix=f"edgeship-fuzz-{prefix}-", dir=base))
+    path = Path(tempfile.mkdtemp(prefix=f"edgeship-fuzz-{prefix}-", dir=base))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path

@@ -29,7 +29,8 @@ It prints exactly one JSON line on stdout:
               document has no rollout entry; name/version/sha256 are then of the bundle it names for this device
               (the new one, or the rollout's `previous`)
     check     {"not_in_wave": true, "rollout": {...}}   (outside a rollout's wave, and no previous bundle named)
-    download  {"name", "version", "sha256", "path"}   (path: an encrypted bundle's ciphertext, in encrypted/)
+    download  {"name", "version", "sha256", "path"}   (path: an encrypted bundle's ciphertext, in encrypted/, or its
+              plaintext in bundles/ when it was decrypted already)
     verify    {"name", "version", "sha256", "path"}   (path: the verified bundle, decrypted when it was encrypted)
     shadow    {"name", "version", "sha256", "path", "release"}   (the shadow's; release: where it was unpacked)
     failure   {"error": message, "reason": reason, "kind": "rejected" | "transport" | "error", "type": class name}

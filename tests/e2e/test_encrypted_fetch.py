@@ -326,6 +326,47 @@ def test_publish_encrypt_refuses_a_group_without_devices(fleet: Fleet) -> None:
     assert tuf_repo.referenced_targets(fleet.repo) == {}
 
 
+def _worker(dev: Device, *args: str) -> tuple[int, dict[str, object]]:
+    """One step of the real fetch worker (what the daemon runs for CHECK, DOWNLOAD and VERIFY)."""
+    import json
+    import sys
+
+    from agent.config import load_config
+    from agent.deploy.fetch_worker import config_document
+
+    doc = dev.dir / "worker-config.json"
+    doc.write_text(json.dumps(config_document(load_config(dev.config, env={}))))
+    r = subprocess.run([sys.executable, "-m", "agent.deploy.fetch_worker", "--config", str(doc), *args],
+                       cwd=Path(__file__).resolve().parents[2], env=_env(), capture_output=True, text=True,
+                       timeout=CMD_TIMEOUT, check=False)
+    return r.returncode, json.loads(r.stdout.splitlines()[-1])
+
+
+def test_a_key_file_broken_after_check_is_not_blamed_on_the_bundle(fleet: Fleet) -> None:
+    """The key file loosened (or replaced) between CHECK and DOWNLOAD/VERIFY: `key_unavailable`, which the state
+    machine never puts on the rejected list, and the ciphertext already downloaded is kept for the retry."""
+    from agent.deploy.machine import NOT_BLAMED
+
+    dev = provisioned(fleet, "pi-1")
+    publish_encrypted(fleet, make_bundle(fleet.tmp / "build", "digits", 1))
+    rc, checked = _worker(dev, "--step", "check")
+    assert rc == 0, checked
+    sha = str(checked["sha256"])
+    rc, downloaded = _worker(dev, "--step", "download", "--sha256", sha)
+    assert rc == 0 and (dev.state / "encrypted" / "digits-1.bundle").is_file(), downloaded
+    key_file = next(dev.dir.glob("decrypt-*.key"))
+    key_file.chmod(0o644)
+    rc, failed = _worker(dev, "--step", "verify", "--sha256", sha)
+    assert rc == 1 and failed["reason"] == "key_unavailable" and failed["reason"] in NOT_BLAMED, failed
+    assert (dev.state / "encrypted" / "digits-1.bundle").is_file()
+    dev.write_config(dev.key_file(X25519PrivateKey.generate()))  # replaced by another key: the grant does not open
+    rc, failed = _worker(dev, "--step", "verify", "--sha256", sha)
+    assert rc == 1 and failed["reason"] == "key_unavailable", failed
+    dev.write_config(dev.key_file())  # fixed on the device: the retry verifies
+    rc, verified = _worker(dev, "--step", "verify", "--sha256", sha)
+    assert rc == 0 and dev.trusted().bundles.keys() == {"digits-1.bundle"}, verified
+
+
 def test_the_next_version_goes_out_in_plaintext_only_when_asked(fleet: Fleet) -> None:
     """`publish digits-2 --group lab` after `publish digits-1 --encrypt --group lab`: refused, nothing signed, until
     --no-encrypt says plaintext is meant."""

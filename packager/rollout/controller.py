@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.deploy.machine import NOT_BLAMED
 from agent.transport.mqtt import MqttClient
 from agent.transport.topics import Topics
 from packager import devices, tuf_repo
@@ -191,7 +192,8 @@ class Controller:
             b = event.body
             raw = b.get("bundle")
             bundle: dict[str, Any] = raw if isinstance(raw, dict) else {}
-            if (b.get("to") == "rollback" and b.get("event") in ROLLBACK_EVENTS
+            # a reason the device does not blame on the bundle (no grant or key yet, superseded) is no verdict on it
+            if (b.get("to") == "rollback" and b.get("event") in ROLLBACK_EVENTS and b.get("reason") not in NOT_BLAMED
                     and bundle.get("name") == self.state.bundle_name and bundle.get("version") == self.state.version
                     and device not in self.state.rolled_back):
                 log.warning("%s rolled %s v%d back: %s", device, self.state.bundle_name, self.state.version,

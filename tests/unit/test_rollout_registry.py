@@ -4,6 +4,7 @@ control device, and unregistered or revoked ids count for nothing; without a reg
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +54,21 @@ def test_without_a_registry_the_devices_state_names_its_group(tmp_path: Path) ->
     c = _controller(tmp_path)
     _feed_all(c)
     assert [r.device_id for r in c.view.devices("g2")] == ["a", "b", "x"]
+
+
+def test_only_a_rollback_the_device_blames_on_the_bundle_counts_against_the_rollout(tmp_path: Path) -> None:
+    c = _controller(tmp_path)
+    _feed_all(c)
+
+    seqs = iter(range(1, 100))
+
+    def rollback(dev: str, reason: str) -> None:
+        body = {"schema": 1, "seq": next(seqs), "ts": 0, "device": dev, "from": "verify", "to": "rollback",
+                "event": "failed", "reason": reason, "bundle": {"name": "m", "version": 2}}
+        c._feed(f"{P}devices/{dev}/events", json.dumps(body).encode())
+
+    rollback("a", "key_unavailable")  # the device's key file, not the bundle: retried at its next poll
+    rollback("b", "not_granted")
+    assert c.state.rolled_back == []
+    rollback("b", "hash_mismatch")
+    assert c.state.rolled_back == ["b"]

@@ -26,7 +26,7 @@ from agent.transport.mqtt import MqttClient, Subscription
 from agent.transport.topics import Topics
 from examples.local_broker import Mosquitto, MosquittoTls, free_port
 from packager import tuf_repo
-from packager.acl import app_response_topic
+from packager.acl import app_request_topic, app_response_topic
 from packager.fleet_ca import identity_name
 from packager.keystore import PASSPHRASE_ENV
 from tests.e2e.test_signed_fetch import make_bundle
@@ -144,7 +144,7 @@ def test_a_device_cannot_read_another_devices_answers_or_state(pki: Pki) -> None
             pki.identity(DASHBOARD) as dashboard:
         for c in (a, b, cam, dashboard):
             c.connect(timeout=10)
-        answer, request = app_response_topic(T, "dev-b", "cam"), T.device("dev-b", "infer/request")
+        answer, request = app_response_topic(T, "dev-b", "cam"), app_request_topic(T, "dev-b", "cam")
         state = T.device("dev-b", "state")
         with a.subscribe_stream([T.prefix + "devices/dev-b/#", T.prefix + "devices/+/infer/response/#"]) as spy, \
                 b.subscribe_stream([request]) as inbox, cam.subscribe_stream([answer]) as answers, \
@@ -304,7 +304,7 @@ def test_a_provisioned_agent_works_end_to_end(pki: Pki) -> None:
             cam.connect(timeout=10)
             answer = app_response_topic(T, "dev-b", "cam")
             with cam.subscribe_stream([answer]) as answers:
-                cam.publish(T.device("dev-b", "infer/request"), b'{"inputs": []}', retain=False,
+                cam.publish(app_request_topic(T, "dev-b", "cam"), b'{"inputs": []}', retain=False,
                             response_topic=answer, correlation_data=b"42")
                 reply = answers.get(timeout=15)
         assert reply is not None and reply.correlation_data == b"42", (pki.tmp / "agent-b.log").read_text()[-3000:]

@@ -46,7 +46,9 @@ from agent.errors import ConfigError
 from agent.fsutil import write_atomic
 
 UNIT = "edge-agent.service"
-UNIT_EXEC = "ExecStart=/opt/edgeship/bin/edge-agent run --config /etc/edge-agent/agent.toml"
+UNIT_EXEC = "ExecStart=/opt/edgeship/bin/edge-agent run --config ${CREDENTIALS_DIRECTORY}/agent.toml"
+# the installed config reaches the service's dynamic user as a credential (the file itself is 0600 root)
+UNIT_CONFIG = "LoadCredential=agent.toml:/etc/edge-agent/agent.toml"
 
 
 @dataclass(frozen=True)
@@ -88,10 +90,14 @@ def unit_template() -> str:
 
 def render_unit(template: str, *, prefix: Path, config: Path, state_dir: Path) -> str:
     """The unit for these paths, each quoted and escaped as systemd reads it (`unit_word`). Pure."""
-    if template.count(UNIT_EXEC) != 1 or "\nStateDirectory=edge-agent\n" not in template:
-        raise ConfigError(f"{UNIT}: the template's ExecStart= or StateDirectory= is not the one expected")
+    if template.count(UNIT_EXEC) != 1 or template.count(UNIT_CONFIG) != 1 \
+            or "\nStateDirectory=edge-agent\n" not in template:
+        raise ConfigError(f"{UNIT}: the template's ExecStart=, LoadCredential= or StateDirectory= is not the one "
+                          "expected")
     text = template.replace(UNIT_EXEC, f"ExecStart={unit_word(prefix / 'bin' / 'edge-agent')} run "
-                                       f"--config {unit_word(config, argument=True)}")
+                                       "--config ${CREDENTIALS_DIRECTORY}/agent.toml")
+    # LoadCredential= takes the rest of the line as the path, unquoted (systemd.exec(5)): only specifiers escaped
+    text = text.replace(UNIT_CONFIG, "LoadCredential=agent.toml:" + str(config).replace("%", "%%"))
     try:
         name = state_dir.relative_to("/var/lib")
     except ValueError:

@@ -73,7 +73,8 @@ def test_install_writes_everything_and_probes_the_runtimes(tmp_path: Path, root_
 
     # the unit: this venv's edge-agent, the installed config, the state directory
     text = unit.read_text()
-    assert f"\nExecStart={BIN / 'edge-agent'} run --config {etc / 'agent.toml'}\n" in text
+    assert f"\nExecStart={BIN / 'edge-agent'} run --config ${{CREDENTIALS_DIRECTORY}}/agent.toml\n" in text
+    assert f"\nLoadCredential=agent.toml:{etc / 'agent.toml'}\n" in text  # the 0600 config, for the dynamic user
     assert f"\nReadWritePaths={state}\n" in text and "StateDirectory=" not in text
     assert out["warnings"] and "outside /var/lib" in out["warnings"][0]
     if shutil.which("systemd-analyze"):
@@ -135,7 +136,8 @@ def test_render_unit_under_var_lib_uses_state_directory() -> None:
     other = render_unit(unit_template(), prefix=Path("/srv/venv"), config=Path("/etc/x/agent.toml"),
                         state_dir=Path("/var/lib/models/agent"))
     assert "\nStateDirectory=models/agent\n" in other
-    assert "\nExecStart=/srv/venv/bin/edge-agent run --config /etc/x/agent.toml\n" in other
+    assert "\nExecStart=/srv/venv/bin/edge-agent run --config ${CREDENTIALS_DIRECTORY}/agent.toml\n" in other
+    assert "\nLoadCredential=agent.toml:/etc/x/agent.toml\n" in other
 
 
 def test_set_keys_replaces_in_place_or_adds() -> None:
@@ -286,7 +288,8 @@ def test_paths_with_spaces_and_specifier_characters_make_a_working_unit(tmp_path
     text = (tmp_path / "units" / "edge-agent.service").read_text()
     quoted = str(odd).replace("%", "%%")
     assert (f'\nExecStart="{quoted}/venv/bin/edge-agent" run --config '
-            f'"{quoted.replace("$", "$$")}/etc/agent.toml"\n') in text
+            '${CREDENTIALS_DIRECTORY}/agent.toml\n') in text
+    assert f"\nLoadCredential=agent.toml:{quoted}/etc/agent.toml\n" in text
     assert f'\nReadWritePaths="{quoted}/state"\n' in text
     assert load_config(odd / "etc" / "agent.toml", env={}).agent.state_dir == odd / "state"
     if shutil.which("systemd-analyze"):
@@ -294,7 +297,8 @@ def test_paths_with_spaces_and_specifier_characters_make_a_working_unit(tmp_path
         v = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True,
                            timeout=60, check=False)
         assert v.returncode == 0, v.stderr
-        unit.write_text(text.replace("%%n", "%n", 1).replace("$$HOME", "$HOME", 1))  # unescaped: it fails
+        exec_line = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+        unit.write_text(text.replace(exec_line, exec_line.replace("%%n", "%n", 1)))  # unescaped: it fails
         bad = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True,
                              timeout=60, check=False)
         assert bad.returncode != 0

@@ -68,7 +68,9 @@ def test_agent_unit_notify_watchdog_and_restart() -> None:
     # exit 0 is a stop that was asked for, 2 a configuration mistake (not restarted), 70 a hung model (restarted)
     assert s["Restart"] == ["on-failure"] and s["RestartPreventExitStatus"] == ["2"]
     assert "SuccessExitStatus" not in s
-    assert s["ExecStart"][0].split()[1:] == ["run", "--config", "/etc/edge-agent/agent.toml"]
+    # the config is 0600 root: the dynamic user reads it as a credential
+    assert s["ExecStart"][0].split()[1:] == ["run", "--config", "${CREDENTIALS_DIRECTORY}/agent.toml"]
+    assert s["LoadCredential"] == ["agent.toml:/etc/edge-agent/agent.toml"]
     assert s["StateDirectory"] == ["edge-agent"] and s["StateDirectoryMode"] == ["0700"]
     assert s["MemoryDenyWriteExecute"] == ["yes"] and s["CapabilityBoundingSet"] == [""]
 

@@ -237,11 +237,7 @@ def issue_identity(repo: Path, role: str, fleet: str, out: Path, name: str | Non
             _write_public(ca_copy, fleet_ca.ca_cert_path(repo).read_bytes())
             written.append(ca_copy)
     except BaseException as e:
-        _undo(written, out if created_out else None)
-        if serial is not None:
-            fleet_ca.forget(repo, serial)
-        if isinstance(e, OSError):
-            raise RepoError(f"--out {out}: {e.strerror or e} (nothing issued)") from e
+        _abandon(e, repo, serial, written, out, created_out)
         raise
     return identity, cert_path, key_path
 
@@ -270,6 +266,17 @@ def _undo(written: list[Path], created_dir: Path | None) -> None:
         shutil.rmtree(created_dir, ignore_errors=True)
 
 
+def _abandon(e: BaseException, repo: Path, serial: int | None, written: list[Path], out: Path,
+             created_out: bool) -> None:
+    """Undo an issue that failed half-way: its files, `out` when it was made for them, the CA's record of the
+    certificate; an OSError becomes one line naming `out` (the caller re-raises anything else)."""
+    _undo(written, out if created_out else None)
+    if serial is not None:
+        fleet_ca.forget(repo, serial)
+    if isinstance(e, OSError):
+        raise RepoError(f"--out {out}: {e.strerror or e} (nothing issued)") from e
+
+
 def broker_files(repo: Path, host: str, out: Path) -> list[Path]:
     """Mosquitto's server certificate for `host`, its key (0600, unencrypted: Mosquitto starts unattended), the CA
     and the current CRL, into `out` (which must not hold them yet)."""
@@ -292,11 +299,7 @@ def broker_files(repo: Path, host: str, out: Path) -> list[Path]:
             write(path, data)
             written.append(path)
     except BaseException as e:
-        _undo(written, out if created_out else None)
-        if serial is not None:
-            fleet_ca.forget(repo, serial)
-        if isinstance(e, OSError):
-            raise RepoError(f"--out {out}: {e.strerror or e} (nothing issued)") from e
+        _abandon(e, repo, serial, written, out, created_out)
         raise
     return paths
 

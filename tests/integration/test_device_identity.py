@@ -42,7 +42,7 @@ QUIET_S = 1.0  # how long "nothing arrives" is watched, after a control message 
 
 
 def packager(*args: str | Path) -> str:
-    r = subprocess.run([str(BIN / "packager"), *map(str, args)], capture_output=True, text=True, timeout=60,
+    r = subprocess.run([str(BIN / "packager"), *map(str, args)], capture_output=True, text=True, timeout=120,
                        check=False)
     assert r.returncode == 0, f"packager {' '.join(map(str, args))}: {r.stderr}"
     return r.stdout

@@ -31,6 +31,7 @@ from packager import keystore, tuf_repo
 from packager.acl import app_request_topic, app_response_topic
 from packager.fleet_ca import identity_name
 from tests.e2e.test_signed_fetch import make_bundle
+from tests.integration.test_device_identity import packager
 from tests.unit.test_systemd_units import UNITS, unit_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,13 +42,6 @@ PACKAGER = identity_name("packager", FLEET)
 CAM, DOOR = identity_name("app", FLEET, "cam"), identity_name("app", FLEET, "door")
 QUIET_S = 1.0  # how long a takeover is given to show in the broker's log
 PASSPHRASE = os.environ[keystore.PASSPHRASE_ENV]  # tests/conftest.py
-
-
-def packager(*args: str | Path) -> str:
-    r = subprocess.run([str(BIN / "packager"), *map(str, args)], capture_output=True, text=True, timeout=120,
-                       check=False)
-    assert r.returncode == 0, f"packager {' '.join(map(str, args))}: {r.stderr}"
-    return r.stdout
 
 
 @dataclass

@@ -519,9 +519,9 @@ def test_signatures_below_threshold_or_by_unknown_keys(fleet: Fleet, case: str, 
 # --- 8: root rotation ------------------------------------------------------------------------------------------
 
 
-# Timing: these race a download against the test's own poll (cut or kill it mid-way) on four broker kinds. They
-# pass alone, but in one of three clean full runs two of them failed once, and under load the cut came after a
-# 3.1.1 download had ended. Not understood in every case yet; a real failure fails every attempt.
+# Timing: these race a download against the test's own poll (kill it mid-way) on four broker kinds. They pass
+# alone, but failed once in one of three clean full runs. Not understood in every case yet; a real failure fails
+# every attempt. (The cut-connection test no longer races: its relay cuts after a byte count.)
 _RACES_A_DOWNLOAD = pytest.mark.flaky(reruns=2)
 
 

@@ -14,8 +14,11 @@ from examples.brokers import KINDS, Broker, BrokerMissing, NatsCluster, launch
 from examples.local_broker import Mosquitto, MosquittoMissing
 
 # The packager's private keys are encrypted at rest (packager/keystore.py); every packager the tests start, in
-# process or as a child, finds its passphrase here.
-os.environ.setdefault("EDGESHIP_KEY_PASSPHRASE", "edgeship-tests-passphrase")
+# process or as a child, finds its passphrase here, whatever the caller exported (a root passphrase or a systemd
+# credentials directory of the caller's would change which passphrase opens what).
+os.environ["EDGESHIP_KEY_PASSPHRASE"] = "edgeship-tests-passphrase"
+for _name in ("EDGESHIP_ROOT_KEY_PASSPHRASE", "CREDENTIALS_DIRECTORY"):
+    os.environ.pop(_name, None)
 
 
 def _start(workdir: Path, *, persistent: bool = False, extra_conf: str = "") -> Mosquitto:

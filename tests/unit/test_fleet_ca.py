@@ -57,7 +57,10 @@ def _crl_number(repo: Path) -> int:
     return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
 
 
-def test_the_ca_key_is_encrypted_at_rest_and_the_ca_is_made_once(repo: Path) -> None:
+def test_the_ca_key_is_encrypted_at_rest_and_the_ca_is_made_once(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"  # its own: the module's repository collects revocations from other tests
+    tuf_repo.init_repo(repo)
+    fleet_ca.init_ca(repo)
     assert keystore.is_encrypted(fleet_ca.ca_key_path(repo).read_bytes())
     assert stat.S_IMODE(fleet_ca.ca_key_path(repo).stat().st_mode) == 0o600
     ca = _ca(repo)

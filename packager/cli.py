@@ -715,10 +715,7 @@ def _ca(args: argparse.Namespace) -> int:
             serial = int(args.serial, 16)
         except ValueError as e:
             raise InputError(f"serial {args.serial!r}: expected hex digits") from e
-        if any(r.serial == serial and r.role == "device" for r in fleet_ca.issued(args.repo)):
-            raise InputError(f"certificate {serial:x} is a device's: `packager device revoke ID` revokes it and "
-                             "marks the device revoked")
-        rec = fleet_ca.revoke(args.repo, serial)
+        rec = provision.revoke_certificate(args.repo, serial)
         print(f"revoked {rec.identity} ({serial:x}); {_crl_advice(args.repo)}")
     else:
         for r in fleet_ca.issued(args.repo):

@@ -26,6 +26,7 @@ import ipaddress
 import json
 import re
 import secrets
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -139,18 +140,29 @@ def check_host(host: str) -> tuple[str, list[x509.GeneralName]]:
     return host, names
 
 
+_held = threading.local()  # the locks this thread holds (an flock taken twice in one process would wait forever)
+
+
 @contextlib.contextmanager
 def locked(repo: Path) -> Iterator[None]:
     """The fleet CA's own lock (REPO/ca/.lock): issuing, revoking and re-signing the CRL one at a time, so two
-    revocations never lose a serial and two `device add` never both create the CA."""
+    revocations never lose a serial and two `device add` never both create the CA. Re-entrant within a thread:
+    `device add` holds it from its id check to the registration and issues inside (packager/provision.py)."""
     if not tuf_repo.metadata_dir(repo).is_dir():
         raise InputError(f"--repo {repo}: not a TUF repository (`packager keys init` creates one)")
     _private_dir(ca_dir(repo))
-    with (ca_dir(repo) / ".lock").open("a") as f:
+    lock = ca_dir(repo).resolve() / ".lock"
+    held: set[Path] = _held.__dict__.setdefault("locks", set())
+    if lock in held:
+        yield
+        return
+    with lock.open("a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        held.add(lock)
         try:
             yield
         finally:
+            held.discard(lock)
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 

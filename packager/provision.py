@@ -157,44 +157,47 @@ def add_device(repo: Path, device_id: str, group: str, out: Path, broker: str, f
     root = tuf_repo.provisioning_root(repo)
     if not root.is_file():
         raise InputError(f"--repo {repo}: no {root} (`packager keys init` creates the repository)")
-    if (devices.registry_dir(repo) / f"{device_id}.json").exists():  # checked again, atomically, by register()
-        raise InputError(f"device {device_id} is already registered; ids are never reused")
     config = agent_toml(device_id, group, fleet, broker, device_dir, state_dir, systemd_credentials)
-    tmp = _new_out_dir(out)  # before the CA: a refused --out leaves no CA behind
-    serial: int | None = None
-    try:
-        created = fleet_ca.ensure_ca(repo)
-        key, cert = fleet_ca.issue_client(repo, device_id, "device")
-        serial = cert.serial_number
-        decrypt = devices.new_decryption_key()
-        decrypt_pem = decrypt.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption())
-        _write_private(tmp / "client.key", fleet_ca.plain_key_pem(key))
-        _write_private(tmp / "decrypt.key", decrypt_pem)
-        _write_public(tmp / "client.pem", fleet_ca.cert_pem(cert))
-        _write_public(tmp / "ca.pem", fleet_ca.ca_cert_path(repo).read_bytes())
-        _write_public(tmp / "root.json", root.read_bytes())
-        _write_public(tmp / "agent.toml", config.encode())
-        if systemd_credentials:
-            _write_public(tmp / DROP_IN, credentials_drop_in(device_dir).encode())
-        tmp.chmod(0o700)
-        os.rename(tmp, out)  # fails if `out` appeared meanwhile: never mixes with someone else's files
-        fsync_dir(out.parent)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if serial is not None:
-            fleet_ca.forget(repo, serial)
-        if isinstance(e, OSError):
-            raise RepoError(f"--out {out}: {e.strerror or e} (nothing written)") from e
-        raise
-    record = devices.DeviceRecord(device_id=device_id, group=group, cert_serial=cert.serial_number,
-                                  x25519_public=devices.public_b64(decrypt.public_key()), added=devices.now_iso())
-    try:
-        devices.register(repo, record)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        fleet_ca.forget(repo, cert.serial_number)  # a certificate nobody holds: no record, nothing to revoke
-        raise
+    # the CA's lock from the id check to the registration: of two `device add` of one id the second fails here,
+    # before it issues a certificate that no record would name (`device revoke` could not revoke it)
+    with fleet_ca.locked(repo):
+        if (devices.registry_dir(repo) / f"{device_id}.json").exists():
+            raise InputError(f"device {device_id} is already registered; ids are never reused")
+        tmp = _new_out_dir(out)  # before the CA: a refused --out leaves no CA behind
+        serial: int | None = None
+        try:
+            created = fleet_ca.ensure_ca(repo)
+            key, cert = fleet_ca.issue_client(repo, device_id, "device")
+            serial = cert.serial_number
+            decrypt = devices.new_decryption_key()
+            decrypt_pem = decrypt.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption())
+            _write_private(tmp / "client.key", fleet_ca.plain_key_pem(key))
+            _write_private(tmp / "decrypt.key", decrypt_pem)
+            _write_public(tmp / "client.pem", fleet_ca.cert_pem(cert))
+            _write_public(tmp / "ca.pem", fleet_ca.ca_cert_path(repo).read_bytes())
+            _write_public(tmp / "root.json", root.read_bytes())
+            _write_public(tmp / "agent.toml", config.encode())
+            if systemd_credentials:
+                _write_public(tmp / DROP_IN, credentials_drop_in(device_dir).encode())
+            tmp.chmod(0o700)
+            os.rename(tmp, out)  # fails if `out` appeared meanwhile: never mixes with someone else's files
+            fsync_dir(out.parent)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if serial is not None:
+                fleet_ca.forget(repo, serial)
+            if isinstance(e, OSError):
+                raise RepoError(f"--out {out}: {e.strerror or e} (nothing written)") from e
+            raise
+        record = devices.DeviceRecord(device_id=device_id, group=group, cert_serial=cert.serial_number,
+                                      x25519_public=devices.public_b64(decrypt.public_key()), added=devices.now_iso())
+        try:
+            devices.register(repo, record)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            fleet_ca.forget(repo, cert.serial_number)  # a certificate nobody holds: no record, nothing to revoke
+            raise
     # the group's encrypted bundles, re-wrapped for the new device (signed, not pushed: the next push carries them);
     # one that cannot be granted leaves the device registered and usable: exit non-zero, `device grant` finishes
     granted = confidential.grant_device(repo, device_id)
@@ -212,6 +215,18 @@ def revoke_device(repo: Path, device_id: str) -> devices.DeviceRecord:
         raise InputError(f"device {device_id} was already revoked on {record.revoked}")
     fleet_ca.revoke(repo, record.cert_serial)
     return devices.mark_revoked(repo, device_id)
+
+
+def revoke_certificate(repo: Path, serial: int) -> fleet_ca.Issued:
+    """`packager ca revoke`: any certificate but a device's that the registry names as its active one (`device
+    revoke` revokes that and marks the device revoked). A device certificate no active record names (an orphan:
+    left by a `device add` that raced another before the CA's lock covered registration) is revoked here."""
+    with fleet_ca.locked(repo):  # no `device add` registers between the check and the revocation
+        named = [r.device_id for r in devices.active_devices(repo) if r.cert_serial == serial]
+        if named:
+            raise InputError(f"certificate {serial:x} is device {named[0]}'s: `packager device revoke {named[0]}` "
+                             "revokes it and marks the device revoked")
+        return fleet_ca.revoke(repo, serial)
 
 
 def issue_identity(repo: Path, role: str, fleet: str, out: Path, name: str | None = None) -> tuple[str, Path, Path]:

@@ -40,6 +40,7 @@ from tuf.api.metadata import TargetFile
 
 from agent.bundle import Manifest, sha256_file, verify_bundle
 from agent.config import AgentConfig
+from agent.deploy.machine import NOT_BLAMED
 from agent.deploy.rollout import Membership, membership, target_for
 from agent.errors import BundleRejected, ConfigError, TransportError
 from agent.fsutil import fsync_dir
@@ -281,7 +282,7 @@ class BundleSource:
             try:
                 path = self._decrypt(cand.bundle_tf, path)
             except BundleRejected as e:
-                if e.reason != "not_granted":  # kept: a grant may come later, and the ciphertext is fine
+                if e.reason not in NOT_BLAMED:  # kept: a grant may come later, a key be fixed; the ciphertext is fine
                     path.unlink(missing_ok=True)
                 raise
         try:

@@ -367,6 +367,29 @@ def test_a_key_file_broken_after_check_is_not_blamed_on_the_bundle(fleet: Fleet)
     assert rc == 0 and dev.trusted().bundles.keys() == {"digits-1.bundle"}, verified
 
 
+def test_a_key_file_broken_between_download_and_decryption_keeps_the_ciphertext(fleet: Fleet) -> None:
+    """The same within one fetch (CHECK, DOWNLOAD, VERIFY in one process, as `edge-agent fetch` runs them): the key
+    file goes unusable after the ciphertext is downloaded; decryption refuses `key_unavailable` and keeps it."""
+    from agent.config import load_config
+    from agent.errors import BundleRejected
+    from agent.trust.fetch import BundleSource, with_source
+
+    dev = provisioned(fleet, "pi-1")
+    publish_encrypted(fleet, make_bundle(fleet.tmp / "build", "digits", 1))
+    ciphertext = dev.state / "encrypted" / "digits-1.bundle"
+
+    def fetch_with_key_broken_after_download(source: BundleSource) -> None:
+        cand = source.check()
+        path = source.download(cand)
+        assert path == ciphertext and path.is_file()
+        next(dev.dir.glob("decrypt-*.key")).chmod(0o644)
+        source.verify(cand, path)
+
+    with pytest.raises(BundleRejected) as e:
+        with_source(load_config(dev.config, env={}), fetch_with_key_broken_after_download)
+    assert e.value.reason == "key_unavailable" and ciphertext.is_file()
+
+
 def test_the_next_version_goes_out_in_plaintext_only_when_asked(fleet: Fleet) -> None:
     """`publish digits-2 --group lab` after `publish digits-1 --encrypt --group lab`: refused, nothing signed, until
     --no-encrypt says plaintext is meant."""

@@ -3,7 +3,8 @@
 Input: the TOML text, optionally followed by a line `#ENV` and `NAME=VALUE` lines (the environment). Text that is
 not UTF-8 or not TOML is refused by `load_config` as a ConfigError before `parse_config` sees it; anything else
 must come out of `parse_config` as an AgentConfig or a ConfigError, and an accepted config must satisfy the
-validation rules: ids, broker and mirror URLs, the topic prefix, every numeric bound, paths given.
+validation rules: ids, broker and mirror URLs, the topic prefix, every numeric bound, the [mqtt] client
+certificate (cert_file and key_file both or neither, only with mqtts://, with ca_file).
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ def check_config(cfg: AgentConfig) -> None:
                 if f.name in agent_config._BOUNDS:
                     lo, hi = agent_config._BOUNDS[f.name]
                     check(lo <= v <= hi, f"[{section.name}] {f.name} = {v!r} outside [{lo}, {hi}]")
-    check(str(cfg.agent.state_dir) != "" and str(cfg.trust.root) != "", "a path is empty")
+    mqtt = cfg.mqtt
+    check(bool(mqtt.cert_file) == bool(mqtt.key_file), "[mqtt] cert_file without key_file (or the reverse) accepted")
+    if mqtt.cert_file:
+        check(all(urlsplit(u.strip()).scheme == "mqtts" for u in urls), f"a client certificate over {mqtt.url!r}")
+        check(bool(mqtt.ca_file), "[mqtt] cert_file without ca_file accepted")
 
 
 def test_one_input(data: bytes) -> None:

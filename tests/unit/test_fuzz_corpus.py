@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import importlib
 import traceback
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from agent.config import parse_config
+from tests.fuzz.common import Accepted
+from tests.fuzz.fuzz_config import check_config
 from tests.fuzz.runner import CORPUS, HARNESSES
 
 
@@ -25,3 +30,18 @@ def test_corpus_replays_clean(name: str) -> None:
         except Exception:
             failures.append(f"{path.name}:\n{traceback.format_exc(limit=-3)}")
     assert not failures, f"{len(failures)} of {len(files)} {name} corpus inputs fail:\n" + "\n".join(failures[:5])
+
+
+@pytest.mark.parametrize(("url", "mqtt"), [
+    ("mqtts://b:8883", {"cert_file": "/c.pem", "ca_file": "/ca.pem"}),
+    ("mqtts://b:8883", {"key_file": "/k.pem"}),
+    ("mqtt://b:1883", {"cert_file": "/c.pem", "key_file": "/k.pem", "ca_file": "/ca.pem"}),
+    ("mqtts://b:8883", {"cert_file": "/c.pem", "key_file": "/k.pem"}),
+])
+def test_the_config_harness_catches_a_client_certificate_config_the_agent_must_refuse(url: str,
+                                                                                    mqtt: dict[str, str]) -> None:
+    cfg = parse_config({"agent": {"device_id": "d", "state_dir": "/s"}, "trust": {"root": "/r.json"},
+                        "mqtt": {"url": url}}, {}, base_dir=Path("/"))
+    check_config(cfg)
+    with pytest.raises(Accepted):
+        check_config(replace(cfg, mqtt=replace(cfg.mqtt, **mqtt)))

@@ -113,7 +113,7 @@ def write_private_key(path: Path, key: PrivateKeyTypes, kind: KeyKind = "online"
     data = encrypted_pem(key, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _write_new(path, data)
+        write_new_private_file(path, data)
     except FileExistsError as e:
         raise RepoError(f"{path}: a key is already there; keys are never overwritten") from e
     fsync_dir(path.parent)
@@ -134,7 +134,7 @@ def reencrypt(path: Path, kind: KeyKind = "online") -> bool:
     tmp = path.with_name(f".{path.name}.encrypting")
     tmp.unlink(missing_ok=True)  # ours, left by a crash before its rename: the plaintext original is still there
     try:
-        _write_new(tmp, data)
+        write_new_private_file(tmp, data)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -176,7 +176,9 @@ def check_passphrase_against(directory: Path, kind: KeyKind = "online") -> None:
         load_private_key(existing[0], kind)
 
 
-def _write_new(path: Path, data: bytes) -> None:
+def write_new_private_file(path: Path, data: bytes) -> None:
+    """`data` into a new file `path`, 0600 from creation (O_EXCL: FileExistsError if it exists), fsynced; the
+    caller fsyncs the directory. Also how `packager device add` writes a device's unencrypted keys."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)

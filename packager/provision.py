@@ -119,14 +119,6 @@ def check_broker(broker: str) -> str:
     return ",".join(urls)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _write_public(path: Path, data: bytes) -> None:
     with path.open("xb") as f:
         f.write(data)
@@ -172,8 +164,8 @@ def add_device(repo: Path, device_id: str, group: str, out: Path, broker: str, f
             decrypt = devices.new_decryption_key()
             decrypt_pem = decrypt.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                 serialization.NoEncryption())
-            _write_private(tmp / "client.key", fleet_ca.plain_key_pem(key))
-            _write_private(tmp / "decrypt.key", decrypt_pem)
+            keystore.write_new_private_file(tmp / "client.key", fleet_ca.plain_key_pem(key))
+            keystore.write_new_private_file(tmp / "decrypt.key", decrypt_pem)
             _write_public(tmp / "client.pem", fleet_ca.cert_pem(cert))
             _write_public(tmp / "ca.pem", fleet_ca.ca_cert_path(repo).read_bytes())
             _write_public(tmp / "root.json", root.read_bytes())
@@ -307,7 +299,7 @@ def broker_files(repo: Path, host: str, out: Path) -> list[Path]:
         fleet_ca.ensure_ca(repo)
         key, cert = fleet_ca.issue_server(repo, host)
         serial = cert.serial_number
-        for path, data, write in ((paths[1], fleet_ca.plain_key_pem(key), _write_private),
+        for path, data, write in ((paths[1], fleet_ca.plain_key_pem(key), keystore.write_new_private_file),
                                   (paths[0], fleet_ca.cert_pem(cert), _write_public),
                                   (paths[2], fleet_ca.ca_cert_path(repo).read_bytes(), _write_public),
                                   (paths[3], fleet_ca.crl_path(repo).read_bytes(), _write_public)):

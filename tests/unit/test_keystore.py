@@ -289,3 +289,17 @@ def test_the_demo_gives_passphrases_to_packager_commands_only(monkeypatch: pytes
         assert demo.PACKAGER_ENV[keystore.ROOT_PASSPHRASE_ENV] == "the-callers-root-passphrase"
     finally:
         sys.modules.pop("examples.demo", None)
+
+
+def test_a_new_private_file_is_0600_from_creation_and_never_overwrites(tmp_path: Path) -> None:
+    """The one writer of new private files: the packager's keys and a device's (packager/provision.py)."""
+    path = tmp_path / "k.pem"
+    old_umask = os.umask(0)  # a 0600 file even where the umask would leave it world-readable
+    try:
+        keystore.write_new_private_file(path, b"secret")
+    finally:
+        os.umask(old_umask)
+    assert path.read_bytes() == b"secret" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    with pytest.raises(FileExistsError):
+        keystore.write_new_private_file(path, b"other")
+    assert path.read_bytes() == b"secret"

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import TransportError
-from agent.transport.mqtt import MqttClient, Subscription
+from agent.transport.mqtt import Message, MqttClient, Subscription
 from agent.transport.topics import Topics
 from examples.local_broker import Mosquitto, MosquittoTls, free_port
 from packager import tuf_repo
@@ -52,9 +52,10 @@ def packager(*args: str | Path) -> str:
 class Pki:
     tmp: Path
     repo: Path
-    ids: Path  # the packager's, the dashboard's and the app's certificates and (encrypted) keys
+    ids: Path  # the packager's, the dashboard's and the apps' certificates and (encrypted) keys
     broker: Mosquitto
     broker_files: Path  # what `ca broker-cert` wrote: the broker reads its crlfile from here
+    topics: Topics
 
     def device_dir(self, device_id: str) -> Path:
         return self.tmp / device_id
@@ -63,18 +64,18 @@ class Pki:
                directory: Path | None = None) -> MqttClient:
         d = directory or self.device_dir(device_id)
         return MqttClient(self.broker.url, client_id or f"edge-agent-{device_id}-{uuid.uuid4().hex[:6]}",
-                          prefix=T, ca_file=str(d / "ca.pem"), cert_file=str(d / "client.pem"),
+                          prefix=self.topics, ca_file=str(d / "ca.pem"), cert_file=str(d / "client.pem"),
                           key_file=str(d / "client.key"), protocol=protocol)
 
     def identity(self, identity: str) -> MqttClient:
-        return MqttClient(self.broker.url, f"tester-{uuid.uuid4().hex[:8]}", prefix=T, ca_file=str(self.ids / "ca.pem"),
-                          cert_file=str(self.ids / f"{identity}.pem"), key_file=str(self.ids / f"{identity}.key"),
-                          key_password=os.environ[PASSPHRASE_ENV].encode())
+        return MqttClient(self.broker.url, f"tester-{uuid.uuid4().hex[:8]}", prefix=self.topics,
+                          ca_file=str(self.ids / "ca.pem"), cert_file=str(self.ids / f"{identity}.pem"),
+                          key_file=str(self.ids / f"{identity}.key"), key_password=os.environ[PASSPHRASE_ENV].encode())
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pki]:
-    tmp = tmp_path_factory.mktemp("identity")
+def make_pki(tmp: Path, fleet: str, roles: list[tuple[str, str | None]], devices: dict[str, str]) -> Pki:
+    """A repository, its CA, the given identities (role, app name) and devices (id -> group), all made by the real
+    `packager ca` / `device add`, and a TLS-only Mosquitto (not started yet) with the generated ACL and CRL."""
     repo, ids, brk = tmp / "repo", tmp / "ids", tmp / "broker-files"
     tuf_repo.init_repo(repo)
     (tmp / "mosquitto").mkdir()
@@ -82,21 +83,28 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pki]:
                                                            brk / "crl.pem", tmp / "acl"))
     packager("ca", "init", "--repo", repo)
     packager("ca", "broker-cert", "--host", "localhost", "--repo", repo, "--out", brk)
-    packager("ca", "issue", "--role", "packager", "--fleet", FLEET, "--repo", repo, "--out", ids)
-    packager("ca", "issue", "--role", "dashboard", "--fleet", FLEET, "--repo", repo, "--out", ids)
-    packager("ca", "issue", "--role", "app", "--name", "cam", "--fleet", FLEET, "--repo", repo, "--out", ids)
-    for device_id, group in GROUPS.items():
+    for role, name in roles:
+        packager("ca", "issue", "--role", role, *(["--name", name] if name else []), "--fleet", fleet, "--repo", repo,
+                 "--out", ids)
+    for device_id, group in devices.items():
         packager("device", "add", device_id, "--group", group, "--repo", repo, "--out", tmp / device_id,
-                 "--broker", broker.url, "--fleet", FLEET, "--device-dir", tmp / device_id,
+                 "--broker", broker.url, "--fleet", fleet, "--device-dir", tmp / device_id,
                  "--state-dir", tmp / f"state-{device_id}")
-    (tmp / "acl").write_text(packager("ca", "acl", "--repo", repo, "--fleet", FLEET))
+    (tmp / "acl").write_text(packager("ca", "acl", "--repo", repo, "--fleet", fleet))
+    return Pki(tmp, repo, ids, broker, brk, Topics(f"edgeship/{fleet}/"))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pki]:
+    tmp = tmp_path_factory.mktemp("identity")
+    pki = make_pki(tmp, FLEET, [("packager", None), ("dashboard", None), ("app", "cam")], GROUPS)
     # the same device id certified by another fleet's CA: an impostor the broker must not take for dev-a
     tuf_repo.init_repo(tmp / "other-repo")
     packager("device", "add", "dev-a", "--group", "lab", "--repo", tmp / "other-repo", "--out", tmp / "impostor",
-             "--broker", broker.url, "--fleet", FLEET, "--device-dir", tmp / "impostor")
-    broker.start()
-    yield Pki(tmp, repo, ids, broker, brk)
-    broker.stop()
+             "--broker", pki.broker.url, "--fleet", FLEET, "--device-dir", tmp / "impostor")
+    pki.broker.start()
+    yield pki
+    pki.broker.stop()
 
 
 def collect(sub: Subscription, until: str, timeout: float = 10.0) -> list[str]:
@@ -134,7 +142,7 @@ def test_a_device_cannot_write_another_devices_or_the_fleets_topics(pki: Pki, pr
             own = T.device("dev-a", "events")
             a.publish(own, b"mine", retain=False, qos=1, wait=True, timeout=5)
             # other tests of this module leave genuine retained messages on this broker: only a forged one counts
-            arrived = []
+            arrived: list[Message] = []
             while (msg := seen.get(timeout=QUIET_S if own in (m.topic for m in arrived) else 10)) is not None:
                 arrived.append(msg)
             assert own in [m.topic for m in arrived]

@@ -16,22 +16,19 @@ import re
 import shlex
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from agent.errors import TransportError
-from agent.transport.mqtt import MqttClient
 from agent.transport.topics import Topics
-from examples.local_broker import Mosquitto, MosquittoTls, free_port
+from examples.local_broker import free_port
 from packager import keystore, tuf_repo
 from packager.acl import app_request_topic, app_response_topic
 from packager.fleet_ca import identity_name
 from tests.e2e.test_signed_fetch import make_bundle
-from tests.integration.test_device_identity import packager
+from tests.integration.test_device_identity import Pki, make_pki, packager
 from tests.unit.test_systemd_units import UNITS, unit_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,45 +41,13 @@ QUIET_S = 1.0  # how long a takeover is given to show in the broker's log
 PASSPHRASE = os.environ[keystore.PASSPHRASE_ENV]  # tests/conftest.py
 
 
-@dataclass
-class Pki:
-    tmp: Path
-    repo: Path
-    ids: Path  # identities issued with `packager ca issue`: certificates and encrypted keys, and ca.pem
-    broker: Mosquitto
-
-    def identity(self, identity: str) -> MqttClient:
-        return MqttClient(self.broker.url, f"tester-{uuid.uuid4().hex[:8]}", prefix=T, ca_file=str(self.ids / "ca.pem"),
-                          cert_file=str(self.ids / f"{identity}.pem"), key_file=str(self.ids / f"{identity}.key"),
-                          key_password=PASSPHRASE.encode())
-
-    def device(self, device_id: str, client_id: str | None = None) -> MqttClient:
-        d = self.tmp / device_id
-        return MqttClient(self.broker.url, client_id or f"tester-{device_id}-{uuid.uuid4().hex[:6]}", prefix=T,
-                          ca_file=str(d / "ca.pem"), cert_file=str(d / "client.pem"), key_file=str(d / "client.key"))
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pki]:
-    tmp = tmp_path_factory.mktemp("rules")
-    repo, ids, brk = tmp / "repo", tmp / "ids", tmp / "broker-files"
-    tuf_repo.init_repo(repo)
-    (tmp / "mosquitto").mkdir()
-    broker = Mosquitto(tmp / "mosquitto", tls=MosquittoTls(brk / "ca.pem", brk / "broker.pem", brk / "broker.key",
-                                                           brk / "crl.pem", tmp / "acl"))
-    packager("ca", "init", "--repo", repo)
-    packager("ca", "broker-cert", "--host", "localhost", "--repo", repo, "--out", brk)
-    packager("ca", "issue", "--role", "packager", "--fleet", FLEET, "--repo", repo, "--out", ids)
-    for app in ("cam", "door"):
-        packager("ca", "issue", "--role", "app", "--name", app, "--fleet", FLEET, "--repo", repo, "--out", ids)
-    for device_id in ("dev-a", "dev-b"):
-        packager("device", "add", device_id, "--group", "lab", "--repo", repo, "--out", tmp / device_id,
-                 "--broker", broker.url, "--fleet", FLEET, "--device-dir", tmp / device_id,
-                 "--state-dir", tmp / f"state-{device_id}")
-    (tmp / "acl").write_text(packager("ca", "acl", "--repo", repo, "--fleet", FLEET))
-    broker.start()
-    yield Pki(tmp, repo, ids, broker)
-    broker.stop()
+    pki = make_pki(tmp_path_factory.mktemp("rules"), FLEET, [("packager", None), ("app", "cam"), ("app", "door")],
+                   {"dev-a": "lab", "dev-b": "lab"})
+    pki.broker.start()
+    yield pki
+    pki.broker.stop()
 
 
 def test_the_refresh_unit_refreshes_as_the_packager_without_the_ca_or_the_escrow(pki: Pki, tmp_path: Path) -> None:

@@ -52,11 +52,16 @@ def content_keys_dir(repo: Path) -> Path:
     return repo / CONTENT_KEYS_DIR
 
 
+def _content_keys_made(repo: Path) -> Path:
+    """REPO/content-keys, made (0700) before anything is written into it."""
+    return keystore.private_dir(content_keys_dir(repo))
+
+
 def escrow_key(repo: Path) -> X25519PrivateKey:
     """The repository's escrow key, created (encrypted at rest) on first use."""
     path = content_keys_dir(repo) / ESCROW_KEY
     if not path.exists():
-        content_keys_dir(repo).mkdir(mode=0o700, exist_ok=True)
+        _content_keys_made(repo)
         # under the passphrase the repository's online keys open with, never a new one (that would lock one out)
         keystore.check_passphrase_against(tuf_repo.keys_dir(repo))
         keystore.write_private_key(path, X25519PrivateKey.generate())
@@ -87,19 +92,11 @@ def group_recipients(repo: Path, group: str) -> list[devices.DeviceRecord]:
     return recipients
 
 
-def _private_dir(repo: Path) -> Path:
-    """REPO/content-keys, 0700 even when it existed with a looser mode (mkdir's mode applies only on creation)."""
-    path = content_keys_dir(repo)
-    path.mkdir(mode=0o700, exist_ok=True)
-    path.chmod(0o700)
-    return path
-
-
 @contextmanager
 def _grants_locked(repo: Path) -> Iterator[None]:
     """Serialises read-modify-write of grants documents and groups.json between packager processes (the TUF
     repository's own lock is taken inside, by tuf_repo.add_targets, and is not re-entrant)."""
-    with (_private_dir(repo) / GRANTS_LOCK).open("a") as f:
+    with (_content_keys_made(repo) / GRANTS_LOCK).open("a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -126,8 +123,8 @@ def _store_group_settings(repo: Path, groups: Sequence[str], confidential: bool)
     if all(settings.get(g) is confidential for g in groups):
         return
     settings.update({g: confidential for g in groups})
-    write_atomic(_private_dir(repo) / GROUPS_FILE, json.dumps(settings, indent=1, sort_keys=True).encode() + b"\n",
-                 mode=0o600)
+    write_atomic(_content_keys_made(repo) / GROUPS_FILE,
+                 json.dumps(settings, indent=1, sort_keys=True).encode() + b"\n", mode=0o600)
 
 
 def set_group_confidential(repo: Path, group: str, confidential: bool) -> None:
@@ -192,7 +189,7 @@ def encrypt_bundle(repo: Path, bundle: Path, target_path: str, manifest: Manifes
 
 
 def _escrow_record_path(repo: Path, name: str, version: int) -> Path:
-    return _private_dir(repo) / f"{name}-{version}.json"
+    return _content_keys_made(repo) / f"{name}-{version}.json"
 
 
 def forget_content_key(repo: Path, name: str, version: int) -> None:

@@ -150,7 +150,7 @@ def locked(repo: Path) -> Iterator[None]:
     `device add` holds it from its id check to the registration and issues inside (packager/provision.py)."""
     if not tuf_repo.metadata_dir(repo).is_dir():
         raise InputError(f"--repo {repo}: not a TUF repository (`packager keys init` creates one)")
-    _private_dir(ca_dir(repo))
+    keystore.private_dir(ca_dir(repo))
     lock = ca_dir(repo).resolve() / ".lock"
     held: set[Path] = _held.__dict__.setdefault("locks", set())
     if lock in held:
@@ -164,11 +164,6 @@ def locked(repo: Path) -> Iterator[None]:
         finally:
             held.discard(lock)
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _private_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.chmod(0o700)
 
 
 def require(repo: Path) -> None:
@@ -268,7 +263,7 @@ def _leaf(repo: Path, subject_cn: str, eku: x509.ObjectIdentifier,
 def _record(repo: Path, cert: x509.Certificate, identity: str, role: str) -> None:
     rec = Issued(cert.serial_number, identity, role, _now().isoformat(), cert.not_valid_after_utc.isoformat())
     path = _issued_path(repo, rec.serial)
-    _private_dir(path.parent)
+    keystore.private_dir(path.parent)
     write_atomic(path, rec.to_json())
 
 

@@ -176,6 +176,14 @@ def check_passphrase_against(directory: Path, kind: KeyKind = "online") -> None:
         load_private_key(existing[0], kind)
 
 
+def private_dir(path: Path) -> Path:
+    """`path` as a directory for private keys: created 0700, and made 0700 when it existed with a looser mode
+    (mkdir's mode applies only on creation)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
 def write_new_private_file(path: Path, data: bytes) -> None:
     """`data` into a new file `path`, 0600 from creation (O_EXCL: FileExistsError if it exists), fsynced; the
     caller fsyncs the directory. Also how `packager device add` writes a device's unencrypted keys."""

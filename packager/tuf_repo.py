@@ -143,8 +143,8 @@ def init_repo(repo: Path, root_key_dir: Path | None = None, root_keys: int = 3, 
     keystore.passphrase("online", confirm=True)
     for d in (metadata_dir(repo), targets_dir(repo)):
         d.mkdir(parents=True, exist_ok=True)
-    _private_dir(keys_dir(repo))
-    _private_dir(root_key_dir)
+    keystore.private_dir(keys_dir(repo))
+    keystore.private_dir(root_key_dir)
     write_atomic(repo / "repo.json", json.dumps({"expiry_seconds": expiry.to_json()}, indent=2).encode() + b"\n")
 
     root = Root(expires=now + expiry.root, consistent_snapshot=True)
@@ -391,11 +391,6 @@ def _read_expiry(repo: Path) -> Expiry:
 # --- keys ----------------------------------------------------------------------------------------------------
 
 
-def _private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o700)
-
-
 _Keys = dict[str, tuple[Path, CryptoSigner]]
 
 
@@ -406,7 +401,7 @@ def _kind(role: str) -> keystore.KeyKind:
 def _new_key(directory: Path, role: str, into: _Keys | None = None) -> CryptoSigner:
     """A fresh Ed25519 key for `role`, written encrypted to `directory` (keystore: 0600, O_EXCL) and added to
     `into` when given. The signer is built from the key object: securesystemslib's `private_bytes` is plaintext."""
-    _private_dir(directory)
+    keystore.private_dir(directory)
     key = Ed25519PrivateKey.generate()
     signer = CryptoSigner(key)
     path = keystore.write_private_key(directory / f"{role}-{signer.public_key.keyid[:16]}.pem", key, _kind(role))
@@ -455,7 +450,7 @@ def _retire_keys(directory: Path, available: _Keys, keyids: Iterable[str]) -> No
     retired = directory / "retired"
     for keyid in keyids:
         if keyid in available:
-            _private_dir(retired)
+            keystore.private_dir(retired)
             path = available[keyid][0]
             os.replace(path, retired / path.name)
     fsync_dir(directory)

@@ -349,13 +349,17 @@ def check_paths(cfg: AgentConfig) -> None:
 
 
 def check_private_mode(key: str, path: Path) -> None:
-    """A private key file that group or others may read is refused (like ssh does), not quietly used."""
     try:
         mode = path.stat().st_mode
     except OSError as e:
         raise ConfigError(f"{key} {path}: cannot read it ({e.strerror})") from e
+    refuse_loose_key_mode(f"{key} {path}", mode)
+
+
+def refuse_loose_key_mode(what: str, mode: int) -> None:
+    """A private key file that group or others may read is refused (like ssh does), not quietly used."""
     if mode & 0o077:
-        raise ConfigError(f"{key} {path}: mode {stat.S_IMODE(mode):04o} lets others read the key; chmod 600 it")
+        raise ConfigError(f"{what}: mode {stat.S_IMODE(mode):04o} lets others read the key; chmod 600 it")
 
 
 def _readable_file(key: str, path: Path) -> None:

@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from agent.config import refuse_loose_key_mode
 from agent.errors import BundleRejected, ConfigError, TransportError
 from agent.fsutil import fsync_dir
 
@@ -219,8 +219,7 @@ def load_device_key(path: Path) -> X25519PrivateKey:
             data = f.read(64 << 10)
     except OSError as e:
         raise ConfigError(f"{where}: cannot read it ({e.strerror})") from e
-    if mode & 0o077:
-        raise ConfigError(f"{where}: mode {stat.S_IMODE(mode):04o} lets others read the key; chmod 600 it")
+    refuse_loose_key_mode(where, mode)  # checked on the file read, not on the path again
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:

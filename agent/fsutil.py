@@ -17,8 +17,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, rename it over `path`, fsync the directory."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, exclusive: bool = False) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, rename it over `path`, fsync the directory.
+    `exclusive`: link it to `path` instead, which raises FileExistsError when `path` exists (of two writers of one
+    new name, exactly one wins; the temporary file is removed either way)."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -26,7 +28,11 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
+        if exclusive:
+            os.link(tmp_name, path)
+            os.unlink(tmp_name)
+        else:
+            os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from agent.fsutil import fsync_dir, write_atomic
+from agent.fsutil import write_atomic
 from agent.ids import ID_RULE, is_id
 from packager.errors import InputError, RepoError
 
@@ -82,21 +80,12 @@ def register(repo: Path, record: DeviceRecord) -> Path:
     """Add a new device; an id already registered (revoked or not) is refused: ids are never reused."""
     path = _path(repo, record.device_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # complete and fsynced under a temporary name (not *.json: all_devices must not read it), then linked to the
-    # record's name, which fails if that exists: of two registrations of one id, exactly one wins
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # exclusive: of two registrations of one id, exactly one wins (the temporary name is not *.json: all_devices
+    # never reads it)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(record.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.link(tmp_name, path)
+        write_atomic(path, record.to_json(), exclusive=True)
     except FileExistsError as e:
         raise InputError(f"device {record.device_id} is already registered ({path}); ids are never reused") from e
-    finally:
-        os.unlink(tmp_name)
-    fsync_dir(path.parent)
     return path
 
 
